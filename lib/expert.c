@@ -1,0 +1,220 @@
+/* One expert: the FFN y = W2 GELU(W1 x + b1) + b2, forward and backward over a batch of tokens. */
+#include <inttypes.h>
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+#include "kernels.h"
+
+enum { W1, B1, W2, B2, N_PARAMS };
+
+static const char *const param_names[N_PARAMS] = {"w1", "b1", "w2", "b2"};
+
+struct confsmoe_expert {
+    confsmoe_ctx *ctx;
+    int64_t d, h;
+    confsmoe_tensor *param[N_PARAMS];
+    confsmoe_tensor *grad[N_PARAMS];
+};
+
+/* What backward needs from one forward: the input, the pre-activation and the activation. */
+typedef struct {
+    confsmoe_saved base;
+    int64_t n;
+    float *x;    /* [n, d] */
+    float *pre;  /* [n, h] = x W1^T + b1 */
+    float *act;  /* [n, h] = GELU(pre) */
+} expert_saved;
+
+void confsmoe_expert_destroy(confsmoe_expert *e)
+{
+    if (!e)
+        return;
+    for (int i = 0; i < N_PARAMS; i++) {
+        confsmoe_tensor_destroy(e->param[i]);
+        confsmoe_tensor_destroy(e->grad[i]);
+    }
+    csm_free(e->ctx, e);
+}
+
+confsmoe_status confsmoe_expert_create(confsmoe_ctx *ctx, int64_t d, int64_t h, confsmoe_expert **out)
+{
+    if (out)
+        *out = NULL;
+    if (!ctx || !out)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "expert_create: %s is NULL", ctx ? "out" : "ctx");
+    if (d < 1 || h < 1)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "expert_create: d=%" PRId64 " and h=%" PRId64 " must be >= 1", d, h);
+    confsmoe_expert *e = csm_calloc(ctx, 1, sizeof *e);
+    if (!e)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "expert_create: out of memory");
+    e->ctx = ctx;
+    e->d = d;
+    e->h = h;
+    const int64_t shapes[N_PARAMS][2] = {{h, d}, {1, h}, {d, h}, {1, d}};
+    for (int i = 0; i < N_PARAMS; i++) {
+        /* Biases are 1-D, as in nn.Linear. */
+        int32_t ndim = (i == B1 || i == B2) ? 1 : 2;
+        const int64_t *dims = ndim == 1 ? &shapes[i][1] : shapes[i];
+        confsmoe_status s = confsmoe_tensor_create(ctx, CONFSMOE_F32, ndim, dims, &e->param[i]);
+        if (s == CONFSMOE_OK)
+            s = confsmoe_tensor_create(ctx, CONFSMOE_F32, ndim, dims, &e->grad[i]);
+        if (s != CONFSMOE_OK) {
+            confsmoe_expert_destroy(e);
+            return csm_fail(ctx, s, "expert_create: out of memory for d=%" PRId64 ", h=%" PRId64, d, h);
+        }
+    }
+    float bound_in = 1.0f / sqrtf((float)d), bound_hidden = 1.0f / sqrtf((float)h);
+    csm_fill_uniform(ctx, e->param[W1], bound_in);
+    csm_fill_uniform(ctx, e->param[B1], bound_in);
+    csm_fill_uniform(ctx, e->param[W2], bound_hidden);
+    csm_fill_uniform(ctx, e->param[B2], bound_hidden);
+    *out = e;
+    return CONFSMOE_OK;
+}
+
+int64_t confsmoe_expert_d(const confsmoe_expert *e) { return e ? e->d : -1; }
+
+int64_t confsmoe_expert_h(const confsmoe_expert *e) { return e ? e->h : -1; }
+
+static void release_saved(confsmoe_saved *s)
+{
+    csm_free(s->ctx, s);
+}
+
+/* One block: the header, then x, pre and act. */
+static expert_saved *alloc_saved(confsmoe_expert *e, int64_t n)
+{
+    size_t total = 0, at_header, at_x, at_pre, at_act;
+    if (!csm_layout_add(&total, 1, sizeof(expert_saved), &at_header) ||
+        !csm_layout_add(&total, (size_t)n, (size_t)e->d * sizeof(float), &at_x) ||
+        !csm_layout_add(&total, (size_t)n, (size_t)e->h * sizeof(float), &at_pre) ||
+        !csm_layout_add(&total, (size_t)n, (size_t)e->h * sizeof(float), &at_act))
+        return NULL;
+    char *block = csm_alloc(e->ctx, total);
+    if (!block)
+        return NULL;
+    expert_saved *s = (expert_saved *)(block + at_header);
+    memset(s, 0, sizeof *s);
+    s->base.ctx = e->ctx;
+    s->base.owner = e;
+    s->base.release = release_saved;
+    s->n = n;
+    s->x = (float *)(block + at_x);
+    s->pre = (float *)(block + at_pre);
+    s->act = (float *)(block + at_act);
+    return s;
+}
+
+confsmoe_status confsmoe_expert_forward(confsmoe_expert *e, const confsmoe_tensor *x, confsmoe_tensor *y,
+                                        confsmoe_saved **saved)
+{
+    if (!e)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    static const char fn[] = "expert_forward";
+    confsmoe_ctx *ctx = e->ctx;
+    if (saved)
+        *saved = NULL;
+    const int64_t x_dims[2] = {-1, e->d};
+    confsmoe_status s = csm_expect_tensor(ctx, fn, "x", x, CONFSMOE_F32, 2, x_dims);
+    if (s != CONFSMOE_OK)
+        return s;
+    const int64_t n = x->dims[0], y_dims[2] = {n, e->d};
+    if ((s = csm_expect_tensor(ctx, fn, "y", y, CONFSMOE_F32, 2, y_dims)) != CONFSMOE_OK ||
+        (s = csm_expect_finite(ctx, fn, "x", x)) != CONFSMOE_OK)
+        return s;
+
+    expert_saved *keep = NULL;
+    float *pre, *act;
+    if (saved) {
+        keep = alloc_saved(e, n);
+        if (!keep)
+            return csm_fail(ctx, CONFSMOE_E_NOMEM, "expert_forward: out of memory saving N=%" PRId64, n);
+        if (x->nbytes > 0)
+            memcpy(keep->x, x->data, x->nbytes);
+        pre = keep->pre;
+        act = keep->act;
+    } else {
+        /* Inference keeps nothing: GELU runs in place. */
+        pre = act = csm_calloc(ctx, (size_t)n, (size_t)e->h * sizeof(float));
+        if (!pre)
+            return csm_fail(ctx, CONFSMOE_E_NOMEM, "expert_forward: out of memory for N=%" PRId64, n);
+    }
+    csm_broadcast_rows(pre, csm_f32(e->param[B1]), n, e->h);
+    csm_gemm(false, true, n, e->h, e->d, 1.0f, csm_f32(x), csm_f32(e->param[W1]), 1.0f, pre);
+    csm_gelu_forward(pre, act, n * e->h);
+    csm_broadcast_rows(csm_f32(y), csm_f32(e->param[B2]), n, e->d);
+    csm_gemm(false, true, n, e->d, e->h, 1.0f, act, csm_f32(e->param[W2]), 1.0f, csm_f32(y));
+
+    if (keep)
+        *saved = &keep->base;
+    else
+        csm_free(ctx, pre);
+    return CONFSMOE_OK;
+}
+
+confsmoe_status confsmoe_expert_backward(confsmoe_expert *e, confsmoe_saved *saved, const confsmoe_tensor *dy,
+                                         confsmoe_tensor *dx)
+{
+    if (!e)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    static const char fn[] = "expert_backward";
+    confsmoe_ctx *ctx = e->ctx;
+    if (!saved)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: saved is NULL", fn);
+    if (saved->owner != e)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: saved comes from another layer's forward", fn);
+    if (saved->consumed)
+        return csm_fail(ctx, CONFSMOE_E_STATE, "%s: backward already ran on this saved handle", fn);
+    expert_saved *keep = (expert_saved *)saved;
+    const int64_t n = keep->n, dims[2] = {n, e->d};
+    confsmoe_status s = csm_expect_tensor(ctx, fn, "dy", dy, CONFSMOE_F32, 2, dims);
+    if (s == CONFSMOE_OK && dx)
+        s = csm_expect_tensor(ctx, fn, "dx", dx, CONFSMOE_F32, 2, dims);
+    if (s == CONFSMOE_OK)
+        s = csm_expect_finite(ctx, fn, "dy", dy);
+    if (s != CONFSMOE_OK)
+        return s;
+
+    float *dpre = csm_calloc(ctx, (size_t)n, (size_t)e->h * sizeof(float));
+    if (!dpre)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for N=%" PRId64, fn, n);
+    const float *g = csm_f32(dy);
+    /* d(act) = dy W2, then through GELU in place. */
+    csm_gemm(false, false, n, e->h, e->d, 1.0f, g, csm_f32(e->param[W2]), 0.0f, dpre);
+    csm_gemm(true, false, e->d, e->h, n, 1.0f, g, keep->act, 1.0f, csm_f32(e->grad[W2]));
+    csm_add_column_sums(csm_f32(e->grad[B2]), g, n, e->d);
+    csm_gelu_backward(keep->pre, dpre, dpre, n * e->h);
+    csm_gemm(true, false, e->h, e->d, n, 1.0f, dpre, keep->x, 1.0f, csm_f32(e->grad[W1]));
+    csm_add_column_sums(csm_f32(e->grad[B1]), dpre, n, e->h);
+    if (dx)
+        csm_gemm(false, false, n, e->d, e->h, 1.0f, dpre, csm_f32(e->param[W1]), 0.0f, csm_f32(dx));
+    csm_free(ctx, dpre);
+    saved->consumed = true;
+    return CONFSMOE_OK;
+}
+
+int32_t confsmoe_expert_n_params(const confsmoe_expert *e) { return e ? N_PARAMS : -1; }
+
+const char *confsmoe_expert_param_name(const confsmoe_expert *e, int32_t i)
+{
+    return e && i >= 0 && i < N_PARAMS ? param_names[i] : NULL;
+}
+
+confsmoe_tensor *confsmoe_expert_param(confsmoe_expert *e, int32_t i)
+{
+    return e && i >= 0 && i < N_PARAMS ? e->param[i] : NULL;
+}
+
+confsmoe_tensor *confsmoe_expert_grad(confsmoe_expert *e, int32_t i)
+{
+    return e && i >= 0 && i < N_PARAMS ? e->grad[i] : NULL;
+}
+
+void confsmoe_expert_zero_grad(confsmoe_expert *e)
+{
+    if (!e)
+        return;
+    for (int i = 0; i < N_PARAMS; i++)
+        memset(e->grad[i]->data, 0, e->grad[i]->nbytes);
+}

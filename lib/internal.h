@@ -1,0 +1,74 @@
+/* Private to libconfsmoe: object layouts and helpers shared by lib/ files. */
+#ifndef CONFSMOE_INTERNAL_H
+#define CONFSMOE_INTERNAL_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+
+#include "confsmoe.h"
+
+#define CSM_ALIGN 64
+#define CSM_ERROR_CAP 512
+
+struct confsmoe_ctx {
+    confsmoe_allocator allocator;
+    bool has_allocator;
+    bool check_finite;
+    int32_t log_level;
+    confsmoe_log_fn log_fn;
+    void *log_user;
+    uint64_t rng_key;
+    uint64_t rng_counter;
+    char last_error[CSM_ERROR_CAP];
+};
+
+struct confsmoe_tensor {
+    confsmoe_ctx *ctx;
+    confsmoe_dtype dtype;
+    int32_t ndim;
+    int64_t dims[CONFSMOE_MAX_DIMS];
+    int64_t numel;
+    size_t nbytes;
+    void *data;
+    bool owned;
+};
+
+/* Every layer's saved state starts with this header. */
+struct confsmoe_saved {
+    confsmoe_ctx *ctx;
+    const void *owner;   /* the layer whose forward made it */
+    bool consumed;       /* backward already ran */
+    void (*release)(confsmoe_saved *s);
+};
+
+/* ctx.c: errors, logging and memory. */
+confsmoe_status csm_fail(confsmoe_ctx *ctx, confsmoe_status status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void *csm_alloc(confsmoe_ctx *ctx, size_t size);   /* 64-byte aligned, uninitialised */
+void *csm_calloc(confsmoe_ctx *ctx, size_t count, size_t size);
+void csm_free(confsmoe_ctx *ctx, void *ptr);
+/* Multiply with overflow detection: false when a*b does not fit. */
+bool csm_mul_size(size_t a, size_t b, size_t *out);
+/* Lays out one block of many buffers: reserves count * elem bytes at a 64-byte
+ * boundary, stores its offset, and grows *total. False on overflow. */
+bool csm_layout_add(size_t *total, size_t count, size_t elem, size_t *offset);
+
+/* rng.c: the ctx's counter-based stream. */
+void csm_rng_seed(confsmoe_ctx *ctx, uint64_t seed);
+uint64_t csm_rng_u64(confsmoe_ctx *ctx);
+float csm_rng_uniform(confsmoe_ctx *ctx, float lo, float hi);  /* [lo, hi) */
+float csm_rng_normal(confsmoe_ctx *ctx);
+
+/* tensor.c: an f32 matrix constructor and argument checks for entry points. */
+confsmoe_status csm_tensor_new_2d(confsmoe_ctx *ctx, int64_t rows, int64_t cols, confsmoe_tensor **out);
+static inline float *csm_f32(const confsmoe_tensor *t) { return (float *)t->data; }
+/* The tensor is non-NULL, of dtype and ndim, and each dims[i] >= 0 matches.
+ * `fn` and `name` prefix the error ("expert_forward: x ..."). */
+confsmoe_status csm_expect_tensor(confsmoe_ctx *ctx, const char *fn, const char *name, const confsmoe_tensor *t,
+                                  confsmoe_dtype dtype, int32_t ndim, const int64_t *dims);
+/* With ctx checks on: every element of an f32 tensor is finite. */
+confsmoe_status csm_expect_finite(confsmoe_ctx *ctx, const char *fn, const char *name, const confsmoe_tensor *t);
+/* Initialise like torch.nn.Linear: U(-1/sqrt(fan_in), +1/sqrt(fan_in)). */
+void csm_fill_uniform(confsmoe_ctx *ctx, confsmoe_tensor *t, float bound);
+
+#endif /* CONFSMOE_INTERNAL_H */
