@@ -56,6 +56,8 @@ typedef int32_t confsmoe_status;
 #define CONFSMOE_E_NUMERIC         (-7)  /* NaN or Inf in an input, with checks on */
 #define CONFSMOE_E_VERSION         (-8)  /* incompatible version or struct size */
 #define CONFSMOE_E_INTERNAL        (-9)  /* a bug in libconfsmoe: please report it */
+#define CONFSMOE_E_IO              (-10) /* a file could not be opened, read or written */
+#define CONFSMOE_E_FORMAT          (-11) /* a file is truncated, corrupted or does not match */
 
 /* Static text for a status, never NULL ("unknown status" for other values). */
 CONFSMOE_API const char *confsmoe_status_string(confsmoe_status s);
@@ -213,7 +215,8 @@ typedef struct confsmoe_gate confsmoe_gate;
 
 /* Where the router's gradient comes from. Under COMBINE_ROUTER_SOFTMAX the
  * router is always trained by the output; these apply to CONFIDENCE. */
-#define CONFSMOE_ROUTER_GRAD_FROZEN    0 /* none: the router keeps its init (the reference) */
+#define CONFSMOE_ROUTER_GRAD_FROZEN    0 /* none: the router keeps its init (the reference); a load
+                                            loss is still reported in the loss but has no gradient */
 #define CONFSMOE_ROUTER_GRAD_TRAINABLE 1 /* from the load loss, if one is set */
 #define CONFSMOE_ROUTER_GRAD_SCORE     2 /* also from a score term: y = sum_j c_j y_j g_j / stopgrad(g_j),
                                             g = softmax(u_topk); the output is unchanged, and the router
@@ -293,7 +296,7 @@ CONFSMOE_API confsmoe_tensor *confsmoe_gate_grad(confsmoe_gate *g, int32_t i);
 CONFSMOE_API void confsmoe_gate_zero_grad(confsmoe_gate *g);
 
 /* Expert utilisation, over the last forward call or accumulated over all calls
- * since create or reset. Load counts slots (a token sends k of them). */
+ * (training and inference) since create or reset. Load counts slots (a token sends k of them). */
 #define CONFSMOE_STATS_LAST_CALL 0
 #define CONFSMOE_STATS_TOTAL     1
 
@@ -303,7 +306,7 @@ typedef struct confsmoe_gate_stats {
     double load_entropy;       /* H(load) / log E: 1 is perfectly balanced, 0 is one expert (1 if E = 1) */
     double load_cv2;           /* CV^2 of the slots per expert (unbiased variance, as the Shazeer loss) */
     double max_load_fraction;  /* largest share of the slots on one expert */
-    double conf_loss;          /* confidence loss (mean over calls for TOTAL; 0 without one) */
+    double conf_loss;          /* confidence loss of the training calls (their mean for TOTAL; 0 if none) */
 } confsmoe_gate_stats;
 
 CONFSMOE_API size_t confsmoe_sizeof_gate_stats(void);
@@ -313,6 +316,69 @@ CONFSMOE_API size_t confsmoe_sizeof_gate_stats(void);
 CONFSMOE_API confsmoe_status confsmoe_gate_stats_get(confsmoe_gate *g, int32_t scope, confsmoe_gate_stats *out,
                                                      int64_t *load, double *mean_confidence, int32_t n);
 CONFSMOE_API void confsmoe_gate_stats_reset(confsmoe_gate *g);
+
+/* ---------------------------------------------------------------- imputer */
+
+/* Two-stage imputation of missing modalities (MODEL.md section 4).
+ * Stage 1 fills a missing sample's raw input with the mean of K rows drawn from
+ * a pool of training inputs in which the modality is present. Stage 2 runs after
+ * the MoE layer: each missing (sample b, modality m) token attends, per expert
+ * slot j, over the expert outputs of the modalities present for b, keeps the top T
+ * weights, and adds the result before a LayerNorm:
+ *   q_s     = W_q mean_j Y_m[b,s,j] + b_q
+ *   kv_tj   = W_k Y_m'[b,t,j] + b_k      (t over the tokens of present m' != m)
+ *   a[s,t,j]= softmax_t(q_s . kv_tj / sqrt(d)), top T per (s, j), others 0
+ *   H_m[b,s] <- LN(H_m[b,s] + sum_j sum_t a[s,t,j] v_tj)   (v = kv, or W_v Y + b_v)
+ * The top-T indices are constants in backward. Availability masks are u8 [B, M]
+ * with 1 = present; no other layout is accepted. */
+typedef struct confsmoe_imputer confsmoe_imputer;
+
+typedef struct confsmoe_imputer_params {
+    size_t struct_size;       /* sizeof(confsmoe_imputer_params), set by _init() */
+    int64_t d;                /* token width (required) */
+    int32_t n_modalities;     /* M >= 1 (required) */
+    int64_t tokens;           /* S, tokens per modality (default 1) */
+    int32_t k;                /* expert slots per token, the gate's k (default 2) */
+    int32_t top_t;            /* T; 0 (default) = max(1, floor((M - 1) S / 4)) */
+    int32_t renormalize;      /* 1: kept weights renormalised to sum 1 (default 0) */
+    int32_t separate_value;   /* 1: values from their own W_v, b_v (default 0: v = kv) */
+    int32_t compat;           /* 1: reference defects: the query is zero unless sample 0 of
+                                 the batch misses the modality, and LN runs twice (default 0) */
+} confsmoe_imputer_params;
+
+CONFSMOE_API void confsmoe_imputer_params_init(confsmoe_imputer_params *p);
+CONFSMOE_API size_t confsmoe_sizeof_imputer_params(void);
+CONFSMOE_API confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_imputer_params *p,
+                                                     confsmoe_imputer **out);
+CONFSMOE_API void confsmoe_imputer_destroy(confsmoe_imputer *imp);
+
+/* Stage 1 for modality m: for each b with avail[b, m] == 0, x[b] becomes the mean of
+ * `draws` distinct pool rows drawn uniformly from the ctx RNG (all rows if the pool
+ * has fewer). x is [B, S, F] or [B, F]; pool has x's trailing shape and >= 1 row. */
+CONFSMOE_API confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool,
+                                                   int32_t draws, const confsmoe_tensor *avail,
+                                                   confsmoe_tensor *x);
+
+/* Stage 2. h [B, M S, d] (the layer output, tokens of modality m at m S .. m S + S - 1),
+ * slots [M, B S, k, d] (the gate's slots output of each modality's call), avail
+ * u8 [B, M]. out [B, M S, d] is h with the missing rows imputed; it may be h itself.
+ * saved != NULL keeps what backward needs. */
+CONFSMOE_API confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_tensor *h,
+                                                      const confsmoe_tensor *slots, const confsmoe_tensor *avail,
+                                                      confsmoe_tensor *out, confsmoe_saved **saved);
+/* dout [B, M S, d] -> writes dh [B, M S, d] and adds into dslots [M, B S, k, d]
+ * (either may be NULL); accumulates the imputer's parameter gradients. */
+CONFSMOE_API confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved *saved,
+                                                       const confsmoe_tensor *dout, confsmoe_tensor *dh,
+                                                       confsmoe_tensor *dslots);
+
+/* Parameters: "q.w" [d, d], "q.b" [d], "kv.w" [d, d], "kv.b" [d], then "v.w", "v.b"
+ * with separate_value, then "ln.weight" [d], "ln.bias" [d]. */
+CONFSMOE_API int32_t confsmoe_imputer_n_params(const confsmoe_imputer *imp);
+CONFSMOE_API const char *confsmoe_imputer_param_name(const confsmoe_imputer *imp, int32_t i);
+CONFSMOE_API confsmoe_tensor *confsmoe_imputer_param(confsmoe_imputer *imp, int32_t i);
+CONFSMOE_API confsmoe_tensor *confsmoe_imputer_grad(confsmoe_imputer *imp, int32_t i);
+CONFSMOE_API void confsmoe_imputer_zero_grad(confsmoe_imputer *imp);
 
 /* ---------------------------------------------------------------- optimizer */
 
@@ -345,6 +411,109 @@ CONFSMOE_API confsmoe_status confsmoe_optim_add(confsmoe_optim *o, confsmoe_tens
 /* One update of every registered parameter from its current gradient. */
 CONFSMOE_API confsmoe_status confsmoe_optim_step(confsmoe_optim *o);
 CONFSMOE_API confsmoe_status confsmoe_optim_set_lr(confsmoe_optim *o, float lr);
+
+/* ---------------------------------------------------------------- model */
+
+/* The full Conf-SMoE classifier of MODEL.md section 5, built from the public
+ * expert, gate and imputer handles:
+ *   tokens_m = Linear(F_m, d)(x_m)            (x_m stage-1 imputed where missing)
+ *   X = concat_m tokens_m + P_pos;  H = X + Dropout(MHA(LN1(X)))
+ *   per modality: H_m <- LN3(H_m + MoE(LN2(H_m)))      (one gate, shared experts)
+ *   stage-2 imputation of missing (b, m);  r = Linear(M d, d)(concat_m mean_s H_m)
+ *   logits = Linear(d, C)(LN(r));  loss = CE (or BCE) + L_conf (+ load loss)
+ * Inputs are M tensors x_m [B, S, F_m] (or [B, F_m] when S = 1), the mask
+ * avail u8 [B, M] (1 = present) and labels i32 [B] (or u8 [B, C] multi-label). */
+typedef struct confsmoe_model confsmoe_model;
+
+/* The gate of the MoE layer: the paper's confidence gate, or a router-softmax baseline. */
+#define CONFSMOE_MODEL_GATE_CONFIDENCE 0
+#define CONFSMOE_MODEL_GATE_SOFTMAX    1
+#define CONFSMOE_MODEL_GATE_GAUSSIAN   2
+#define CONFSMOE_MODEL_GATE_LAPLACIAN  3
+
+/* How missing modalities are filled. */
+#define CONFSMOE_IMPUTE_TWO_STAGE 0 /* stage 1 pool mean of K draws + stage 2 sparse attention */
+#define CONFSMOE_IMPUTE_MEAN      1 /* the mean of the whole pool, no stage 2 */
+
+typedef struct confsmoe_model_params {
+    size_t struct_size;        /* sizeof(confsmoe_model_params), set by _init() */
+    int32_t n_modalities;      /* M >= 1 (required) */
+    const int64_t *features;   /* F_m of each modality, M entries (required; read at create) */
+    int64_t tokens;            /* S per modality (default 1) */
+    int64_t d;                 /* default 128 */
+    int32_t heads;             /* attention heads, must divide d (default 4) */
+    int32_t n_experts;         /* default 8 */
+    int32_t k;                 /* default 2 */
+    int64_t expert_hidden;     /* h of each expert; 0 (default) = d */
+    int32_t n_classes;         /* C >= 1 (required) */
+    int32_t multilabel;        /* 1: BCE-with-logits and u8 [B, C] labels (default 0: CE) */
+    int32_t gate;              /* CONFSMOE_MODEL_GATE_* (default CONFIDENCE) */
+    int32_t load_loss;         /* CONFSMOE_LOAD_LOSS_* for the baselines (default NONE) */
+    float load_loss_weight;    /* default 0.01 */
+    float conf_loss_weight;    /* default 1 */
+    int32_t confidence;        /* CONFSMOE_CONFIDENCE_* (default TOKEN) */
+    int32_t router_grad;       /* CONFSMOE_ROUTER_GRAD_* for the confidence gate (default FROZEN) */
+    int32_t detach_target;     /* default 0 */
+    int32_t noisy;             /* noisy top-k in training (default 0) */
+    int32_t imputation;        /* CONFSMOE_IMPUTE_* (default TWO_STAGE) */
+    int32_t draws;             /* K of stage 1 (default 10) */
+    int32_t top_t;             /* T of stage 2; 0 (default) = max(1, floor((M - 1) S / 4)) */
+    int32_t renormalize;       /* stage 2 option (default 0) */
+    int32_t separate_value;    /* stage 2 option (default 0) */
+    float dropout;             /* on attention weights and on the attention output (default 0.1) */
+    int32_t compat;            /* 1: every reference defect of MODEL.md (H = A + Dropout(A), the
+                                  gate's dispatch and loss denominator, the imputer's) (default 0) */
+} confsmoe_model_params;
+
+CONFSMOE_API void confsmoe_model_params_init(confsmoe_model_params *p);
+CONFSMOE_API size_t confsmoe_sizeof_model_params(void);
+CONFSMOE_API confsmoe_status confsmoe_model_create(confsmoe_ctx *ctx, const confsmoe_model_params *p,
+                                                  confsmoe_model **out);
+CONFSMOE_API void confsmoe_model_destroy(confsmoe_model *model);
+
+/* The stage-1 pool of modality m: training inputs in which m is present, [P, S, F_m]
+ * or [P, F_m], P >= 1. Copied. Needed before a batch that misses m. */
+CONFSMOE_API confsmoe_status confsmoe_model_set_pool(confsmoe_model *model, int32_t m, const confsmoe_tensor *pool);
+
+/* One training step: forward (dropout, noise and fresh stage-1 draws on) and
+ * backward; parameter gradients accumulate. logits [B, C] may be NULL; loss
+ * receives the total and task_loss the CE / BCE part (either may be NULL). */
+CONFSMOE_API confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor *const *inputs,
+                                                 const confsmoe_tensor *avail, const confsmoe_tensor *labels,
+                                                 confsmoe_tensor *logits, float *loss, float *task_loss);
+/* Inference: logits [B, C]; no labels, no dropout or noise, fresh stage-1 draws. */
+CONFSMOE_API confsmoe_status confsmoe_model_predict(confsmoe_model *model, const confsmoe_tensor *const *inputs,
+                                                    const confsmoe_tensor *avail, confsmoe_tensor *logits);
+
+/* Every trainable parameter of the model, its gate, experts and imputer, with
+ * dotted names ("enc.0.w", "gate.router.w", "expert.3.w1", "imputer.q.w", ...). */
+CONFSMOE_API int32_t confsmoe_model_n_params(const confsmoe_model *model);
+CONFSMOE_API const char *confsmoe_model_param_name(const confsmoe_model *model, int32_t i);
+CONFSMOE_API confsmoe_tensor *confsmoe_model_param(confsmoe_model *model, int32_t i);
+CONFSMOE_API confsmoe_tensor *confsmoe_model_grad(confsmoe_model *model, int32_t i);
+CONFSMOE_API void confsmoe_model_zero_grad(confsmoe_model *model);
+/* The model's gate (for its utilisation statistics); owned by the model. */
+CONFSMOE_API confsmoe_gate *confsmoe_model_gate(confsmoe_model *model);
+
+/* ---------------------------------------------------------------- checkpoints */
+
+/* Saves every model parameter, and the optimizer's state when o is not NULL, as a
+ * safetensors file (8-byte header length, JSON header, raw little-endian data).
+ * Parameter tensors keep their model names; optimizer moments are named
+ * "optim.<name>.m" / ".v" and step counts "optim.<name>.step" (I64 [1]). The file
+ * is written to a temporary name, synced, then renamed over path. */
+CONFSMOE_API confsmoe_status confsmoe_checkpoint_save(confsmoe_model *model, const confsmoe_optim *o,
+                                                      const char *path);
+/* Loads what save wrote (or any safetensors file with the same names, shapes and
+ * F32 dtype). The whole file is read and checked before anything changes: a
+ * truncated, corrupted or mismatched file returns CONFSMOE_E_FORMAT (a missing file
+ * CONFSMOE_E_IO) and leaves the model and optimizer as they were. Every model
+ * parameter must be present; a tensor that is neither a parameter of this model nor
+ * "optim.*" is rejected (a checkpoint of another configuration). With o == NULL the
+ * optimizer tensors are ignored; otherwise every registered model parameter needs
+ * its state, and the file's optimizer kind must match. Big-endian hosts get
+ * CONFSMOE_E_UNSUPPORTED. */
+CONFSMOE_API confsmoe_status confsmoe_checkpoint_load(confsmoe_model *model, confsmoe_optim *o, const char *path);
 
 #ifdef __cplusplus
 }

@@ -3,6 +3,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "expert.h"
 #include "internal.h"
 #include "kernels.h"
 
@@ -176,22 +177,29 @@ confsmoe_status confsmoe_expert_backward(confsmoe_expert *e, confsmoe_saved *sav
     if (s != CONFSMOE_OK)
         return s;
 
-    float *dpre = csm_calloc(ctx, (size_t)n, (size_t)e->h * sizeof(float));
+    float *dpre = csm_alloc(ctx, (size_t)n * (size_t)e->h * sizeof(float));
     if (!dpre)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for N=%" PRId64, fn, n);
-    const float *g = csm_f32(dy);
+    csm_expert_backward_rows(e, saved, csm_f32(dy), dx ? csm_f32(dx) : NULL, dpre);
+    csm_free(ctx, dpre);
+    return CONFSMOE_OK;
+}
+
+void csm_expert_backward_rows(confsmoe_expert *e, confsmoe_saved *saved, const float *dy, float *dx, float *scratch)
+{
+    const expert_saved *keep = (const expert_saved *)saved;
+    const int64_t n = keep->n;
+    float *dpre = scratch;
     /* d(act) = dy W2, then through GELU in place. */
-    csm_gemm(false, false, n, e->h, e->d, 1.0f, g, csm_f32(e->param[W2]), 0.0f, dpre);
-    csm_gemm(true, false, e->d, e->h, n, 1.0f, g, keep->act, 1.0f, csm_f32(e->grad[W2]));
-    csm_add_column_sums(csm_f32(e->grad[B2]), g, n, e->d);
+    csm_gemm(false, false, n, e->h, e->d, 1.0f, dy, csm_f32(e->param[W2]), 0.0f, dpre);
+    csm_gemm(true, false, e->d, e->h, n, 1.0f, dy, keep->act, 1.0f, csm_f32(e->grad[W2]));
+    csm_add_column_sums(csm_f32(e->grad[B2]), dy, n, e->d);
     csm_gelu_backward(keep->pre, dpre, dpre, n * e->h);
     csm_gemm(true, false, e->h, e->d, n, 1.0f, dpre, keep->x, 1.0f, csm_f32(e->grad[W1]));
     csm_add_column_sums(csm_f32(e->grad[B1]), dpre, n, e->h);
     if (dx)
-        csm_gemm(false, false, n, e->d, e->h, 1.0f, dpre, csm_f32(e->param[W1]), 0.0f, csm_f32(dx));
-    csm_free(ctx, dpre);
+        csm_gemm(false, false, n, e->d, e->h, 1.0f, dpre, csm_f32(e->param[W1]), 0.0f, dx);
     saved->consumed = true;
-    return CONFSMOE_OK;
 }
 
 int32_t confsmoe_expert_n_params(const confsmoe_expert *e) { return e ? N_PARAMS : -1; }

@@ -6,13 +6,15 @@
 #include <string.h>
 
 #include "confnet.h"
+#include "expert.h"
 #include "internal.h"
 #include "kernels.h"
 #include "load_loss.h"
+#include "params.h"
 #include "router.h"
 #include "usage.h"
 
-#define NAME_CAP 40
+#define NAME_CAP CSM_PARAM_NAME_CAP
 enum { CONFNET_PARAMS = 4 };
 
 struct confsmoe_gate {
@@ -23,9 +25,7 @@ struct confsmoe_gate {
     csm_router router;
     csm_confnet *confnets;        /* [E] under CONFIDENCE, views of the parameters */
     confsmoe_tensor *target_w, *target_b, *target_dw, *target_db;
-    int32_t n_params;
-    confsmoe_tensor **params, **grads;
-    char (*names)[NAME_CAP];
+    csm_params params;
     csm_usage last, total;
 };
 
@@ -129,23 +129,10 @@ static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_gate_param
 static confsmoe_status add_param(confsmoe_gate *g, const char *name, int32_t ndim, int64_t d0, int64_t d1,
                                  confsmoe_tensor **param, confsmoe_tensor **grad)
 {
-    const int64_t dims[2] = {d0, d1};
-    int32_t i = g->n_params;
-    confsmoe_status s = confsmoe_tensor_create(g->ctx, CONFSMOE_F32, ndim, dims, &g->params[i]);
+    confsmoe_status s = csm_params_new(g->ctx, &g->params, name, ndim, d0, d1, param);
     if (s == CONFSMOE_OK)
-        s = confsmoe_tensor_create(g->ctx, CONFSMOE_F32, ndim, dims, &g->grads[i]);
-    if (s != CONFSMOE_OK) {
-        confsmoe_tensor_destroy(g->params[i]);
-        g->params[i] = NULL;
-        return s;
-    }
-    snprintf(g->names[i], NAME_CAP, "%s", name);
-    g->n_params++;
-    if (param)
-        *param = g->params[i];
-    if (grad)
-        *grad = g->grads[i];
-    return CONFSMOE_OK;
+        *grad = g->params.grad[g->params.count - 1];
+    return s;
 }
 
 void confsmoe_gate_destroy(confsmoe_gate *g)
@@ -153,17 +140,11 @@ void confsmoe_gate_destroy(confsmoe_gate *g)
     if (!g)
         return;
     confsmoe_ctx *ctx = g->ctx;
-    for (int32_t i = 0; i < g->n_params; i++) {
-        confsmoe_tensor_destroy(g->params[i]);
-        confsmoe_tensor_destroy(g->grads[i]);
-    }
+    csm_params_free(ctx, &g->params);
     csm_usage_free(ctx, &g->last);
     csm_usage_free(ctx, &g->total);
     csm_free(ctx, g->router.per_expert);
     csm_free(ctx, g->confnets);
-    csm_free(ctx, g->names);
-    csm_free(ctx, g->grads);
-    csm_free(ctx, g->params);
     csm_free(ctx, g->experts);
     csm_free(ctx, g);
 }
@@ -175,11 +156,8 @@ static confsmoe_status build(confsmoe_gate *g)
     const bool confidence = p->combine == CONFSMOE_COMBINE_CONFIDENCE;
     const int32_t max_params = 2 + (confidence ? CONFNET_PARAMS * E + 2 : 0);
     confsmoe_ctx *ctx = g->ctx;
-    g->params = csm_calloc(ctx, (size_t)max_params, sizeof *g->params);
-    g->grads = csm_calloc(ctx, (size_t)max_params, sizeof *g->grads);
-    g->names = csm_calloc(ctx, (size_t)max_params, sizeof *g->names);
     g->router.per_expert = csm_calloc(ctx, (size_t)E, sizeof(float));
-    if (!g->params || !g->grads || !g->names || !g->router.per_expert || !csm_usage_init(ctx, &g->last, E) ||
+    if (!csm_params_reserve(ctx, &g->params, max_params) || !g->router.per_expert || !csm_usage_init(ctx, &g->last, E) ||
         !csm_usage_init(ctx, &g->total, E))
         return CONFSMOE_E_NOMEM;
 
@@ -249,8 +227,10 @@ confsmoe_status confsmoe_gate_create(confsmoe_ctx *ctx, const confsmoe_gate_para
     g->experts = csm_calloc(ctx, (size_t)n_experts, sizeof *g->experts);
     if (g->experts)
         memcpy(g->experts, experts, (size_t)n_experts * sizeof *experts);
+    const uint64_t rng_at_entry = ctx->rng_counter;
     s = g->experts ? build(g) : CONFSMOE_E_NOMEM;
     if (s != CONFSMOE_OK) {
+        ctx->rng_counter = rng_at_entry;
         confsmoe_gate_destroy(g);
         return csm_fail(ctx, s, "gate_create: out of memory for E=%" PRId32 ", d=%" PRId64, n_experts, p->d);
     }
@@ -535,6 +515,7 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     const int32_t E = g->n_experts, k = g->p.k;
     const int64_t n = x->dims[0], d = g->p.d;
     const bool confidence = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE;
+    const uint64_t rng_at_entry = g->ctx->rng_counter;
     gate_saved *s = alloc_saved(g, n, training);
     double *load_work = csm_calloc(g->ctx, 2 * (size_t)E, sizeof(double));
     if (!s || !load_work) {
@@ -575,6 +556,8 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     dispatch(g, s, xin);
     st = run_experts(g, s, training);
     if (st != CONFSMOE_OK) {
+        /* A failed call leaves the RNG stream where it was, so a retry draws the same noise. */
+        g->ctx->rng_counter = rng_at_entry;
         csm_free(g->ctx, load_work);
         s->base.release(&s->base);
         return csm_fail(g->ctx, st, "gate_forward: an expert failed: %s", confsmoe_status_string(st));
@@ -609,8 +592,8 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
             memcpy(csm_f32(slots) + i * d, s->yb + s->row_of[i] * d, (size_t)d * sizeof(float));
 
     csm_usage_clear(&g->last, E);
-    csm_usage_add(&g->last, s->idx, confidence ? s->c : NULL, n, k, conf);
-    csm_usage_add(&g->total, s->idx, confidence ? s->c : NULL, n, k, conf);
+    csm_usage_add(&g->last, s->idx, confidence ? s->c : NULL, n, k, s->conf_loss, conf);
+    csm_usage_add(&g->total, s->idx, confidence ? s->c : NULL, n, k, s->conf_loss, conf);
     if (training)
         *saved = &s->base;
     else
@@ -660,27 +643,36 @@ typedef struct {
     float *dz;       /* [n k, C] dL/d(target logits) */
     float *scratch;  /* max(n k (d + 1), n E) */
     float *dx;       /* [n, d] */
+    float *expert;   /* the largest expert's rows * h */
     double *work;    /* [2 E] */
 } backward_work;
 
-static void *backward_alloc(confsmoe_gate *g, int64_t n, backward_work *w)
+/* Everything backward needs, allocated before any gradient changes: after this it cannot fail. */
+static void *backward_alloc(confsmoe_gate *g, const gate_saved *s, backward_work *w)
 {
-    const size_t E = (size_t)g->n_experts, k = (size_t)g->p.k, d = (size_t)g->p.d, N = (size_t)n;
+    const size_t E = (size_t)g->n_experts, k = (size_t)g->p.k, d = (size_t)g->p.d, N = (size_t)s->n;
     const size_t C = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE ? (size_t)g->p.n_classes : 0;
     const size_t nk = N * k, scratch = nk * (d + 1) > N * E ? nk * (d + 1) : N * E;
-    size_t at[12], total = 0;
-    const size_t count[12] = {nk * d, nk * d, nk, nk, nk, nk, N * E, N * E, nk * C, scratch, N * d, 2 * E};
-    for (int i = 0; i < 12; i++)
-        if (!csm_layout_add(&total, count[i], i == 11 ? sizeof(double) : sizeof(float), &at[i]))
+    size_t expert = 0;
+    for (int32_t e = 0; e < g->n_experts; e++) {
+        size_t rows = (size_t)(s->offset[e + 1] - s->offset[e]), need;
+        if (csm_mul_size(rows, (size_t)confsmoe_expert_h(g->experts[e]), &need) && need > expert)
+            expert = need;
+    }
+    enum { PARTS = 13 };
+    size_t at[PARTS], total = 0;
+    const size_t count[PARTS] = {nk * d, nk * d, nk, nk, nk, nk, N * E, N * E, nk * C, scratch, N * d, expert, 2 * E};
+    for (int i = 0; i < PARTS; i++)
+        if (!csm_layout_add(&total, count[i], i == PARTS - 1 ? sizeof(double) : sizeof(float), &at[i]))
             return NULL;
     char *block = csm_calloc(g->ctx, 1, total);
     if (!block)
         return NULL;
-    float **f[11] = {&w->dyb, &w->dxb, &w->dweight, &w->dc, &w->ds, &w->dg, &w->du, &w->dsigma, &w->dz, &w->scratch,
-                     &w->dx};
-    for (int i = 0; i < 11; i++)
+    float **f[PARTS - 1] = {&w->dyb, &w->dxb, &w->dweight, &w->dc, &w->ds,      &w->dg,    &w->du,
+                            &w->dsigma, &w->dz, &w->scratch, &w->dx, &w->expert};
+    for (int i = 0; i < PARTS - 1; i++)
         *f[i] = (float *)(block + at[i]);
-    w->work = (double *)(block + at[11]);
+    w->work = (double *)(block + at[PARTS - 1]);
     return block;
 }
 
@@ -771,26 +763,13 @@ static void router_logit_grads(const confsmoe_gate *g, const gate_saved *s, back
     }
 }
 
-static confsmoe_status run_expert_backward(confsmoe_gate *g, gate_saved *s, backward_work *w)
+static void run_expert_backward(confsmoe_gate *g, gate_saved *s, backward_work *w)
 {
     const int64_t d = g->p.d;
-    for (int32_t e = 0; e < g->n_experts; e++) {
-        const int64_t rows = s->offset[e + 1] - s->offset[e];
-        if (rows == 0)
-            continue;
-        const int64_t dims[2] = {rows, d};
-        confsmoe_tensor *dy = NULL, *dx = NULL;
-        confsmoe_status st = confsmoe_tensor_wrap(g->ctx, CONFSMOE_F32, 2, dims, w->dyb + s->offset[e] * d, &dy);
-        if (st == CONFSMOE_OK)
-            st = confsmoe_tensor_wrap(g->ctx, CONFSMOE_F32, 2, dims, w->dxb + s->offset[e] * d, &dx);
-        if (st == CONFSMOE_OK)
-            st = confsmoe_expert_backward(g->experts[e], s->expert_saved[e], dy, dx);
-        confsmoe_tensor_destroy(dy);
-        confsmoe_tensor_destroy(dx);
-        if (st != CONFSMOE_OK)
-            return st;
-    }
-    return CONFSMOE_OK;
+    for (int32_t e = 0; e < g->n_experts; e++)
+        if (s->offset[e + 1] > s->offset[e])
+            csm_expert_backward_rows(g->experts[e], s->expert_saved[e], w->dyb + s->offset[e] * d,
+                                     w->dxb + s->offset[e] * d, w->expert);
 }
 
 confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, const confsmoe_tensor *dy,
@@ -806,10 +785,9 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
     const int64_t n = s->n, d = g->p.d;
     const bool confidence = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE;
     backward_work w;
-    void *block = backward_alloc(g, n, &w);
+    void *block = backward_alloc(g, s, &w);
     if (!block)
         return csm_fail(g->ctx, CONFSMOE_E_NOMEM, "gate_backward: out of memory for N=%" PRId64, n);
-    /* From here on gradients change: the handle is spent even if an expert runs out of memory. */
     saved->consumed = true;
 
     /* Combine: y_t = sum_j weight_j y_j. */
@@ -848,48 +826,42 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
         csm_router_backward(&g->router, s->x, n, s->u_clean, s->h, w.du, s->eps ? w.dsigma : NULL, w.dx, w.scratch);
     }
 
-    st = run_expert_backward(g, s, &w);
-    if (st == CONFSMOE_OK) {
-        for (int64_t i = 0; i < n * k; i++) {
-            const float *src = w.dxb + s->row_of[i] * d;
-            float *dst = w.dx + (g->p.compat ? i % n : i / k) * d;
-            for (int64_t c = 0; c < d; c++)
-                dst[c] += src[c];
-        }
-        if (dx)
-            memcpy(dx->data, w.dx, dx->nbytes);
+    run_expert_backward(g, s, &w);
+    for (int64_t i = 0; i < n * k; i++) {
+        const float *src = w.dxb + s->row_of[i] * d;
+        float *dst = w.dx + (g->p.compat ? i % n : i / k) * d;
+        for (int64_t c = 0; c < d; c++)
+            dst[c] += src[c];
     }
+    if (dx)
+        memcpy(dx->data, w.dx, dx->nbytes);
     csm_free(g->ctx, block);
-    if (st != CONFSMOE_OK)
-        return csm_fail(g->ctx, st, "gate_backward: an expert failed: %s", confsmoe_status_string(st));
     return CONFSMOE_OK;
 }
 
 /* ------------------------------------------------------------------ parameters and statistics */
 
-int32_t confsmoe_gate_n_params(const confsmoe_gate *g) { return g ? g->n_params : -1; }
+int32_t confsmoe_gate_n_params(const confsmoe_gate *g) { return g ? g->params.count : -1; }
 
 const char *confsmoe_gate_param_name(const confsmoe_gate *g, int32_t i)
 {
-    return g && i >= 0 && i < g->n_params ? g->names[i] : NULL;
+    return g && i >= 0 && i < g->params.count ? g->params.names[i] : NULL;
 }
 
 confsmoe_tensor *confsmoe_gate_param(confsmoe_gate *g, int32_t i)
 {
-    return g && i >= 0 && i < g->n_params ? g->params[i] : NULL;
+    return g && i >= 0 && i < g->params.count ? g->params.param[i] : NULL;
 }
 
 confsmoe_tensor *confsmoe_gate_grad(confsmoe_gate *g, int32_t i)
 {
-    return g && i >= 0 && i < g->n_params ? g->grads[i] : NULL;
+    return g && i >= 0 && i < g->params.count ? g->params.grad[i] : NULL;
 }
 
 void confsmoe_gate_zero_grad(confsmoe_gate *g)
 {
-    if (!g)
-        return;
-    for (int32_t i = 0; i < g->n_params; i++)
-        memset(g->grads[i]->data, 0, g->grads[i]->nbytes);
+    if (g)
+        csm_params_zero_grad(&g->params);
 }
 
 confsmoe_status confsmoe_gate_stats_get(confsmoe_gate *g, int32_t scope, confsmoe_gate_stats *out, int64_t *load,

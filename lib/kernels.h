@@ -11,6 +11,9 @@
  * op(B) is [k,n]: B is stored [k,n] (ldb = n), or [n,k] (ldb = k) when trans_b. */
 void csm_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
               const float *b, float beta, float *c);
+/* The same with leading dimensions (row strides) of the stored matrices. */
+void csm_gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                 int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 
 /* Each row of out[rows, cols] = bias[cols]. */
 void csm_broadcast_rows(float *out, const float *bias, int64_t rows, int64_t cols);

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "optim_state.h"
 
 typedef struct {
     confsmoe_tensor *param;
@@ -189,3 +190,17 @@ confsmoe_status confsmoe_optim_set_lr(confsmoe_optim *o, float lr)
     o->p.lr = lr;
     return CONFSMOE_OK;
 }
+
+confsmoe_ctx *csm_optim_ctx(const confsmoe_optim *o) { return o->ctx; }
+
+const confsmoe_optim_params *csm_optim_hparams(const confsmoe_optim *o) { return &o->p; }
+
+size_t csm_optim_n_slots(const confsmoe_optim *o) { return o->n_slots; }
+
+csm_optim_slot_state csm_optim_slot(const confsmoe_optim *o, size_t i)
+{
+    const slot *sl = &o->slots[i];
+    return (csm_optim_slot_state){sl->param, sl->m, sl->v, sl->steps};
+}
+
+void csm_optim_set_steps(confsmoe_optim *o, size_t i, int64_t steps) { o->slots[i].steps = steps; }

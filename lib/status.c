@@ -14,6 +14,8 @@ const char *confsmoe_status_string(confsmoe_status s)
     case CONFSMOE_E_NUMERIC: return "non-finite value";
     case CONFSMOE_E_VERSION: return "version mismatch";
     case CONFSMOE_E_INTERNAL: return "internal error";
+    case CONFSMOE_E_IO: return "i/o error";
+    case CONFSMOE_E_FORMAT: return "bad file format";
     default: return "unknown status";
     }
 }

@@ -24,17 +24,20 @@ void csm_usage_clear(csm_usage *u, int32_t n_experts)
 {
     u->tokens = 0;
     u->conf_loss_sum = 0.0;
-    u->calls = 0;
+    u->conf_loss_calls = 0;
     memset(u->load, 0, (size_t)n_experts * sizeof *u->load);
     memset(u->conf_count, 0, (size_t)n_experts * sizeof *u->conf_count);
     memset(u->conf_sum, 0, (size_t)n_experts * sizeof *u->conf_sum);
 }
 
-void csm_usage_add(csm_usage *u, const int32_t *idx, const float *conf, int64_t n, int32_t k, float conf_loss)
+void csm_usage_add(csm_usage *u, const int32_t *idx, const float *conf, int64_t n, int32_t k, bool has_conf_loss,
+                   float conf_loss)
 {
     u->tokens += n;
-    u->calls++;
-    u->conf_loss_sum += conf_loss;
+    if (has_conf_loss) {
+        u->conf_loss_calls++;
+        u->conf_loss_sum += conf_loss;
+    }
     for (int64_t i = 0; i < n * k; i++) {
         u->load[idx[i]]++;
         if (conf) {
@@ -67,5 +70,5 @@ void csm_usage_report(const csm_usage *u, int32_t n_experts, confsmoe_gate_stats
     out->load_entropy = n_experts > 1 ? entropy / log((double)n_experts) : 1.0;
     out->load_cv2 = n_experts > 1 && mean > 0.0 ? var / (n_experts - 1) / (mean * mean) : 0.0;
     out->max_load_fraction = total > 0.0 ? top / total : 0.0;
-    out->conf_loss = u->calls > 0 ? u->conf_loss_sum / (double)u->calls : 0.0;
+    out->conf_loss = u->conf_loss_calls > 0 ? u->conf_loss_sum / (double)u->conf_loss_calls : 0.0;
 }

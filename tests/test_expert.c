@@ -22,33 +22,6 @@ enum { W1, B1, W2, B2, NP };
 
 /* ------------------------------------------------------------ test helpers */
 
-/* A deterministic RNG of the tests' own (splitmix64), independent of the library's. */
-typedef struct {
-    uint64_t s;
-} trng;
-
-static uint64_t trng_u64(trng *r)
-{
-    uint64_t z = (r->s += UINT64_C(0x9e3779b97f4a7c15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
-    return z ^ (z >> 31);
-}
-
-static float trng_uniform(trng *r, double lo, double hi)
-{
-    double u = (double)(trng_u64(r) >> 11) * 0x1.0p-53;
-    return (float)(lo + (hi - lo) * u);
-}
-
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size ? size : 1);
-    ck_assert_ptr_nonnull(p);
-    return p;
-}
-
-static float *f32(confsmoe_tensor *t) { return (float *)confsmoe_tensor_data(t); }
 
 static confsmoe_tensor *mk2(confsmoe_ctx *ctx, int64_t rows, int64_t cols)
 {
@@ -56,36 +29,6 @@ static confsmoe_tensor *mk2(confsmoe_ctx *ctx, int64_t rows, int64_t cols)
     confsmoe_tensor *t = NULL;
     ck_assert_int_eq(confsmoe_tensor_create(ctx, CONFSMOE_F32, 2, dims, &t), CONFSMOE_OK);
     return t;
-}
-
-static void fill_uniform(confsmoe_tensor *t, trng *r, double lo, double hi)
-{
-    float *v = f32(t);
-    for (int64_t i = 0; i < confsmoe_tensor_numel(t); i++)
-        v[i] = trng_uniform(r, lo, hi);
-}
-
-static void fill_const(confsmoe_tensor *t, float c)
-{
-    float *v = f32(t);
-    for (int64_t i = 0; i < confsmoe_tensor_numel(t); i++)
-        v[i] = c;
-}
-
-/* A byte copy of a tensor, to prove later that a call left it alone. */
-static void *tsnap(confsmoe_tensor *t)
-{
-    size_t n = confsmoe_tensor_nbytes(t);
-    void *p = xcalloc(1, n);
-    if (n)
-        memcpy(p, confsmoe_tensor_data(t), n);
-    return p;
-}
-
-static int tsame(confsmoe_tensor *t, const void *snap)
-{
-    size_t n = confsmoe_tensor_nbytes(t);
-    return n == 0 || memcmp(confsmoe_tensor_data(t), snap, n) == 0;
 }
 
 /* All parameters and gradients of an expert. */

@@ -37,32 +37,6 @@ static const char *const tnames[NT] = {"W1", "b1", "W2", "b2", "x"};
 
 /* ------------------------------------------------------------ helpers */
 
-typedef struct {
-    uint64_t s;
-} trng;
-
-static uint64_t trng_u64(trng *r)
-{
-    uint64_t z = (r->s += UINT64_C(0x9e3779b97f4a7c15));
-    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
-    return z ^ (z >> 31);
-}
-
-static float trng_uniform(trng *r, double lo, double hi)
-{
-    double u = (double)(trng_u64(r) >> 11) * 0x1.0p-53;
-    return (float)(lo + (hi - lo) * u);
-}
-
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size ? size : 1);
-    ck_assert_ptr_nonnull(p);
-    return p;
-}
-
-static float *f32(confsmoe_tensor *t) { return (float *)confsmoe_tensor_data(t); }
 
 static confsmoe_tensor *mk2(confsmoe_ctx *ctx, int64_t rows, int64_t cols)
 {
@@ -119,30 +93,6 @@ static double loss(gcheck *g)
     return l;
 }
 
-/* Up to MAX_SAMPLES distinct coordinates, deterministic: all of a small tensor,
- * else the first, the last and pseudo-random others. */
-static int64_t pick(int64_t numel, int64_t *idx, uint64_t seed)
-{
-    if (numel <= MAX_SAMPLES) {
-        for (int64_t i = 0; i < numel; i++)
-            idx[i] = i;
-        return numel;
-    }
-    trng r = {seed};
-    int64_t m = 0;
-    idx[m++] = 0;
-    idx[m++] = numel - 1;
-    while (m < MAX_SAMPLES) {
-        int64_t c = (int64_t)(trng_u64(&r) % (uint64_t)numel);
-        int dup = 0;
-        for (int64_t k = 0; k < m; k++)
-            dup |= idx[k] == c;
-        if (!dup)
-            idx[m++] = c;
-    }
-    return m;
-}
-
 /* Builds the expert and inputs, runs forward + backward (dy = R) for the analytic
  * gradients, then the central differences at the sampled coordinates. */
 static void gcheck_open(gcheck *g, int which)
@@ -185,7 +135,7 @@ static void gcheck_open(gcheck *g, int which)
         g->numel[t] = confsmoe_tensor_numel(v);
         ck_assert_int_eq(confsmoe_tensor_numel(a), g->numel[t]);
         g->idx[t] = xcalloc(MAX_SAMPLES, sizeof(int64_t));
-        g->m[t] = pick(g->numel[t], g->idx[t], 77 * (uint64_t)which + (uint64_t)t);
+        g->m[t] = test_pick(MAX_SAMPLES, g->numel[t], g->idx[t], 77 * (uint64_t)which + (uint64_t)t);
         g->num[t] = xcalloc(MAX_SAMPLES, sizeof(double));
     }
 

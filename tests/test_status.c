@@ -20,6 +20,8 @@ static const struct {
     {CONFSMOE_E_NUMERIC, -7},
     {CONFSMOE_E_VERSION, -8},
     {CONFSMOE_E_INTERNAL, -9},
+    {CONFSMOE_E_IO, -10},
+    {CONFSMOE_E_FORMAT, -11},
 };
 #define N_STATUSES ((int)(sizeof statuses / sizeof statuses[0]))
 
@@ -35,6 +37,8 @@ START_TEST(test_status_values_pinned)
     ck_assert_int_eq(CONFSMOE_E_NUMERIC, -7);
     ck_assert_int_eq(CONFSMOE_E_VERSION, -8);
     ck_assert_int_eq(CONFSMOE_E_INTERNAL, -9);
+    ck_assert_int_eq(CONFSMOE_E_IO, -10);
+    ck_assert_int_eq(CONFSMOE_E_FORMAT, -11);
     /* The status type is a 32-bit signed integer. */
     ck_assert_uint_eq(sizeof(confsmoe_status), 4);
     ck_assert_int_lt((confsmoe_status)-1, 0);
@@ -83,7 +87,7 @@ END_TEST
 
 START_TEST(test_status_string_unknown)
 {
-    const confsmoe_status unknown[] = {1, 2, 100, -10, -11, -100, INT32_MAX, INT32_MIN};
+    const confsmoe_status unknown[] = {1, 2, 100, -12, -13, -100, INT32_MAX, INT32_MIN};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         const char *s = confsmoe_status_string(unknown[i]);
         ck_assert_ptr_nonnull(s);

@@ -1,0 +1,879 @@
+/* The two-stage imputer of missing modalities (MODEL.md section 4).
+ * Stage 1 (fill) replaces a missing sample's raw input with the mean of K distinct pool rows.
+ * Stage 2 (forward/backward) lets each missing token attend, per expert slot, over the expert
+ * outputs of the modalities present for the same sample, keeps the top T weights, and adds
+ * the result to the layer output before a LayerNorm.
+ *
+ * Stage 2 is gather-based: for each sample that misses a modality, the slot rows of its
+ * present modalities (the candidates, shared by all of its missing modalities) are gathered
+ * once, slot-major, so that every per-slot product is one contiguous GEMM. Nothing of size
+ * [missing tokens x candidates x k x d] is ever built. */
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "kernels.h"
+
+#define LN_EPS 1e-5f
+
+/* Parameters by role; V_W and V_B exist only with separate_value. */
+enum { Q_W, Q_B, KV_W, KV_B, V_W, V_B, LN_W, LN_B, N_ROLES };
+
+static const char *const role_names[N_ROLES] = {"q.w", "q.b", "kv.w", "kv.b", "v.w", "v.b", "ln.weight", "ln.bias"};
+
+struct confsmoe_imputer {
+    confsmoe_ctx *ctx;
+    confsmoe_imputer_params p;
+    int64_t top_t;                     /* T before the cap at each sample's candidate count */
+    int32_t n_params;
+    int32_t role_of[N_ROLES];          /* view index -> role */
+    confsmoe_tensor *param[N_ROLES];   /* by role; NULL when absent */
+    confsmoe_tensor *grad[N_ROLES];
+};
+
+/* One missing (sample, modality): its S query tokens are rows pair * S .. pair * S + S - 1 of
+ * the per-query arrays. */
+typedef struct {
+    int64_t b;
+    int32_t m;
+    bool zero_query;  /* compat: the reference's query is zeros for this modality */
+} missing_pair;
+
+/* One sample with at least one missing modality. Its queries are contiguous (pairs are sorted
+ * by sample, then modality); its candidates are the S tokens of each present modality, ordered
+ * by modality then token, stored slot-major: candidate c of slot j is row kv_row + j L + c. */
+typedef struct {
+    int64_t q_row, n_query;  /* rows of the per-query arrays */
+    int64_t kv_row, n_cand;  /* n_cand = L_b; 0 when no other modality is present */
+    int64_t att;             /* first element of its k attention blocks of n_query x L_b */
+    int64_t kept;            /* T capped at L_b */
+} sample_plan;
+
+/* What one forward keeps: a copy of everything backward reads, so that the host may reuse
+ * its h, slots and avail buffers right after forward. */
+typedef struct {
+    confsmoe_saved base;
+    int64_t B;
+    int64_t n_pairs, n_samples;
+    int64_t nq;              /* missing tokens: n_pairs * S */
+    int64_t nk;              /* gathered candidate slot rows */
+    int64_t na;              /* attention elements */
+    int64_t max_block;       /* largest n_query x L_b of one sample */
+    missing_pair *pairs;     /* [n_pairs] */
+    sample_plan *plans;      /* [n_samples] */
+    int64_t *src_row;        /* [nk] row of slots (viewed as [M B S k, d]) each candidate came from */
+    float *ybar;             /* [nq, d] mean over the slots of each missing token */
+    float *q;                /* [nq, d] queries (zero rows under compat's zero query) */
+    float *g;                /* [nk, d] gathered candidate slot rows */
+    float *kv;               /* [nk, d] keys (and values unless separate_value) */
+    float *v;                /* [nk, d] values with separate_value, else == kv */
+    float *p;                /* [na] softmax over the candidates */
+    float *w;                /* [na] kept (and maybe renormalised) weights, 0 elsewhere */
+    uint8_t *keep;           /* [na] 1 = in the top T */
+    float *x_pre;            /* [nq, d] h + Ihat */
+    float *mean1, *rstd1;    /* [nq] LayerNorm of x_pre */
+    float *y1;               /* [nq, d] compat: the first LayerNorm's output */
+    float *mean2, *rstd2;    /* [nq] compat: the second LayerNorm */
+} imputer_saved;
+
+/* ------------------------------------------------------------------ parameters */
+
+void confsmoe_imputer_params_init(confsmoe_imputer_params *p)
+{
+    if (!p)
+        return;
+    memset(p, 0, sizeof *p);
+    p->struct_size = sizeof *p;
+    p->tokens = 1;
+    p->k = 2;
+}
+
+size_t confsmoe_sizeof_imputer_params(void) { return sizeof(confsmoe_imputer_params); }
+
+static bool is_flag(int32_t v) { return v == 0 || v == 1; }
+
+static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_imputer_params *p)
+{
+    static const char fn[] = "imputer_create";
+    if (p->struct_size != sizeof *p)
+        return csm_fail(ctx, CONFSMOE_E_VERSION, "%s: params.struct_size is %zu, this library expects %zu", fn,
+                        p->struct_size, sizeof *p);
+    if (p->d < 1)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: d is %" PRId64 ", must be >= 1", fn, p->d);
+    if (p->n_modalities < 1)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: n_modalities is %" PRId32 ", must be >= 1", fn, p->n_modalities);
+    if (p->tokens < 1)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: tokens is %" PRId64 ", must be >= 1", fn, p->tokens);
+    if (p->k < 1)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: k is %" PRId32 ", must be >= 1", fn, p->k);
+    if (p->top_t < 0)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: top_t is %" PRId32 ", must be >= 0 (0 = default)", fn,
+                        p->top_t);
+    if (!is_flag(p->renormalize) || !is_flag(p->separate_value) || !is_flag(p->compat))
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                        "%s: renormalize, separate_value and compat must be 0 or 1", fn);
+    /* The tensors the imputer accepts must be describable: M S k d (one slot row per token and
+     * slot, per sample) fits in int64 for one sample, and d x d fits for the weights. */
+    const int64_t M = p->n_modalities, S = p->tokens, k = p->k, d = p->d;
+    if (S > INT64_MAX / M || M * S > INT64_MAX / k || M * S * k > INT64_MAX / d || d > INT64_MAX / d)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM,
+                        "%s: sizes overflow for d=%" PRId64 ", M=%" PRId64 ", S=%" PRId64 ", k=%" PRId64, fn, d, M, S,
+                        k);
+    return CONFSMOE_OK;
+}
+
+void confsmoe_imputer_destroy(confsmoe_imputer *imp)
+{
+    if (!imp)
+        return;
+    for (int i = 0; i < N_ROLES; i++) {
+        confsmoe_tensor_destroy(imp->param[i]);
+        confsmoe_tensor_destroy(imp->grad[i]);
+    }
+    csm_free(imp->ctx, imp);
+}
+
+confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_imputer_params *p, confsmoe_imputer **out)
+{
+    if (out)
+        *out = NULL;
+    if (!ctx || !out || !p)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "imputer_create: %s is NULL",
+                        !ctx ? "ctx" : !out ? "out" : "params");
+    confsmoe_status s = check_params(ctx, p);
+    if (s != CONFSMOE_OK)
+        return s;
+    confsmoe_imputer *imp = csm_calloc(ctx, 1, sizeof *imp);
+    if (!imp)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "imputer_create: out of memory");
+    imp->ctx = ctx;
+    imp->p = *p;
+    const int64_t M = p->n_modalities, S = p->tokens, d = p->d;
+    const int64_t default_t = (M - 1) * S / 4;
+    imp->top_t = p->top_t > 0 ? p->top_t : (default_t > 1 ? default_t : 1);
+
+    /* Every tensor first, then the draws: a failed create leaves the ctx RNG where it was. */
+    for (int r = 0; r < N_ROLES; r++) {
+        if ((r == V_W || r == V_B) && !p->separate_value)
+            continue;
+        const bool matrix = r == Q_W || r == KV_W || r == V_W;
+        const int64_t dims[2] = {d, d};
+        s = confsmoe_tensor_create(ctx, CONFSMOE_F32, matrix ? 2 : 1, dims, &imp->param[r]);
+        if (s == CONFSMOE_OK)
+            s = confsmoe_tensor_create(ctx, CONFSMOE_F32, matrix ? 2 : 1, dims, &imp->grad[r]);
+        if (s != CONFSMOE_OK) {
+            confsmoe_imputer_destroy(imp);
+            return csm_fail(ctx, s, "imputer_create: out of memory for d=%" PRId64, d);
+        }
+        imp->role_of[imp->n_params++] = r;
+    }
+    /* nn.Linear: U(+-1/sqrt(fan_in)), drawn in view order; nn.LayerNorm: weight 1, bias 0. */
+    const float bound = 1.0f / sqrtf((float)d);
+    for (int r = Q_W; r <= V_B; r++)
+        if (imp->param[r])
+            csm_fill_uniform(ctx, imp->param[r], bound);
+    for (int64_t c = 0; c < d; c++)
+        csm_f32(imp->param[LN_W])[c] = 1.0f;
+    *out = imp;
+    return CONFSMOE_OK;
+}
+
+int32_t confsmoe_imputer_n_params(const confsmoe_imputer *imp) { return imp ? imp->n_params : -1; }
+
+const char *confsmoe_imputer_param_name(const confsmoe_imputer *imp, int32_t i)
+{
+    return imp && i >= 0 && i < imp->n_params ? role_names[imp->role_of[i]] : NULL;
+}
+
+confsmoe_tensor *confsmoe_imputer_param(confsmoe_imputer *imp, int32_t i)
+{
+    return imp && i >= 0 && i < imp->n_params ? imp->param[imp->role_of[i]] : NULL;
+}
+
+confsmoe_tensor *confsmoe_imputer_grad(confsmoe_imputer *imp, int32_t i)
+{
+    return imp && i >= 0 && i < imp->n_params ? imp->grad[imp->role_of[i]] : NULL;
+}
+
+void confsmoe_imputer_zero_grad(confsmoe_imputer *imp)
+{
+    if (!imp)
+        return;
+    for (int32_t i = 0; i < imp->n_params; i++) {
+        confsmoe_tensor *g = imp->grad[imp->role_of[i]];
+        memset(g->data, 0, g->nbytes);
+    }
+}
+
+/* Checks avail u8 [B, M] with values 0 or 1. */
+static confsmoe_status check_avail(confsmoe_ctx *ctx, const char *fn, const confsmoe_tensor *avail, int64_t B,
+                                   int64_t M)
+{
+    const int64_t dims[2] = {B, M};
+    confsmoe_status s = csm_expect_tensor(ctx, fn, "avail", avail, CONFSMOE_U8, 2, dims);
+    if (s != CONFSMOE_OK)
+        return s;
+    const uint8_t *v = avail->data;
+    for (int64_t i = 0; i < B * M; i++)
+        if (v[i] > 1)
+            return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                            "%s: avail[%" PRId64 "][%" PRId64 "] is %d, must be 0 (missing) or 1 (present)", fn, i / M,
+                            i % M, v[i]);
+    return CONFSMOE_OK;
+}
+
+/* ------------------------------------------------------------------ stage 1 */
+
+/* Uniform in [0, n), n >= 1, without modulo bias: draws in the incomplete top block are redrawn. */
+static uint64_t uniform_below(confsmoe_ctx *ctx, uint64_t n)
+{
+    const uint64_t limit = UINT64_MAX - UINT64_MAX % n;
+    uint64_t r;
+    do
+        r = csm_rng_u64(ctx);
+    while (r >= limit);
+    return r % n;
+}
+
+static confsmoe_status check_fill(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool, int32_t draws,
+                                  const confsmoe_tensor *avail, const confsmoe_tensor *x)
+{
+    static const char fn[] = "imputer_fill";
+    confsmoe_ctx *ctx = imp->ctx;
+    const int64_t M = imp->p.n_modalities, S = imp->p.tokens;
+    if (m < 0 || m >= M)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: m=%" PRId32 " is out of range 0..%" PRId64, fn, m,
+                        M - 1);
+    if (draws < 1)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: draws is %" PRId32 ", must be >= 1", fn, draws);
+    /* x is [B, S, F] with the imputer's S, or [B, F] when S = 1 (vector views). */
+    const int64_t any[CONFSMOE_MAX_DIMS] = {-1, -1, -1, -1};
+    confsmoe_status s = csm_expect_tensor(ctx, fn, "x", x, CONFSMOE_F32, x ? x->ndim : 0, any);
+    if (s != CONFSMOE_OK)
+        return s;
+    if (x->ndim != 2 && x->ndim != 3)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: x has %" PRId32 " dims, expected [B, S, F] or [B, F]", fn,
+                        x->ndim);
+    if (x->ndim == 2 && S != 1)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE,
+                        "%s: x is [B, F] but the imputer has S=%" PRId64 " tokens: pass [B, S, F]", fn, S);
+    if (x->ndim == 3 && x->dims[1] != S)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: x has S=%" PRId64 " tokens, the imputer has S=%" PRId64, fn,
+                        x->dims[1], S);
+    /* The pool has x's trailing shape. */
+    const int64_t pool_dims[3] = {-1, x->dims[1], x->ndim == 3 ? x->dims[2] : 0};
+    if ((s = csm_expect_tensor(ctx, fn, "pool", pool, CONFSMOE_F32, x->ndim, pool_dims)) != CONFSMOE_OK)
+        return s;
+    if (pool->dims[0] < 1)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: pool has 0 rows, needs >= 1", fn);
+    return check_avail(ctx, fn, avail, x->dims[0], M);
+}
+
+confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool, int32_t draws,
+                                      const confsmoe_tensor *avail, confsmoe_tensor *x)
+{
+    if (!imp)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    static const char fn[] = "imputer_fill";
+    confsmoe_ctx *ctx = imp->ctx;
+    confsmoe_status st = check_fill(imp, m, pool, draws, avail, x);
+    if (st != CONFSMOE_OK)
+        return st;
+    const int64_t B = x->dims[0], M = imp->p.n_modalities, P = pool->dims[0];
+    const int64_t row = x->numel / (B > 0 ? B : 1);  /* elements of one sample's input */
+    const uint8_t *present = avail->data;
+    int64_t n_missing = 0;
+    for (int64_t b = 0; b < B; b++)
+        n_missing += !present[b * M + m];
+    if (n_missing == 0 || row == 0)
+        return CONFSMOE_OK;
+
+    /* All means are computed before x changes, so that a NaN in the pool leaves x untouched. */
+    const int64_t K = draws < P ? draws : P;
+    size_t total = 0, at_means, at_acc, at_picked, at_marks;
+    const size_t mark_words = ((size_t)P + 63) / 64;
+    float *means;
+    double *acc;
+    int64_t *picked;
+    uint64_t *marks;
+    char *block = NULL;
+    if (csm_layout_add(&total, (size_t)n_missing, (size_t)row * sizeof(float), &at_means) &&
+        csm_layout_add(&total, (size_t)row, sizeof(double), &at_acc) &&
+        csm_layout_add(&total, (size_t)K, sizeof(int64_t), &at_picked) &&
+        csm_layout_add(&total, mark_words, sizeof(uint64_t), &at_marks))
+        block = csm_alloc(ctx, total);
+    if (!block)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for %" PRId64 " missing rows of %" PRId64, fn,
+                        n_missing, row);
+    means = (float *)(block + at_means);
+    acc = (double *)(block + at_acc);
+    picked = (int64_t *)(block + at_picked);
+    marks = (uint64_t *)(block + at_marks);
+    memset(marks, 0, mark_words * sizeof *marks);
+
+    const uint64_t rng_at_entry = ctx->rng_counter;
+    const float *src = csm_f32(pool);
+    int64_t done = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (present[b * M + m])
+            continue;
+        if (K == P) {
+            /* The pool has no more rows than draws: all of them, no randomness needed. */
+            for (int64_t i = 0; i < P; i++)
+                picked[i] = i;
+        } else {
+            /* Floyd's algorithm: K distinct rows, each K-subset equally likely, K draws. */
+            int64_t n = 0;
+            for (int64_t j = P - K; j < P; j++) {
+                int64_t t = (int64_t)uniform_below(ctx, (uint64_t)j + 1);
+                if (marks[t / 64] >> (t % 64) & 1)
+                    t = j;
+                marks[t / 64] |= UINT64_C(1) << (t % 64);
+                picked[n++] = t;
+            }
+            for (int64_t i = 0; i < K; i++)
+                marks[picked[i] / 64] = 0;
+        }
+        memset(acc, 0, (size_t)row * sizeof *acc);
+        for (int64_t i = 0; i < K; i++) {
+            const float *r = src + picked[i] * row;
+            for (int64_t c = 0; c < row; c++)
+                acc[c] += r[c];
+        }
+        float *dst = means + done * row;
+        for (int64_t c = 0; c < row; c++) {
+            /* The sum of finite floats is finite in double: a non-finite mean means a drawn row has NaN/Inf.
+             * Only drawn rows are checked, so a large pool is not scanned on every call. */
+            if (ctx->check_finite && !isfinite(acc[c])) {
+                int64_t bad = picked[0];
+                for (int64_t i = 0; i < K; i++)
+                    if (!isfinite(src[picked[i] * row + c]))
+                        bad = picked[i];
+                ctx->rng_counter = rng_at_entry;
+                csm_free(ctx, block);
+                return csm_fail(ctx, CONFSMOE_E_NUMERIC,
+                                "%s: pool row %" PRId64 " has a NaN or Inf at element %" PRId64
+                                " (finite checks are on)",
+                                fn, bad, c);
+            }
+            dst[c] = (float)(acc[c] / (double)K);
+        }
+        done++;
+    }
+    float *out = csm_f32(x);
+    done = 0;
+    for (int64_t b = 0; b < B; b++)
+        if (!present[b * M + m])
+            memcpy(out + b * row, means + (done++) * row, (size_t)row * sizeof(float));
+    csm_free(ctx, block);
+    return CONFSMOE_OK;
+}
+
+/* ------------------------------------------------------------------ stage 2: saved state */
+
+static void release_saved(confsmoe_saved *s) { csm_free(s->ctx, s); }
+
+/* Sizes of one call's plan, counted from avail before anything is allocated. */
+typedef struct {
+    int64_t n_pairs, n_samples, nk, na, max_block, max_cand;
+} plan_sizes;
+
+/* False when a size overflows. */
+static bool count_plan(const confsmoe_imputer *imp, const uint8_t *avail, int64_t B, plan_sizes *z)
+{
+    const int64_t M = imp->p.n_modalities, S = imp->p.tokens, k = imp->p.k;
+    memset(z, 0, sizeof *z);
+    for (int64_t b = 0; b < B; b++) {
+        int64_t missing = 0;
+        for (int64_t m = 0; m < M; m++)
+            missing += !avail[b * M + m];
+        if (missing == 0)
+            continue;
+        /* L_b S-token candidates; products are bounded by M S k (checked at create) and B. */
+        const int64_t L = (M - missing) * S, nq = missing * S;
+        if (nq > 0 && L > INT64_MAX / nq)
+            return false;
+        const int64_t block = nq * L;
+        if (block > INT64_MAX / k || z->na > INT64_MAX - block * k)
+            return false;
+        z->n_pairs += missing;
+        z->n_samples++;
+        z->nk += L * k;
+        z->na += block * k;
+        z->max_block = block > z->max_block ? block : z->max_block;
+        z->max_cand = L > z->max_cand ? L : z->max_cand;
+    }
+    return true;
+}
+
+/* The candidates ranked by weight in the top-T selection. */
+typedef struct {
+    float weight;
+    int64_t index;
+} ranked;
+
+/* One block for the header and every array (the inference path uses it as scratch). */
+static imputer_saved *alloc_saved(const confsmoe_imputer *imp, const plan_sizes *z, ranked **rank)
+{
+    const size_t d = (size_t)imp->p.d, nq = (size_t)(z->n_pairs * imp->p.tokens), nk = (size_t)z->nk;
+    const size_t na = (size_t)z->na;
+    const bool compat = imp->p.compat, separate = imp->p.separate_value;
+    struct {
+        size_t at, count, elem;
+    } part[19] = {
+        {0, 1, sizeof(imputer_saved)},
+        {0, (size_t)z->n_pairs, sizeof(missing_pair)},
+        {0, (size_t)z->n_samples, sizeof(sample_plan)},
+        {0, nk, sizeof(int64_t)},                  /* src_row */
+        {0, nq, d * sizeof(float)},                /* ybar */
+        {0, nq, d * sizeof(float)},                /* q */
+        {0, nk, d * sizeof(float)},                /* g */
+        {0, nk, d * sizeof(float)},                /* kv */
+        {0, separate ? nk : 0, d * sizeof(float)}, /* v */
+        {0, na, sizeof(float)},                    /* p */
+        {0, na, sizeof(float)},                    /* w */
+        {0, na, sizeof(uint8_t)},                  /* keep */
+        {0, nq, d * sizeof(float)},                /* x_pre */
+        {0, nq, sizeof(float)},                    /* mean1 */
+        {0, nq, sizeof(float)},                    /* rstd1 */
+        {0, compat ? nq : 0, d * sizeof(float)},   /* y1 */
+        {0, compat ? nq : 0, sizeof(float)},       /* mean2 */
+        {0, compat ? nq : 0, sizeof(float)},       /* rstd2 */
+        {0, (size_t)z->max_cand, sizeof(ranked)},  /* ranking scratch */
+    };
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof part / sizeof *part; i++)
+        if (!csm_layout_add(&total, part[i].count, part[i].elem, &part[i].at))
+            return NULL;
+    char *block = csm_alloc(imp->ctx, total);
+    if (!block)
+        return NULL;
+    imputer_saved *s = (imputer_saved *)block;
+    memset(s, 0, sizeof *s);
+#define AT(i, type) ((type *)(block + part[i].at))
+    s->pairs = AT(1, missing_pair);
+    s->plans = AT(2, sample_plan);
+    s->src_row = AT(3, int64_t);
+    s->ybar = AT(4, float);
+    s->q = AT(5, float);
+    s->g = AT(6, float);
+    s->kv = AT(7, float);
+    s->v = separate ? AT(8, float) : s->kv;
+    s->p = AT(9, float);
+    s->w = AT(10, float);
+    s->keep = AT(11, uint8_t);
+    s->x_pre = AT(12, float);
+    s->mean1 = AT(13, float);
+    s->rstd1 = AT(14, float);
+    s->y1 = compat ? AT(15, float) : NULL;
+    s->mean2 = compat ? AT(16, float) : NULL;
+    s->rstd2 = compat ? AT(17, float) : NULL;
+    *rank = AT(18, ranked);
+#undef AT
+    s->base.ctx = imp->ctx;
+    s->base.owner = imp;
+    s->base.release = release_saved;
+    s->n_pairs = z->n_pairs;
+    s->n_samples = z->n_samples;
+    s->nq = (int64_t)nq;
+    s->nk = z->nk;
+    s->na = z->na;
+    s->max_block = z->max_block;
+    return s;
+}
+
+/* ------------------------------------------------------------------ stage 2: forward */
+
+static confsmoe_status check_forward(confsmoe_imputer *imp, const confsmoe_tensor *h, const confsmoe_tensor *slots,
+                                     const confsmoe_tensor *avail, const confsmoe_tensor *out)
+{
+    static const char fn[] = "imputer_forward";
+    confsmoe_ctx *ctx = imp->ctx;
+    const int64_t M = imp->p.n_modalities, S = imp->p.tokens, d = imp->p.d;
+    const int64_t h_dims[3] = {-1, M * S, d};
+    confsmoe_status s = csm_expect_tensor(ctx, fn, "h", h, CONFSMOE_F32, 3, h_dims);
+    if (s != CONFSMOE_OK)
+        return s;
+    const int64_t B = h->dims[0];
+    const int64_t slot_dims[4] = {M, B * S, imp->p.k, d}, out_dims[3] = {B, M * S, d};
+    if ((s = csm_expect_tensor(ctx, fn, "slots", slots, CONFSMOE_F32, 4, slot_dims)) != CONFSMOE_OK ||
+        (s = check_avail(ctx, fn, avail, B, M)) != CONFSMOE_OK ||
+        (s = csm_expect_tensor(ctx, fn, "out", out, CONFSMOE_F32, 3, out_dims)) != CONFSMOE_OK ||
+        (s = csm_expect_finite(ctx, fn, "h", h)) != CONFSMOE_OK)
+        return s;
+    return csm_expect_finite(ctx, fn, "slots", slots);
+}
+
+/* Lists the missing pairs and per-sample plans, and gathers the candidates' slot rows
+ * (slot-major per sample), the missing tokens' mean slot and their h rows. */
+static void gather(const confsmoe_imputer *imp, imputer_saved *s, const uint8_t *avail, const float *h,
+                   const float *slots)
+{
+    const int64_t M = imp->p.n_modalities, S = imp->p.tokens, k = imp->p.k, d = imp->p.d, B = s->B;
+    int64_t pair = 0, sample = 0, kv_row = 0, att = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const uint8_t *av = avail + b * M;
+        int64_t missing = 0;
+        for (int64_t m = 0; m < M; m++)
+            missing += !av[m];
+        if (missing == 0)
+            continue;
+        sample_plan *plan = &s->plans[sample++];
+        plan->q_row = pair * S;
+        plan->n_query = missing * S;
+        plan->n_cand = (M - missing) * S;
+        plan->kv_row = kv_row;
+        plan->att = att;
+        plan->kept = imp->top_t < plan->n_cand ? imp->top_t : plan->n_cand;
+        for (int64_t m = 0; m < M; m++) {
+            if (av[m])
+                continue;
+            /* compat: the reference's query is zeros unless sample 0 of the call misses m. */
+            s->pairs[pair] = (missing_pair){b, (int32_t)m, imp->p.compat && avail[m]};
+            for (int64_t t = 0; t < S; t++) {
+                const int64_t r = pair * S + t;
+                memcpy(s->x_pre + r * d, h + ((b * M + m) * S + t) * d, (size_t)d * sizeof(float));
+                /* Mean over the k slots, in double. */
+                const float *y = slots + ((m * B + b) * S + t) * k * d;
+                for (int64_t c = 0; c < d; c++) {
+                    double sum = 0.0;
+                    for (int64_t j = 0; j < k; j++)
+                        sum += y[j * d + c];
+                    s->ybar[r * d + c] = (float)(sum / (double)k);
+                }
+            }
+            pair++;
+        }
+        /* Candidates: the S tokens of every present modality, by modality then token. */
+        for (int64_t j = 0; j < k; j++) {
+            int64_t c = 0;
+            for (int64_t m = 0; m < M; m++) {
+                if (!av[m])
+                    continue;
+                for (int64_t t = 0; t < S; t++, c++) {
+                    const int64_t src = ((m * B + b) * S + t) * k + j, dst = kv_row + j * plan->n_cand + c;
+                    s->src_row[dst] = src;
+                    memcpy(s->g + dst * d, slots + src * d, (size_t)d * sizeof(float));
+                }
+            }
+        }
+        kv_row += k * plan->n_cand;
+        att += k * plan->n_query * plan->n_cand;
+    }
+}
+
+/* Total order for the top-T selection: larger weight first, ties to the lower candidate index;
+ * NaN (possible only with finite checks off) ranks last so that the order stays consistent. */
+static int by_weight_desc(const void *pa, const void *pb)
+{
+    const ranked *a = pa, *b = pb;
+    const bool a_nan = isnan(a->weight), b_nan = isnan(b->weight);
+    if (a_nan != b_nan)
+        return a_nan ? 1 : -1;
+    if (!a_nan && a->weight != b->weight)
+        return a->weight > b->weight ? -1 : 1;
+    return (a->index > b->index) - (a->index < b->index);
+}
+
+/* Marks the top `kept` of one softmax row p[L] and writes their weights (others 0). */
+static void keep_top(const float *p, int64_t L, int64_t kept, bool renormalize, ranked *rank, uint8_t *keep, float *w)
+{
+    for (int64_t c = 0; c < L; c++) {
+        rank[c] = (ranked){p[c], c};
+        keep[c] = kept >= L;
+    }
+    if (kept < L) {
+        qsort(rank, (size_t)L, sizeof *rank, by_weight_desc);
+        for (int64_t i = 0; i < kept; i++)
+            keep[rank[i].index] = 1;
+    }
+    double sum = 0.0;
+    for (int64_t c = 0; c < L; c++)
+        sum += keep[c] ? p[c] : 0.0f;
+    const float scale = renormalize ? (float)(1.0 / sum) : 1.0f;
+    for (int64_t c = 0; c < L; c++)
+        w[c] = keep[c] ? p[c] * scale : 0.0f;
+}
+
+/* Queries, keys, values, attention and the residual x_pre = h + Ihat, for every missing token. */
+static void attend(const confsmoe_imputer *imp, imputer_saved *s, ranked *rank)
+{
+    const int64_t k = imp->p.k, d = imp->p.d, S = imp->p.tokens;
+    const float scale = 1.0f / sqrtf((float)d);
+    /* One GEMM per projection over all rows: Q = ybar Wq^T + bq, KV = G Wk^T + bk, V = G Wv^T + bv. */
+    csm_broadcast_rows(s->q, csm_f32(imp->param[Q_B]), s->nq, d);
+    csm_gemm(false, true, s->nq, d, d, 1.0f, s->ybar, csm_f32(imp->param[Q_W]), 1.0f, s->q);
+    for (int64_t i = 0; i < s->n_pairs; i++)
+        if (s->pairs[i].zero_query)
+            memset(s->q + i * S * d, 0, (size_t)(S * d) * sizeof(float));
+    csm_broadcast_rows(s->kv, csm_f32(imp->param[KV_B]), s->nk, d);
+    csm_gemm(false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[KV_W]), 1.0f, s->kv);
+    if (imp->p.separate_value) {
+        csm_broadcast_rows(s->v, csm_f32(imp->param[V_B]), s->nk, d);
+        csm_gemm(false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[V_W]), 1.0f, s->v);
+    }
+    for (int64_t i = 0; i < s->n_samples; i++) {
+        const sample_plan *plan = &s->plans[i];
+        const int64_t nq = plan->n_query, L = plan->n_cand;
+        /* No other modality present: nothing to attend to, Ihat = 0 and the rows get LN(h) alone. */
+        if (L == 0)
+            continue;
+        const float *q = s->q + plan->q_row * d;
+        float *x_pre = s->x_pre + plan->q_row * d;
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t cand = plan->kv_row + j * L, at = plan->att + j * nq * L;
+            float *p = s->p + at, *w = s->w + at;
+            csm_gemm(false, true, nq, L, d, scale, q, s->kv + cand * d, 0.0f, p);
+            csm_softmax_rows(p, nq, L);
+            for (int64_t r = 0; r < nq; r++)
+                keep_top(p + r * L, L, plan->kept, imp->p.renormalize, rank, s->keep + at + r * L, w + r * L);
+            /* Ihat += W V with the masked weights: T of the L columns are non-zero. */
+            csm_gemm(false, false, nq, d, L, 1.0f, w, s->v + cand * d, 1.0f, x_pre);
+        }
+    }
+}
+
+confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_tensor *h,
+                                         const confsmoe_tensor *slots, const confsmoe_tensor *avail,
+                                         confsmoe_tensor *out, confsmoe_saved **saved)
+{
+    if (!imp)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    static const char fn[] = "imputer_forward";
+    confsmoe_ctx *ctx = imp->ctx;
+    if (saved)
+        *saved = NULL;
+    confsmoe_status st = check_forward(imp, h, slots, avail, out);
+    if (st != CONFSMOE_OK)
+        return st;
+    const int64_t B = h->dims[0], S = imp->p.tokens, d = imp->p.d;
+    plan_sizes z;
+    imputer_saved *s = NULL;
+    ranked *rank = NULL;
+    if (count_plan(imp, avail->data, B, &z))
+        s = alloc_saved(imp, &z, &rank);
+    if (!s)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for B=%" PRId64 " with %" PRId64 " missing pairs", fn,
+                        B, z.n_pairs);
+    s->B = B;
+    /* Everything is read from h and slots before out (which may be h) is written. */
+    gather(imp, s, avail->data, csm_f32(h), csm_f32(slots));
+    attend(imp, s, rank);
+
+    if (out->data != h->data && h->nbytes > 0)
+        memmove(out->data, h->data, h->nbytes);
+    const float *gamma = csm_f32(imp->param[LN_W]), *beta = csm_f32(imp->param[LN_B]);
+    const int64_t M = imp->p.n_modalities;
+    for (int64_t i = 0; i < s->n_pairs; i++) {
+        const int64_t r = i * S;
+        float *dst = csm_f32(out) + (s->pairs[i].b * M + s->pairs[i].m) * S * d;
+        if (imp->p.compat) {
+            /* compat: the reference normalised imputed rows twice with the same LayerNorm. */
+            csm_layernorm_forward(s->x_pre + r * d, gamma, beta, s->y1 + r * d, s->mean1 + r, s->rstd1 + r, S, d,
+                                  LN_EPS);
+            csm_layernorm_forward(s->y1 + r * d, gamma, beta, dst, s->mean2 + r, s->rstd2 + r, S, d, LN_EPS);
+        } else {
+            csm_layernorm_forward(s->x_pre + r * d, gamma, beta, dst, s->mean1 + r, s->rstd1 + r, S, d, LN_EPS);
+        }
+    }
+    if (saved)
+        *saved = &s->base;
+    else
+        s->base.release(&s->base);
+    return CONFSMOE_OK;
+}
+
+/* ------------------------------------------------------------------ stage 2: backward */
+
+static confsmoe_status check_backward(confsmoe_imputer *imp, const confsmoe_saved *saved,
+                                      const confsmoe_tensor *dout, const confsmoe_tensor *dh,
+                                      const confsmoe_tensor *dslots)
+{
+    static const char fn[] = "imputer_backward";
+    confsmoe_ctx *ctx = imp->ctx;
+    if (!saved)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: saved is NULL", fn);
+    if (saved->owner != imp)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: saved comes from another layer's forward", fn);
+    if (saved->consumed)
+        return csm_fail(ctx, CONFSMOE_E_STATE, "%s: backward already ran on this saved handle", fn);
+    const int64_t B = ((const imputer_saved *)saved)->B, M = imp->p.n_modalities, S = imp->p.tokens,
+                  d = imp->p.d;
+    const int64_t dims[3] = {B, M * S, d}, slot_dims[4] = {M, B * S, imp->p.k, d};
+    confsmoe_status s = csm_expect_tensor(ctx, fn, "dout", dout, CONFSMOE_F32, 3, dims);
+    if (s == CONFSMOE_OK && dh)
+        s = csm_expect_tensor(ctx, fn, "dh", dh, CONFSMOE_F32, 3, dims);
+    if (s == CONFSMOE_OK && dslots)
+        s = csm_expect_tensor(ctx, fn, "dslots", dslots, CONFSMOE_F32, 4, slot_dims);
+    if (s == CONFSMOE_OK)
+        s = csm_expect_finite(ctx, fn, "dout", dout);
+    return s;
+}
+
+/* Scratch of one backward call. */
+typedef struct {
+    float *d_a, *d_b;  /* [nq, d] LayerNorm gradients; one ends as dIhat, the other is reused for dybar */
+    float *dq;         /* [nq, d] */
+    float *dkv;        /* [nk, d] */
+    float *dv;         /* [nk, d] with separate_value, else == dkv */
+    float *dg;         /* [nk, d] gradient of the gathered slot rows */
+    float *dw, *dz;    /* [max_block] gradient of the weights, then of the logits */
+} backward_work;
+
+static void *backward_alloc(const confsmoe_imputer *imp, const imputer_saved *s, backward_work *w)
+{
+    const size_t d = (size_t)imp->p.d, nq = (size_t)s->nq, nk = (size_t)s->nk, mb = (size_t)s->max_block;
+    const size_t count[8] = {nq * d, nq * d, nq * d, nk * d, imp->p.separate_value ? nk * d : 0, nk * d, mb, mb};
+    size_t at[8], total = 0;
+    for (int i = 0; i < 8; i++)
+        if (!csm_layout_add(&total, count[i], sizeof(float), &at[i]))
+            return NULL;
+    char *block = csm_calloc(imp->ctx, 1, total);
+    if (!block)
+        return NULL;
+    float **f[8] = {&w->d_a, &w->d_b, &w->dq, &w->dkv, &w->dv, &w->dg, &w->dw, &w->dz};
+    for (int i = 0; i < 8; i++)
+        *f[i] = (float *)(block + at[i]);
+    if (!imp->p.separate_value)
+        w->dv = w->dkv;
+    return block;
+}
+
+/* Through the attention of every sample: dIhat -> dq, dkv, dv. */
+static void attention_backward(const confsmoe_imputer *imp, const imputer_saved *s, const float *dihat,
+                               backward_work *w)
+{
+    const int64_t k = imp->p.k, d = imp->p.d;
+    const float scale = 1.0f / sqrtf((float)d);
+    for (int64_t i = 0; i < s->n_samples; i++) {
+        const sample_plan *plan = &s->plans[i];
+        const int64_t nq = plan->n_query, L = plan->n_cand;
+        if (L == 0)
+            continue;
+        const float *di = dihat + plan->q_row * d, *q = s->q + plan->q_row * d;
+        float *dq = w->dq + plan->q_row * d;
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t cand = plan->kv_row + j * L, at = plan->att + j * nq * L;
+            const float *p = s->p + at, *wt = s->w + at;
+            const uint8_t *keep = s->keep + at;
+            /* Ihat = W V: dW = dIhat V^T, dV += W^T dIhat. */
+            csm_gemm(false, true, nq, L, d, 1.0f, di, s->v + cand * d, 0.0f, w->dw);
+            csm_gemm(true, false, L, d, nq, 1.0f, wt, di, 1.0f, w->dv + cand * d);
+            for (int64_t r = 0; r < nq; r++) {
+                float *dwr = w->dw + r * L;
+                const float *pr = p + r * L, *wr = wt + r * L;
+                const uint8_t *kr = keep + r * L;
+                if (imp->p.renormalize) {
+                    /* w = p / sum_kept p: dp = (dw - <dw, w>_kept) / sum_kept p on kept entries. */
+                    double sum = 0.0, dot = 0.0;
+                    for (int64_t c = 0; c < L; c++)
+                        if (kr[c]) {
+                            sum += pr[c];
+                            dot += (double)dwr[c] * wr[c];
+                        }
+                    for (int64_t c = 0; c < L; c++)
+                        dwr[c] = kr[c] ? (float)(((double)dwr[c] - dot) / sum) : 0.0f;
+                } else {
+                    for (int64_t c = 0; c < L; c++)
+                        dwr[c] = kr[c] ? dwr[c] : 0.0f;
+                }
+                /* The top-T set is a constant; the softmax still spans all L candidates. */
+                csm_softmax_backward_row(pr, dwr, w->dz + r * L, L);
+            }
+            /* logits = q kv^T / sqrt(d). */
+            csm_gemm(false, false, nq, d, L, scale, w->dz, s->kv + cand * d, 1.0f, dq);
+            csm_gemm(true, false, L, d, nq, scale, w->dz, q, 1.0f, w->dkv + cand * d);
+        }
+    }
+}
+
+confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved *saved, const confsmoe_tensor *dout,
+                                          confsmoe_tensor *dh, confsmoe_tensor *dslots)
+{
+    if (!imp)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    confsmoe_status st = check_backward(imp, saved, dout, dh, dslots);
+    if (st != CONFSMOE_OK)
+        return st;
+    imputer_saved *s = (imputer_saved *)saved;
+    const int64_t M = imp->p.n_modalities, S = imp->p.tokens, k = imp->p.k, d = imp->p.d, B = s->B;
+    backward_work w;
+    void *block = backward_alloc(imp, s, &w);
+    if (!block)
+        return csm_fail(imp->ctx, CONFSMOE_E_NOMEM, "imputer_backward: out of memory for %" PRId64 " missing tokens",
+                        s->nq);
+    saved->consumed = true;
+
+    /* The imputed rows of dout, gathered before dh (which may be dout) is written. */
+    const float *gout = csm_f32(dout);
+    for (int64_t i = 0; i < s->n_pairs; i++)
+        memcpy(w.d_a + i * S * d, gout + (s->pairs[i].b * M + s->pairs[i].m) * S * d,
+               (size_t)(S * d) * sizeof(float));
+    const float *gamma = csm_f32(imp->param[LN_W]);
+    float *dgamma = csm_f32(imp->grad[LN_W]), *dbeta = csm_f32(imp->grad[LN_B]);
+    float *dihat = w.d_b, *spare = w.d_a;
+    if (imp->p.compat) {
+        csm_layernorm_backward(s->y1, s->mean2, s->rstd2, gamma, w.d_a, w.d_b, dgamma, dbeta, s->nq, d, false);
+        csm_layernorm_backward(s->x_pre, s->mean1, s->rstd1, gamma, w.d_b, w.d_a, dgamma, dbeta, s->nq, d, false);
+        dihat = w.d_a;
+        spare = w.d_b;
+    } else {
+        csm_layernorm_backward(s->x_pre, s->mean1, s->rstd1, gamma, w.d_a, w.d_b, dgamma, dbeta, s->nq, d, false);
+    }
+
+    attention_backward(imp, s, dihat, &w);
+    /* A zero query is a constant: nothing flows into W_q or the slots through it. */
+    for (int64_t i = 0; i < s->n_pairs; i++)
+        if (s->pairs[i].zero_query)
+            memset(w.dq + i * S * d, 0, (size_t)(S * d) * sizeof(float));
+
+    /* Projections: q = Wq ybar + bq, kv = Wk g + bk, v = Wv g + bv. */
+    if (imp->p.separate_value && s->nk > 0) {
+        csm_gemm(true, false, d, d, s->nk, 1.0f, w.dv, s->g, 1.0f, csm_f32(imp->grad[V_W]));
+        csm_add_column_sums(csm_f32(imp->grad[V_B]), w.dv, s->nk, d);
+        csm_gemm(false, false, s->nk, d, d, 1.0f, w.dv, csm_f32(imp->param[V_W]), 0.0f, w.dg);
+    }
+    if (s->nk > 0) {
+        csm_gemm(true, false, d, d, s->nk, 1.0f, w.dkv, s->g, 1.0f, csm_f32(imp->grad[KV_W]));
+        csm_add_column_sums(csm_f32(imp->grad[KV_B]), w.dkv, s->nk, d);
+        csm_gemm(false, false, s->nk, d, d, 1.0f, w.dkv, csm_f32(imp->param[KV_W]),
+                 imp->p.separate_value ? 1.0f : 0.0f, w.dg);
+    }
+    float *dybar = spare;
+    if (s->nq > 0) {
+        csm_gemm(true, false, d, d, s->nq, 1.0f, w.dq, s->ybar, 1.0f, csm_f32(imp->grad[Q_W]));
+        csm_add_column_sums(csm_f32(imp->grad[Q_B]), w.dq, s->nq, d);
+        csm_gemm(false, false, s->nq, d, d, 1.0f, w.dq, csm_f32(imp->param[Q_W]), 0.0f, dybar);
+    }
+
+    if (dslots) {
+        float *ds = csm_f32(dslots);
+        for (int64_t r = 0; r < s->nk; r++) {
+            float *dst = ds + s->src_row[r] * d;
+            const float *src = w.dg + r * d;
+            for (int64_t c = 0; c < d; c++)
+                dst[c] += src[c];
+        }
+        /* ybar = mean_j slot_j: each slot of a missing token gets dybar / k. */
+        const float inv_k = 1.0f / (float)k;
+        for (int64_t i = 0; i < s->n_pairs; i++)
+            for (int64_t t = 0; t < S; t++) {
+                const float *src = dybar + (i * S + t) * d;
+                float *dst = ds + ((s->pairs[i].m * B + s->pairs[i].b) * S + t) * k * d;
+                for (int64_t j = 0; j < k; j++)
+                    for (int64_t c = 0; c < d; c++)
+                        dst[j * d + c] += src[c] * inv_k;
+            }
+    }
+    if (dh) {
+        if (dh->data != dout->data && dout->nbytes > 0)
+            memmove(dh->data, dout->data, dout->nbytes);
+        for (int64_t i = 0; i < s->n_pairs; i++)
+            memcpy(csm_f32(dh) + (s->pairs[i].b * M + s->pairs[i].m) * S * d, dihat + i * S * d,
+                   (size_t)(S * d) * sizeof(float));
+    }
+    csm_free(imp->ctx, block);
+    return CONFSMOE_OK;
+}

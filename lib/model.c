@@ -1,0 +1,1097 @@
+/* The full Conf-SMoE classifier (MODEL.md section 5), composed from the public expert,
+ * gate and imputer handles plus its own encoders, attention, LayerNorms and readout. */
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+#include "kernels.h"
+#include "params.h"
+
+#define LN_EPS 1e-5f
+
+typedef struct {
+    confsmoe_tensor *w, *b;
+} linear;
+
+typedef struct {
+    confsmoe_tensor *weight, *bias;
+} layernorm;
+
+struct confsmoe_model {
+    confsmoe_ctx *ctx;
+    confsmoe_model_params p;
+    int64_t *features;            /* [M] */
+    int64_t tokens_total;         /* L = M S */
+    linear *enc;                  /* [M] Linear(F_m, d) */
+    confsmoe_tensor *pos;         /* [L, d] */
+    layernorm ln1, ln2, ln3, ln_out;
+    linear q, k, v, o;            /* attention projections */
+    linear readout, head;         /* Linear(M d, d), Linear(d, C) */
+    confsmoe_expert **experts;
+    confsmoe_gate *gate;
+    confsmoe_imputer *imputer;    /* two-stage imputation only */
+    float **pool;                 /* [M] stage-1 pools, [P_m, S F_m] */
+    int64_t *pool_rows;
+    float **pool_mean;            /* [M] mean of each pool, [S F_m] */
+    csm_params params;
+};
+
+/* ------------------------------------------------------------------ parameters */
+
+void confsmoe_model_params_init(confsmoe_model_params *p)
+{
+    if (!p)
+        return;
+    memset(p, 0, sizeof *p);
+    p->struct_size = sizeof *p;
+    p->tokens = 1;
+    p->d = 128;
+    p->heads = 4;
+    p->n_experts = 8;
+    p->k = 2;
+    p->gate = CONFSMOE_MODEL_GATE_CONFIDENCE;
+    p->load_loss = CONFSMOE_LOAD_LOSS_NONE;
+    p->load_loss_weight = 0.01f;
+    p->conf_loss_weight = 1.0f;
+    p->confidence = CONFSMOE_CONFIDENCE_TOKEN;
+    p->router_grad = CONFSMOE_ROUTER_GRAD_FROZEN;
+    p->imputation = CONFSMOE_IMPUTE_TWO_STAGE;
+    p->draws = 10;
+    p->dropout = 0.1f;
+}
+
+size_t confsmoe_sizeof_model_params(void) { return sizeof(confsmoe_model_params); }
+
+static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_model_params *p)
+{
+    static const char fn[] = "model_create";
+    if (p->struct_size != sizeof *p)
+        return csm_fail(ctx, CONFSMOE_E_VERSION, "%s: params.struct_size is %zu, this library expects %zu", fn,
+                        p->struct_size, sizeof *p);
+    if (p->n_modalities < 1)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: n_modalities is %" PRId32 ", must be >= 1", fn,
+                        p->n_modalities);
+    if (!p->features)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: features is NULL", fn);
+    for (int32_t m = 0; m < p->n_modalities; m++)
+        if (p->features[m] < 1)
+            return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: features[%" PRId32 "] is %" PRId64 ", must be >= 1", fn, m,
+                            p->features[m]);
+    if (p->tokens < 1 || p->d < 1 || p->expert_hidden < 0)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: tokens and d must be >= 1 and expert_hidden >= 0", fn);
+    if (p->heads < 1 || p->d % p->heads != 0)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: heads=%" PRId32 " must divide d=%" PRId64, fn, p->heads, p->d);
+    if (p->n_classes < 1)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: n_classes is %" PRId32 ", must be >= 1", fn,
+                        p->n_classes);
+    if (p->gate < CONFSMOE_MODEL_GATE_CONFIDENCE || p->gate > CONFSMOE_MODEL_GATE_LAPLACIAN)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: unknown gate %" PRId32, fn, p->gate);
+    if (p->imputation != CONFSMOE_IMPUTE_TWO_STAGE && p->imputation != CONFSMOE_IMPUTE_MEAN)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: unknown imputation %" PRId32, fn, p->imputation);
+    if (p->draws < 1)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: draws is %" PRId32 ", must be >= 1", fn, p->draws);
+    if (!(p->dropout >= 0.0f && p->dropout < 1.0f))
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: dropout must be in [0, 1)", fn);
+    if ((p->multilabel != 0 && p->multilabel != 1) || (p->compat != 0 && p->compat != 1))
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: multilabel and compat must be 0 or 1", fn);
+    /* The gate and the imputer check the rest of their options when they are created. */
+    return CONFSMOE_OK;
+}
+
+static confsmoe_status new_linear(confsmoe_model *model, const char *name, int64_t in, int64_t out, linear *l)
+{
+    char buf[CSM_PARAM_NAME_CAP];
+    snprintf(buf, sizeof buf, "%s.w", name);
+    confsmoe_status s = csm_params_new(model->ctx, &model->params, buf, 2, out, in, &l->w);
+    snprintf(buf, sizeof buf, "%s.b", name);
+    if (s == CONFSMOE_OK)
+        s = csm_params_new(model->ctx, &model->params, buf, 1, out, 0, &l->b);
+    if (s == CONFSMOE_OK) {
+        /* nn.Linear: U(-1/sqrt(fan_in), +1/sqrt(fan_in)) for weight and bias. */
+        float bound = 1.0f / sqrtf((float)in);
+        csm_fill_uniform(model->ctx, l->w, bound);
+        csm_fill_uniform(model->ctx, l->b, bound);
+    }
+    return s;
+}
+
+static confsmoe_status new_layernorm(confsmoe_model *model, const char *name, layernorm *ln)
+{
+    char buf[CSM_PARAM_NAME_CAP];
+    snprintf(buf, sizeof buf, "%s.weight", name);
+    confsmoe_status s = csm_params_new(model->ctx, &model->params, buf, 1, model->p.d, 0, &ln->weight);
+    snprintf(buf, sizeof buf, "%s.bias", name);
+    if (s == CONFSMOE_OK)
+        s = csm_params_new(model->ctx, &model->params, buf, 1, model->p.d, 0, &ln->bias);
+    if (s == CONFSMOE_OK)
+        for (int64_t i = 0; i < model->p.d; i++)
+            csm_f32(ln->weight)[i] = 1.0f;
+    return s;
+}
+
+void confsmoe_model_destroy(confsmoe_model *model)
+{
+    if (!model)
+        return;
+    confsmoe_ctx *ctx = model->ctx;
+    csm_params_free(ctx, &model->params);
+    confsmoe_imputer_destroy(model->imputer);
+    confsmoe_gate_destroy(model->gate);
+    for (int32_t e = 0; model->experts && e < model->p.n_experts; e++)
+        confsmoe_expert_destroy(model->experts[e]);
+    for (int32_t m = 0; model->pool && m < model->p.n_modalities; m++) {
+        csm_free(ctx, model->pool[m]);
+        csm_free(ctx, model->pool_mean[m]);
+    }
+    csm_free(ctx, model->pool);
+    csm_free(ctx, model->pool_mean);
+    csm_free(ctx, model->pool_rows);
+    csm_free(ctx, model->experts);
+    csm_free(ctx, model->enc);
+    csm_free(ctx, model->features);
+    csm_free(ctx, model);
+}
+
+static void borrow_all(csm_params *list, const char *prefix, int32_t n, const char *(*name)(const void *, int32_t),
+                       confsmoe_tensor *(*param)(void *, int32_t), confsmoe_tensor *(*grad)(void *, int32_t),
+                       void *owner)
+{
+    for (int32_t i = 0; i < n; i++)
+        csm_params_borrow(list, prefix, name(owner, i), param(owner, i), grad(owner, i));
+}
+
+/* Adapters from the typed parameter views to borrow_all's generic signature. */
+static const char *expert_name(const void *o, int32_t i) { return confsmoe_expert_param_name(o, i); }
+static confsmoe_tensor *expert_param(void *o, int32_t i) { return confsmoe_expert_param(o, i); }
+static confsmoe_tensor *expert_grad(void *o, int32_t i) { return confsmoe_expert_grad(o, i); }
+static const char *gate_name(const void *o, int32_t i) { return confsmoe_gate_param_name(o, i); }
+static confsmoe_tensor *gate_param(void *o, int32_t i) { return confsmoe_gate_param(o, i); }
+static confsmoe_tensor *gate_grad(void *o, int32_t i) { return confsmoe_gate_grad(o, i); }
+static const char *imputer_name(const void *o, int32_t i) { return confsmoe_imputer_param_name(o, i); }
+static confsmoe_tensor *imputer_param(void *o, int32_t i) { return confsmoe_imputer_param(o, i); }
+static confsmoe_tensor *imputer_grad(void *o, int32_t i) { return confsmoe_imputer_grad(o, i); }
+
+static confsmoe_status build(confsmoe_model *model)
+{
+    confsmoe_ctx *ctx = model->ctx;
+    const confsmoe_model_params *p = &model->p;
+    const int32_t M = p->n_modalities, E = p->n_experts;
+    const int64_t d = p->d, hidden = p->expert_hidden ? p->expert_hidden : p->d;
+    char name[CSM_PARAM_NAME_CAP];
+    confsmoe_status s;
+
+    model->enc = csm_calloc(ctx, (size_t)M, sizeof *model->enc);
+    model->experts = csm_calloc(ctx, (size_t)E, sizeof *model->experts);
+    model->pool = csm_calloc(ctx, (size_t)M, sizeof *model->pool);
+    model->pool_mean = csm_calloc(ctx, (size_t)M, sizeof *model->pool_mean);
+    model->pool_rows = csm_calloc(ctx, (size_t)M, sizeof *model->pool_rows);
+    /* Own: 2 per encoder, pos, 4 LayerNorms, 4 attention and 2 readout linears. */
+    const int32_t own = 2 * M + 1 + 8 + 8 + 4;
+    const int32_t room = own + 4 * E + (2 + 4 * E + 2) + 8;
+    if (!model->enc || !model->experts || !model->pool || !model->pool_mean || !model->pool_rows ||
+        !csm_params_reserve(ctx, &model->params, room))
+        return CONFSMOE_E_NOMEM;
+
+    for (int32_t m = 0; m < M; m++) {
+        snprintf(name, sizeof name, "enc.%" PRId32, m);
+        if ((s = new_linear(model, name, model->features[m], d, &model->enc[m])) != CONFSMOE_OK)
+            return s;
+    }
+    if ((s = csm_params_new(ctx, &model->params, "pos", 2, model->tokens_total, d, &model->pos)) != CONFSMOE_OK ||
+        (s = new_layernorm(model, "ln1", &model->ln1)) != CONFSMOE_OK ||
+        (s = new_linear(model, "attn.q", d, d, &model->q)) != CONFSMOE_OK ||
+        (s = new_linear(model, "attn.k", d, d, &model->k)) != CONFSMOE_OK ||
+        (s = new_linear(model, "attn.v", d, d, &model->v)) != CONFSMOE_OK ||
+        (s = new_linear(model, "attn.o", d, d, &model->o)) != CONFSMOE_OK ||
+        (s = new_layernorm(model, "ln2", &model->ln2)) != CONFSMOE_OK ||
+        (s = new_layernorm(model, "ln3", &model->ln3)) != CONFSMOE_OK)
+        return s;
+
+    for (int32_t e = 0; e < E; e++) {
+        if ((s = confsmoe_expert_create(ctx, d, hidden, &model->experts[e])) != CONFSMOE_OK)
+            return s;
+        snprintf(name, sizeof name, "expert.%" PRId32, e);
+        borrow_all(&model->params, name, confsmoe_expert_n_params(model->experts[e]), expert_name, expert_param,
+                   expert_grad, model->experts[e]);
+    }
+    confsmoe_gate_params gp;
+    confsmoe_gate_params_init(&gp);
+    static const int32_t routers[] = {CONFSMOE_ROUTER_SOFTMAX, CONFSMOE_ROUTER_SOFTMAX, CONFSMOE_ROUTER_GAUSSIAN,
+                                      CONFSMOE_ROUTER_LAPLACIAN};
+    gp.d = d;
+    gp.k = p->k;
+    gp.router = routers[p->gate];
+    gp.noisy = p->noisy;
+    gp.combine = p->gate == CONFSMOE_MODEL_GATE_CONFIDENCE ? CONFSMOE_COMBINE_CONFIDENCE
+                                                           : CONFSMOE_COMBINE_ROUTER_SOFTMAX;
+    gp.confidence = p->confidence;
+    gp.n_classes = p->n_classes;
+    gp.target = p->multilabel ? CONFSMOE_TARGET_MULTI_LABEL : CONFSMOE_TARGET_SINGLE_LABEL;
+    gp.detach_target = p->detach_target;
+    gp.router_grad = p->router_grad;
+    gp.load_loss = p->load_loss;
+    gp.load_loss_weight = p->load_loss_weight;
+    gp.conf_loss_weight = p->conf_loss_weight;
+    gp.compat = p->compat;
+    if ((s = confsmoe_gate_create(ctx, &gp, model->experts, E, &model->gate)) != CONFSMOE_OK)
+        return s;
+    borrow_all(&model->params, "gate", confsmoe_gate_n_params(model->gate), gate_name, gate_param, gate_grad,
+               model->gate);
+    if (p->imputation == CONFSMOE_IMPUTE_TWO_STAGE) {
+        confsmoe_imputer_params ip;
+        confsmoe_imputer_params_init(&ip);
+        ip.d = d;
+        ip.n_modalities = M;
+        ip.tokens = p->tokens;
+        ip.k = p->k;
+        ip.top_t = p->top_t;
+        ip.renormalize = p->renormalize;
+        ip.separate_value = p->separate_value;
+        ip.compat = p->compat;
+        if ((s = confsmoe_imputer_create(ctx, &ip, &model->imputer)) != CONFSMOE_OK)
+            return s;
+        borrow_all(&model->params, "imputer", confsmoe_imputer_n_params(model->imputer), imputer_name,
+                   imputer_param, imputer_grad, model->imputer);
+    }
+    if ((s = new_linear(model, "readout", (int64_t)M * d, d, &model->readout)) != CONFSMOE_OK ||
+        (s = new_layernorm(model, "ln_out", &model->ln_out)) != CONFSMOE_OK ||
+        (s = new_linear(model, "head", d, p->n_classes, &model->head)) != CONFSMOE_OK)
+        return s;
+    return CONFSMOE_OK;
+}
+
+confsmoe_status confsmoe_model_create(confsmoe_ctx *ctx, const confsmoe_model_params *p, confsmoe_model **out)
+{
+    if (out)
+        *out = NULL;
+    if (!ctx || !out || !p)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "model_create: %s is NULL",
+                        !ctx ? "ctx" : !out ? "out" : "params");
+    confsmoe_status s = check_params(ctx, p);
+    if (s != CONFSMOE_OK)
+        return s;
+    confsmoe_model *model = csm_calloc(ctx, 1, sizeof *model);
+    if (!model)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "model_create: out of memory");
+    model->ctx = ctx;
+    model->p = *p;
+    model->tokens_total = (int64_t)p->n_modalities * p->tokens;
+    model->features = csm_calloc(ctx, (size_t)p->n_modalities, sizeof *model->features);
+    if (model->features) {
+        memcpy(model->features, p->features, (size_t)p->n_modalities * sizeof *model->features);
+        model->p.features = model->features;
+    }
+    s = model->features ? build(model) : CONFSMOE_E_NOMEM;
+    if (s != CONFSMOE_OK) {
+        /* The child's own message is more precise, unless it was a bare allocation failure here. */
+        char detail[CSM_ERROR_CAP];
+        snprintf(detail, sizeof detail, "%s", ctx->last_error);
+        confsmoe_model_destroy(model);
+        return csm_fail(ctx, s, "model_create: %s",
+                        s == CONFSMOE_E_NOMEM ? "out of memory" : detail);
+    }
+    *out = model;
+    return CONFSMOE_OK;
+}
+
+int32_t confsmoe_model_n_params(const confsmoe_model *model) { return model ? model->params.count : -1; }
+
+const char *confsmoe_model_param_name(const confsmoe_model *model, int32_t i)
+{
+    return model && i >= 0 && i < model->params.count ? model->params.names[i] : NULL;
+}
+
+confsmoe_tensor *confsmoe_model_param(confsmoe_model *model, int32_t i)
+{
+    return model && i >= 0 && i < model->params.count ? model->params.param[i] : NULL;
+}
+
+confsmoe_tensor *confsmoe_model_grad(confsmoe_model *model, int32_t i)
+{
+    return model && i >= 0 && i < model->params.count ? model->params.grad[i] : NULL;
+}
+
+void confsmoe_model_zero_grad(confsmoe_model *model)
+{
+    if (model)
+        csm_params_zero_grad(&model->params);
+}
+
+confsmoe_gate *confsmoe_model_gate(confsmoe_model *model) { return model ? model->gate : NULL; }
+
+/* ------------------------------------------------------------------ pools */
+
+confsmoe_status confsmoe_model_set_pool(confsmoe_model *model, int32_t m, const confsmoe_tensor *pool)
+{
+    if (!model)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    static const char fn[] = "model_set_pool";
+    confsmoe_ctx *ctx = model->ctx;
+    if (m < 0 || m >= model->p.n_modalities)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: modality %" PRId32 " out of range 0..%" PRId32, fn, m,
+                        model->p.n_modalities - 1);
+    const int64_t S = model->p.tokens, F = model->features[m];
+    const int64_t dims3[3] = {-1, S, F}, dims2[2] = {-1, F};
+    confsmoe_status s = pool && pool->ndim == 2 && S == 1
+                            ? csm_expect_tensor(ctx, fn, "pool", pool, CONFSMOE_F32, 2, dims2)
+                            : csm_expect_tensor(ctx, fn, "pool", pool, CONFSMOE_F32, 3, dims3);
+    if (s != CONFSMOE_OK)
+        return s;
+    if (pool->dims[0] < 1)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: the pool of modality %" PRId32 " has no rows", fn, m);
+    if ((s = csm_expect_finite(ctx, fn, "pool", pool)) != CONFSMOE_OK)
+        return s;
+    const int64_t rows = pool->dims[0], width = S * F;
+    float *copy = csm_alloc(ctx, pool->nbytes);
+    float *mean = csm_calloc(ctx, (size_t)width, sizeof(float));
+    if (!copy || !mean) {
+        csm_free(ctx, copy);
+        csm_free(ctx, mean);
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for %" PRId64 " rows", fn, rows);
+    }
+    memcpy(copy, pool->data, pool->nbytes);
+    for (int64_t c = 0; c < width; c++) {
+        double sum = 0.0;
+        for (int64_t r = 0; r < rows; r++)
+            sum += copy[r * width + c];
+        mean[c] = (float)(sum / (double)rows);
+    }
+    csm_free(ctx, model->pool[m]);
+    csm_free(ctx, model->pool_mean[m]);
+    model->pool[m] = copy;
+    model->pool_mean[m] = mean;
+    model->pool_rows[m] = rows;
+    return CONFSMOE_OK;
+}
+
+/* ------------------------------------------------------------------ workspace */
+
+/* Everything one forward computes and its backward reads. Rows of [B L, d] arrays are
+ * (sample b, token l) with l = m S + s; per-modality arrays are [M, B S, ...]. */
+typedef struct {
+    int64_t B;
+    bool training;
+    float **x;              /* [M] stage-1 imputed inputs [B S, F_m] */
+    float *tok;             /* [B S, d] scratch for one modality's encoder output */
+    float *X, *Xn, *ln1_stats;          /* [B L, d], [B L, d], [2 B L] */
+    float *Q, *K, *V, *ctx_;            /* [B L, d] */
+    float *P, *P_keep, *P_drop;         /* [B heads L L]: softmax weights, dropout scale and the
+                                           dropped weights (both NULL without dropout) */
+    float *A, *A_keep;                  /* [B L, d]: attention output, dropout scale (or NULL) */
+    float *H;                           /* [B L, d] after attention */
+    float *Hm, *Z, *ln2_stats, *F, *sum_, *ln3_stats;  /* [M, B S, d] and [M, 2 B S] */
+    float *H2;                          /* [B L, d] after the MoE layer */
+    float *slots;                       /* [M, B S, k, d] */
+    float *H3;                          /* [B L, d] after stage 2 */
+    float *pooled, *r, *rn, *ln_out_stats, *logits;  /* [B, M d], [B, d], [B, d], [2 B], [B, C] */
+    int32_t *tok_labels;                /* [B S] */
+    uint8_t *tok_multi_labels;          /* [B S, C] */
+    uint8_t *tok_present;               /* [B S] */
+    float *gate_weight;                 /* [M] weight of each gate call's loss */
+    confsmoe_saved **gate_saved;        /* [M] */
+    confsmoe_saved *imputer_saved;
+} workspace;
+
+static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, workspace *w)
+{
+    const confsmoe_model_params *p = &model->p;
+    const size_t M = (size_t)p->n_modalities, S = (size_t)p->tokens, d = (size_t)p->d, L = M * S;
+    const size_t k = (size_t)p->k, C = (size_t)p->n_classes, H = (size_t)p->heads, b = (size_t)B;
+    size_t total = 0, at[24], n = 0;
+    size_t x_total = 0;
+    for (size_t m = 0; m < M; m++)
+        x_total += b * S * (size_t)model->features[m];
+#define RESERVE(count, elem)                                          \
+    do {                                                              \
+        if (!csm_layout_add(&total, (count), (elem), &at[n++]))        \
+            return NULL;                                              \
+    } while (0)
+    RESERVE(x_total, sizeof(float));               /* 0 x */
+    RESERVE(b * S * d, sizeof(float));             /* 1 tok */
+    RESERVE(b * L * d, sizeof(float));             /* 2 X */
+    RESERVE(b * L * d, sizeof(float));             /* 3 Xn */
+    RESERVE(2 * b * L, sizeof(float));             /* 4 ln1 */
+    RESERVE(4 * b * L * d, sizeof(float));         /* 5 Q K V ctx */
+    RESERVE(b * H * L * L, sizeof(float));         /* 6 P */
+    RESERVE(training && p->dropout > 0.0f ? b * H * L * L : 0, sizeof(float)); /* 7 P_keep */
+    RESERVE(b * L * d, sizeof(float));             /* 8 A */
+    RESERVE(training && p->dropout > 0.0f ? b * L * d : 0, sizeof(float));     /* 9 A_keep */
+    RESERVE(b * L * d, sizeof(float));             /* 10 H */
+    RESERVE(4 * M * b * S * d, sizeof(float));     /* 11 Hm Z F sum */
+    RESERVE(4 * M * b * S, sizeof(float));         /* 12 ln2 ln3 */
+    RESERVE(b * L * d, sizeof(float));             /* 13 H2 */
+    RESERVE(M * b * S * k * d, sizeof(float));     /* 14 slots */
+    RESERVE(b * L * d, sizeof(float));             /* 15 H3 */
+    RESERVE(b * M * d + 2 * b * d + 2 * b + b * C, sizeof(float)); /* 16 pooled r rn ln_out logits */
+    RESERVE(b * S, sizeof(int32_t));               /* 17 tok_labels */
+    RESERVE(b * S * C, sizeof(uint8_t));           /* 18 tok_multi_labels */
+    RESERVE(b * S, sizeof(uint8_t));               /* 19 tok_present */
+    RESERVE(M, sizeof(float));                     /* 20 gate_weight */
+    RESERVE(M, sizeof(confsmoe_saved *));          /* 21 gate_saved */
+    RESERVE(M, sizeof(float *));                   /* 22 x */
+    RESERVE(training && p->dropout > 0.0f ? b * H * L * L : 0, sizeof(float)); /* 23 P_drop */
+#undef RESERVE
+    char *block = csm_calloc(model->ctx, 1, total);
+    if (!block)
+        return NULL;
+    memset(w, 0, sizeof *w);
+    w->B = B;
+    w->training = training;
+#define AT(i, type) ((type *)(block + at[i]))
+    w->x = AT(22, float *);
+    float *x = AT(0, float);
+    for (size_t m = 0; m < M; m++) {
+        w->x[m] = x;
+        x += b * S * (size_t)model->features[m];
+    }
+    w->tok = AT(1, float);
+    w->X = AT(2, float);
+    w->Xn = AT(3, float);
+    w->ln1_stats = AT(4, float);
+    w->Q = AT(5, float);
+    w->K = w->Q + b * L * d;
+    w->V = w->K + b * L * d;
+    w->ctx_ = w->V + b * L * d;
+    w->P = AT(6, float);
+    w->P_keep = training && p->dropout > 0.0f ? AT(7, float) : NULL;
+    w->P_drop = training && p->dropout > 0.0f ? AT(23, float) : NULL;
+    w->A = AT(8, float);
+    w->A_keep = training && p->dropout > 0.0f ? AT(9, float) : NULL;
+    w->H = AT(10, float);
+    w->Hm = AT(11, float);
+    w->Z = w->Hm + M * b * S * d;
+    w->F = w->Z + M * b * S * d;
+    w->sum_ = w->F + M * b * S * d;
+    w->ln2_stats = AT(12, float);
+    w->ln3_stats = w->ln2_stats + 2 * M * b * S;
+    w->H2 = AT(13, float);
+    w->slots = AT(14, float);
+    w->H3 = AT(15, float);
+    w->pooled = AT(16, float);
+    w->r = w->pooled + b * M * d;
+    w->rn = w->r + b * d;
+    w->ln_out_stats = w->rn + b * d;
+    w->logits = w->ln_out_stats + 2 * b;
+    w->tok_labels = AT(17, int32_t);
+    w->tok_multi_labels = AT(18, uint8_t);
+    w->tok_present = AT(19, uint8_t);
+    w->gate_weight = AT(20, float);
+    w->gate_saved = AT(21, confsmoe_saved *);
+#undef AT
+    return block;
+}
+
+static void workspace_release(confsmoe_model *model, workspace *w, void *block)
+{
+    for (int32_t m = 0; w->gate_saved && m < model->p.n_modalities; m++)
+        confsmoe_saved_destroy(w->gate_saved[m]);
+    confsmoe_saved_destroy(w->imputer_saved);
+    csm_free(model->ctx, block);
+}
+
+/* ------------------------------------------------------------------ small layers */
+
+static void linear_forward(const linear *l, const float *x, int64_t rows, float *y)
+{
+    const int64_t out = l->w->dims[0], in = l->w->dims[1];
+    csm_broadcast_rows(y, csm_f32(l->b), rows, out);
+    csm_gemm(false, true, rows, out, in, 1.0f, x, csm_f32(l->w), 1.0f, y);
+}
+
+/* Accumulates dW, db; dx (if not NULL) is written, or added to when accumulate. */
+static void linear_backward(const linear *l, const csm_params *params, const float *x, const float *dy, int64_t rows,
+                            float *dx, bool accumulate)
+{
+    const int64_t out = l->w->dims[0], in = l->w->dims[1];
+    csm_gemm(true, false, out, in, rows, 1.0f, dy, x, 1.0f, csm_f32(csm_params_grad_of(params, l->w)));
+    csm_add_column_sums(csm_f32(csm_params_grad_of(params, l->b)), dy, rows, out);
+    if (dx)
+        csm_gemm(false, false, rows, in, out, 1.0f, dy, csm_f32(l->w), accumulate ? 1.0f : 0.0f, dx);
+}
+
+static void layernorm_forward(const layernorm *ln, const float *x, int64_t rows, int64_t d, float *y, float *stats)
+{
+    csm_layernorm_forward(x, csm_f32(ln->weight), csm_f32(ln->bias), y, stats, stats + rows, rows, d, LN_EPS);
+}
+
+static void layernorm_backward(const layernorm *ln, const csm_params *params, const float *x, const float *stats,
+                               const float *dy, int64_t rows, int64_t d, float *dx, bool accumulate)
+{
+    csm_layernorm_backward(x, stats, stats + rows, csm_f32(ln->weight), dy, dx,
+                           csm_f32(csm_params_grad_of(params, ln->weight)),
+                           csm_f32(csm_params_grad_of(params, ln->bias)), rows, d, accumulate);
+}
+
+/* Rows (b, m S + s) of a [B L, d] array <-> rows (b S + s) of a [B S, d] array. */
+static void gather_modality(const float *all, float *one, int64_t B, int64_t S, int64_t L, int64_t d, int32_t m)
+{
+    for (int64_t b = 0; b < B; b++)
+        memcpy(one + b * S * d, all + (b * L + m * S) * d, (size_t)(S * d) * sizeof(float));
+}
+
+static void scatter_modality(const float *one, float *all, int64_t B, int64_t S, int64_t L, int64_t d, int32_t m,
+                             bool accumulate)
+{
+    for (int64_t b = 0; b < B; b++) {
+        float *dst = all + (b * L + m * S) * d;
+        const float *src = one + b * S * d;
+        for (int64_t i = 0; i < S * d; i++)
+            dst[i] = accumulate ? dst[i] + src[i] : src[i];
+    }
+}
+
+/* ------------------------------------------------------------------ validation */
+
+static confsmoe_status check_batch(confsmoe_model *model, const char *fn, const confsmoe_tensor *const *inputs,
+                                   const confsmoe_tensor *avail, const confsmoe_tensor *labels,
+                                   const confsmoe_tensor *logits, bool need_labels)
+{
+    confsmoe_ctx *ctx = model->ctx;
+    const int32_t M = model->p.n_modalities;
+    const int64_t S = model->p.tokens, C = model->p.n_classes;
+    if (!inputs)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: inputs is NULL", fn);
+    const int64_t avail_dims[2] = {-1, M};
+    confsmoe_status s = csm_expect_tensor(ctx, fn, "avail", avail, CONFSMOE_U8, 2, avail_dims);
+    if (s != CONFSMOE_OK)
+        return s;
+    const int64_t B = avail->dims[0];
+    if (B < 1)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: the batch is empty", fn);
+    const uint8_t *a = avail->data;
+    for (int64_t i = 0; i < B * M; i++)
+        if (a[i] > 1)
+            return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                            "%s: avail[%" PRId64 "][%" PRId64 "] is %d; the mask is u8 [B, M] with 1 = present, 0 = missing",
+                            fn, i / M, i % M, a[i]);
+    for (int32_t m = 0; m < M; m++) {
+        char name[32];
+        snprintf(name, sizeof name, "inputs[%" PRId32 "]", m);
+        const int64_t dims3[3] = {B, S, model->features[m]}, dims2[2] = {B, model->features[m]};
+        const confsmoe_tensor *x = inputs[m];
+        s = x && x->ndim == 2 && S == 1 ? csm_expect_tensor(ctx, fn, name, x, CONFSMOE_F32, 2, dims2)
+                                        : csm_expect_tensor(ctx, fn, name, x, CONFSMOE_F32, 3, dims3);
+        if (s == CONFSMOE_OK)
+            s = csm_expect_finite(ctx, fn, name, x);
+        if (s != CONFSMOE_OK)
+            return s;
+        bool missing = false;
+        for (int64_t b = 0; b < B; b++)
+            missing = missing || !a[b * M + m];
+        if (missing && !model->pool[m])
+            return csm_fail(ctx, CONFSMOE_E_STATE,
+                            "%s: modality %" PRId32 " is missing for some samples but has no pool "
+                            "(call confsmoe_model_set_pool first)", fn, m);
+    }
+    if (logits) {
+        const int64_t dims[2] = {B, C};
+        if ((s = csm_expect_tensor(ctx, fn, "logits", logits, CONFSMOE_F32, 2, dims)) != CONFSMOE_OK)
+            return s;
+    }
+    if (!need_labels)
+        return CONFSMOE_OK;
+    if (!model->p.multilabel) {
+        if ((s = csm_expect_tensor(ctx, fn, "labels", labels, CONFSMOE_I32, 1, &B)) != CONFSMOE_OK)
+            return s;
+        const int32_t *y = labels->data;
+        for (int64_t b = 0; b < B; b++)
+            if (y[b] < 0 || y[b] >= C)
+                return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                                "%s: labels[%" PRId64 "] is %" PRId32 ", out of range 0..%" PRId64, fn, b, y[b], C - 1);
+    } else {
+        const int64_t dims[2] = {B, C};
+        if ((s = csm_expect_tensor(ctx, fn, "labels", labels, CONFSMOE_U8, 2, dims)) != CONFSMOE_OK)
+            return s;
+        const uint8_t *y = labels->data;
+        for (int64_t i = 0; i < B * C; i++)
+            if (y[i] > 1)
+                return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: multi-label labels must be 0 or 1", fn);
+    }
+    return CONFSMOE_OK;
+}
+
+/* ------------------------------------------------------------------ forward */
+
+/* Wraps a host-visible view of workspace memory for a public-API call. */
+static confsmoe_status wrap(confsmoe_model *model, confsmoe_dtype dtype, int32_t ndim, int64_t d0, int64_t d1,
+                            int64_t d2, int64_t d3, void *data, confsmoe_tensor **out)
+{
+    const int64_t dims[4] = {d0, d1, d2, d3};
+    return confsmoe_tensor_wrap(model->ctx, dtype, ndim, dims, data, out);
+}
+
+static confsmoe_status stage_one(confsmoe_model *model, const confsmoe_tensor *const *inputs,
+                                 const confsmoe_tensor *avail, workspace *w)
+{
+    const int32_t M = model->p.n_modalities;
+    const int64_t B = w->B, S = model->p.tokens;
+    const uint8_t *a = avail->data;
+    confsmoe_status s = CONFSMOE_OK;
+    for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
+        const int64_t width = S * model->features[m];
+        memcpy(w->x[m], inputs[m]->data, inputs[m]->nbytes);
+        bool missing = false;
+        for (int64_t b = 0; b < B; b++)
+            missing = missing || !a[b * M + m];
+        if (!missing)
+            continue;
+        if (model->p.imputation == CONFSMOE_IMPUTE_MEAN) {
+            for (int64_t b = 0; b < B; b++)
+                if (!a[b * M + m])
+                    memcpy(w->x[m] + b * width, model->pool_mean[m], (size_t)width * sizeof(float));
+            continue;
+        }
+        confsmoe_tensor *x = NULL, *pool = NULL;
+        s = wrap(model, CONFSMOE_F32, 3, B, S, model->features[m], 0, w->x[m], &x);
+        if (s == CONFSMOE_OK)
+            s = wrap(model, CONFSMOE_F32, 3, model->pool_rows[m], S, model->features[m], 0, model->pool[m], &pool);
+        if (s == CONFSMOE_OK)
+            s = confsmoe_imputer_fill(model->imputer, m, pool, model->p.draws, avail, x);
+        confsmoe_tensor_destroy(x);
+        confsmoe_tensor_destroy(pool);
+    }
+    return s;
+}
+
+static void attention_forward(confsmoe_model *model, workspace *w)
+{
+    const int64_t B = w->B, L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
+    const float scale = 1.0f / sqrtf((float)dh);
+    linear_forward(&model->q, w->Xn, B * L, w->Q);
+    linear_forward(&model->k, w->Xn, B * L, w->K);
+    linear_forward(&model->v, w->Xn, B * L, w->V);
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < heads; h++) {
+            /* Head h of sample b: columns h dh .. h dh + dh - 1 of rows b L .. b L + L - 1. */
+            const int64_t off = b * L * d + h * dh, at = (b * heads + h) * L * L;
+            float *P = w->P + at;
+            csm_gemm_ld(false, true, L, L, dh, scale, w->Q + off, d, w->K + off, d, 0.0f, P, L);
+            csm_softmax_rows(P, L, L);
+            const float *weights = P;
+            if (w->P_keep) {
+                float *keep = w->P_keep + at, *dropped = w->P_drop + at;
+                const float kept = 1.0f / (1.0f - model->p.dropout);
+                for (int64_t i = 0; i < L * L; i++) {
+                    keep[i] = csm_rng_uniform(model->ctx, 0.0f, 1.0f) >= model->p.dropout ? kept : 0.0f;
+                    dropped[i] = P[i] * keep[i];
+                }
+                weights = dropped;
+            }
+            csm_gemm_ld(false, false, L, dh, L, 1.0f, weights, L, w->V + off, d, 0.0f, w->ctx_ + off, d);
+        }
+    }
+    linear_forward(&model->o, w->ctx_, B * L, w->A);
+}
+
+/* The attention output joins the residual: H = X + Dropout(A), or A + Dropout(A) under compat. */
+static void residual_forward(confsmoe_model *model, workspace *w)
+{
+    const int64_t n = w->B * model->tokens_total * model->p.d;
+    const float *base = model->p.compat ? w->A : w->X;
+    const float kept = 1.0f / (1.0f - model->p.dropout);
+    for (int64_t i = 0; i < n; i++) {
+        float a = w->A[i];
+        if (w->A_keep) {
+            w->A_keep[i] = csm_rng_uniform(model->ctx, 0.0f, 1.0f) >= model->p.dropout ? kept : 0.0f;
+            a *= w->A_keep[i];
+        }
+        w->H[i] = base[i] + a;
+    }
+}
+
+/* Each modality's gate call returns its own mean loss; weighting them by their share of the
+ * present tokens makes L_conf the mean over all present slots, as in MODEL.md. */
+static void gate_weights(confsmoe_model *model, const uint8_t *avail, workspace *w)
+{
+    const int32_t M = model->p.n_modalities;
+    int64_t total = 0;
+    for (int32_t m = 0; m < M; m++) {
+        int64_t present = 0;
+        for (int64_t b = 0; b < w->B; b++)
+            present += avail[b * M + m];
+        w->gate_weight[m] = (float)present;
+        total += present;
+    }
+    for (int32_t m = 0; m < M; m++)
+        w->gate_weight[m] = model->p.compat ? 1.0f / (float)M : total > 0 ? w->gate_weight[m] / (float)total : 0.0f;
+}
+
+static void token_labels(confsmoe_model *model, const confsmoe_tensor *labels, workspace *w)
+{
+    const int64_t S = model->p.tokens, C = model->p.n_classes;
+    for (int64_t b = 0; b < w->B; b++)
+        for (int64_t s = 0; s < S; s++) {
+            if (model->p.multilabel)
+                memcpy(w->tok_multi_labels + (b * S + s) * C, (const uint8_t *)labels->data + b * C, (size_t)C);
+            else
+                w->tok_labels[b * S + s] = ((const int32_t *)labels->data)[b];
+        }
+}
+
+static confsmoe_status moe_forward(confsmoe_model *model, const confsmoe_tensor *avail, const confsmoe_tensor *labels,
+                                   workspace *w, float *aux)
+{
+    const int32_t M = model->p.n_modalities;
+    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d, k = model->p.k;
+    const int64_t C = model->p.n_classes, rows = B * S;
+    const uint8_t *a = avail->data;
+    gate_weights(model, a, w);
+    if (labels)
+        token_labels(model, labels, w);
+    *aux = 0.0f;
+    confsmoe_status s = CONFSMOE_OK;
+    for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
+        float *Hm = w->Hm + m * rows * d, *Z = w->Z + m * rows * d, *F = w->F + m * rows * d;
+        float *sum = w->sum_ + m * rows * d;
+        gather_modality(w->H, Hm, B, S, L, d, m);
+        layernorm_forward(&model->ln2, Hm, rows, d, Z, w->ln2_stats + m * 2 * rows);
+        for (int64_t i = 0; i < rows; i++)
+            w->tok_present[i] = a[(i / S) * M + m];
+        confsmoe_tensor *z = NULL, *f = NULL, *slots = NULL, *lab = NULL, *present = NULL;
+        float loss = 0.0f;
+        s = wrap(model, CONFSMOE_F32, 2, rows, d, 0, 0, Z, &z);
+        if (s == CONFSMOE_OK)
+            s = wrap(model, CONFSMOE_F32, 2, rows, d, 0, 0, F, &f);
+        if (s == CONFSMOE_OK)
+            s = wrap(model, CONFSMOE_F32, 3, rows, k, d, 0, w->slots + m * rows * k * d, &slots);
+        if (s == CONFSMOE_OK)
+            s = wrap(model, CONFSMOE_U8, 1, rows, 0, 0, 0, w->tok_present, &present);
+        if (s == CONFSMOE_OK && labels)
+            s = model->p.multilabel ? wrap(model, CONFSMOE_U8, 2, rows, C, 0, 0, w->tok_multi_labels, &lab)
+                                    : wrap(model, CONFSMOE_I32, 1, rows, 0, 0, 0, w->tok_labels, &lab);
+        if (s == CONFSMOE_OK)
+            s = confsmoe_gate_forward(model->gate, z, lab, present, f, NULL, slots, &loss,
+                                      w->training ? &w->gate_saved[m] : NULL);
+        confsmoe_tensor_destroy(z);
+        confsmoe_tensor_destroy(f);
+        confsmoe_tensor_destroy(slots);
+        confsmoe_tensor_destroy(lab);
+        confsmoe_tensor_destroy(present);
+        if (s != CONFSMOE_OK)
+            break;
+        *aux += w->gate_weight[m] * loss;
+        for (int64_t i = 0; i < rows * d; i++)
+            sum[i] = Hm[i] + F[i];
+        layernorm_forward(&model->ln3, sum, rows, d, w->tok, w->ln3_stats + m * 2 * rows);
+        scatter_modality(w->tok, w->H2, B, S, L, d, m, false);
+    }
+    return s;
+}
+
+static void readout_forward(confsmoe_model *model, workspace *w)
+{
+    const int32_t M = model->p.n_modalities;
+    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d;
+    for (int64_t b = 0; b < B; b++)
+        for (int32_t m = 0; m < M; m++) {
+            float *out = w->pooled + (b * M + m) * d;
+            for (int64_t c = 0; c < d; c++) {
+                double sum = 0.0;
+                for (int64_t s = 0; s < S; s++)
+                    sum += w->H3[(b * L + m * S + s) * d + c];
+                out[c] = (float)(sum / (double)S);
+            }
+        }
+    linear_forward(&model->readout, w->pooled, B, w->r);
+    layernorm_forward(&model->ln_out, w->r, B, d, w->rn, w->ln_out_stats);
+    linear_forward(&model->head, w->rn, B, w->logits);
+}
+
+static confsmoe_status forward(confsmoe_model *model, const confsmoe_tensor *const *inputs,
+                               const confsmoe_tensor *avail, const confsmoe_tensor *labels, workspace *w, float *aux)
+{
+    const int32_t M = model->p.n_modalities;
+    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d;
+    confsmoe_status s = stage_one(model, inputs, avail, w);
+    if (s != CONFSMOE_OK)
+        return s;
+    for (int32_t m = 0; m < M; m++) {
+        linear_forward(&model->enc[m], w->x[m], B * S, w->tok);
+        scatter_modality(w->tok, w->X, B, S, L, d, m, false);
+    }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < L * d; i++)
+            w->X[b * L * d + i] += csm_f32(model->pos)[i];
+    layernorm_forward(&model->ln1, w->X, B * L, d, w->Xn, w->ln1_stats);
+    attention_forward(model, w);
+    residual_forward(model, w);
+    if ((s = moe_forward(model, avail, labels, w, aux)) != CONFSMOE_OK)
+        return s;
+    if (model->imputer) {
+        confsmoe_tensor *h = NULL, *slots = NULL, *out = NULL;
+        s = wrap(model, CONFSMOE_F32, 3, B, L, d, 0, w->H2, &h);
+        if (s == CONFSMOE_OK)
+            s = wrap(model, CONFSMOE_F32, 4, M, B * S, model->p.k, d, w->slots, &slots);
+        if (s == CONFSMOE_OK)
+            s = wrap(model, CONFSMOE_F32, 3, B, L, d, 0, w->H3, &out);
+        if (s == CONFSMOE_OK)
+            s = confsmoe_imputer_forward(model->imputer, h, slots, avail, out,
+                                         w->training ? &w->imputer_saved : NULL);
+        confsmoe_tensor_destroy(h);
+        confsmoe_tensor_destroy(slots);
+        confsmoe_tensor_destroy(out);
+        if (s != CONFSMOE_OK)
+            return s;
+    } else {
+        memcpy(w->H3, w->H2, (size_t)(B * L * d) * sizeof(float));
+    }
+    readout_forward(model, w);
+    return CONFSMOE_OK;
+}
+
+/* Mean cross-entropy (or BCE with logits) and its gradient with respect to the logits. */
+static float task_loss(const confsmoe_model *model, const workspace *w, const confsmoe_tensor *labels,
+                       float *dlogits)
+{
+    const int64_t B = w->B, C = model->p.n_classes;
+    double total = 0.0;
+    for (int64_t b = 0; b < B; b++) {
+        const float *z = w->logits + b * C;
+        float *dz = dlogits + b * C;
+        if (model->p.multilabel) {
+            const uint8_t *y = (const uint8_t *)labels->data + b * C;
+            for (int64_t c = 0; c < C; c++) {
+                total += fmaxf(z[c], 0.0f) - z[c] * y[c] + log1pf(expf(-fabsf(z[c])));
+                dz[c] = (csm_sigmoid(z[c]) - y[c]) / (float)(B * C);
+            }
+            continue;
+        }
+        const int32_t y = ((const int32_t *)labels->data)[b];
+        float top = z[0];
+        for (int64_t c = 1; c < C; c++)
+            top = fmaxf(top, z[c]);
+        double sum = 0.0;
+        for (int64_t c = 0; c < C; c++)
+            sum += exp((double)(z[c] - top));
+        total += log(sum) - (double)(z[y] - top);
+        for (int64_t c = 0; c < C; c++)
+            dz[c] = ((float)(exp((double)(z[c] - top)) / sum) - (c == y ? 1.0f : 0.0f)) / (float)B;
+    }
+    return (float)(total / (double)(model->p.multilabel ? B * C : B));
+}
+
+/* Gradients of one backward, all [B L, d] unless noted. */
+typedef struct {
+    float *dlogits;                  /* [B, C] */
+    float *drn, *dr, *dpooled;       /* [B, d], [B, d], [B, M d] */
+    float *dH3, *dH2, *dH, *dA, *dctx, *dQ, *dK, *dV, *dXn, *dX;
+    float *dslots;                   /* [M, B S, k, d] */
+    float *dsum, *dZ, *dtok;         /* [B S, d] */
+    float *dP;                       /* [L, L] */
+} gradients;
+
+static void *gradients_alloc(confsmoe_model *model, int64_t B, gradients *g)
+{
+    const size_t M = (size_t)model->p.n_modalities, S = (size_t)model->p.tokens, d = (size_t)model->p.d;
+    const size_t L = M * S, b = (size_t)B, C = (size_t)model->p.n_classes, k = (size_t)model->p.k;
+    const size_t sizes[] = {b * C, b * d, b * d, b * M * d, b * L * d, b * L * d, b * L * d, b * L * d, b * L * d,
+                            b * L * d, b * L * d, b * L * d, b * L * d, b * L * d, M * b * S * k * d, b * S * d,
+                            b * S * d, b * S * d, L * L};
+    float **slots[] = {&g->dlogits, &g->drn, &g->dr, &g->dpooled, &g->dH3, &g->dH2, &g->dH, &g->dA, &g->dctx,
+                       &g->dQ, &g->dK, &g->dV, &g->dXn, &g->dX, &g->dslots, &g->dsum, &g->dZ, &g->dtok, &g->dP};
+    enum { N = sizeof sizes / sizeof *sizes };
+    size_t at[N], total = 0;
+    for (size_t i = 0; i < N; i++)
+        if (!csm_layout_add(&total, sizes[i], sizeof(float), &at[i]))
+            return NULL;
+    char *block = csm_calloc(model->ctx, 1, total);
+    if (!block)
+        return NULL;
+    for (size_t i = 0; i < N; i++)
+        *slots[i] = (float *)(block + at[i]);
+    return block;
+}
+
+static void attention_backward(confsmoe_model *model, const workspace *w, gradients *g)
+{
+    const int64_t B = w->B, L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
+    const float scale = 1.0f / sqrtf((float)dh);
+    const csm_params *params = &model->params;
+    linear_backward(&model->o, params, w->ctx_, g->dA, B * L, g->dctx, false);
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t off = b * L * d + h * dh, at = (b * heads + h) * L * L;
+            const float *P = w->P + at, *weights = w->P_drop ? w->P_drop + at : P;
+            /* ctx = weights V: d(weights) = dctx V^T and dV = weights^T dctx. */
+            csm_gemm_ld(false, true, L, L, dh, 1.0f, g->dctx + off, d, w->V + off, d, 0.0f, g->dP, L);
+            csm_gemm_ld(true, false, L, dh, L, 1.0f, weights, L, g->dctx + off, d, 0.0f, g->dV + off, d);
+            if (w->P_keep)
+                for (int64_t i = 0; i < L * L; i++)
+                    g->dP[i] *= w->P_keep[at + i];
+            for (int64_t i = 0; i < L; i++)
+                csm_softmax_backward_row(P + i * L, g->dP + i * L, g->dP + i * L, L);
+            /* scores = scale Q K^T. */
+            csm_gemm_ld(false, false, L, dh, L, scale, g->dP, L, w->K + off, d, 0.0f, g->dQ + off, d);
+            csm_gemm_ld(true, false, L, dh, L, scale, g->dP, L, w->Q + off, d, 0.0f, g->dK + off, d);
+        }
+    }
+    linear_backward(&model->q, params, w->Xn, g->dQ, B * L, g->dXn, false);
+    linear_backward(&model->k, params, w->Xn, g->dK, B * L, g->dXn, true);
+    linear_backward(&model->v, params, w->Xn, g->dV, B * L, g->dXn, true);
+}
+
+static confsmoe_status moe_backward(confsmoe_model *model, workspace *w, gradients *g)
+{
+    const int32_t M = model->p.n_modalities;
+    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d, k = model->p.k;
+    const int64_t rows = B * S;
+    const csm_params *params = &model->params;
+    confsmoe_status s = CONFSMOE_OK;
+    for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
+        const float *Hm = w->Hm + m * rows * d, *sum = w->sum_ + m * rows * d;
+        /* H_m <- LN3(H_m + F): both terms get the same gradient. */
+        gather_modality(g->dH2, g->dtok, B, S, L, d, m);
+        layernorm_backward(&model->ln3, params, sum, w->ln3_stats + m * 2 * rows, g->dtok, rows, d, g->dsum, false);
+        confsmoe_tensor *dy = NULL, *dslots = NULL, *dz = NULL;
+        s = wrap(model, CONFSMOE_F32, 2, rows, d, 0, 0, g->dsum, &dy);
+        if (s == CONFSMOE_OK)
+            s = wrap(model, CONFSMOE_F32, 3, rows, k, d, 0, g->dslots + m * rows * k * d, &dslots);
+        if (s == CONFSMOE_OK)
+            s = wrap(model, CONFSMOE_F32, 2, rows, d, 0, 0, g->dZ, &dz);
+        if (s == CONFSMOE_OK)
+            s = confsmoe_gate_backward(model->gate, w->gate_saved[m], dy, dslots, w->gate_weight[m], dz);
+        confsmoe_tensor_destroy(dy);
+        confsmoe_tensor_destroy(dslots);
+        confsmoe_tensor_destroy(dz);
+        if (s != CONFSMOE_OK)
+            break;
+        /* Z = LN2(H_m): its gradient joins the residual's in dsum. */
+        layernorm_backward(&model->ln2, params, Hm, w->ln2_stats + m * 2 * rows, g->dZ, rows, d, g->dsum, true);
+        scatter_modality(g->dsum, g->dH, B, S, L, d, m, false);
+    }
+    return s;
+}
+
+static confsmoe_status backward(confsmoe_model *model, workspace *w, gradients *g)
+{
+    const int32_t M = model->p.n_modalities;
+    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d;
+    const csm_params *params = &model->params;
+    confsmoe_status s = CONFSMOE_OK;
+
+    linear_backward(&model->head, params, w->rn, g->dlogits, B, g->drn, false);
+    layernorm_backward(&model->ln_out, params, w->r, w->ln_out_stats, g->drn, B, d, g->dr, false);
+    linear_backward(&model->readout, params, w->pooled, g->dr, B, g->dpooled, false);
+    for (int64_t b = 0; b < B; b++)
+        for (int32_t m = 0; m < M; m++)
+            for (int64_t t = 0; t < S; t++)
+                for (int64_t c = 0; c < d; c++)
+                    g->dH3[(b * L + m * S + t) * d + c] = g->dpooled[(b * M + m) * d + c] / (float)S;
+
+    if (model->imputer) {
+        confsmoe_tensor *dout = NULL, *dh = NULL, *dslots = NULL;
+        s = wrap(model, CONFSMOE_F32, 3, B, L, d, 0, g->dH3, &dout);
+        if (s == CONFSMOE_OK)
+            s = wrap(model, CONFSMOE_F32, 3, B, L, d, 0, g->dH2, &dh);
+        if (s == CONFSMOE_OK)
+            s = wrap(model, CONFSMOE_F32, 4, M, B * S, model->p.k, d, g->dslots, &dslots);
+        if (s == CONFSMOE_OK)
+            s = confsmoe_imputer_backward(model->imputer, w->imputer_saved, dout, dh, dslots);
+        confsmoe_tensor_destroy(dout);
+        confsmoe_tensor_destroy(dh);
+        confsmoe_tensor_destroy(dslots);
+        if (s != CONFSMOE_OK)
+            return s;
+    } else {
+        memcpy(g->dH2, g->dH3, (size_t)(B * L * d) * sizeof(float));
+    }
+    if ((s = moe_backward(model, w, g)) != CONFSMOE_OK)
+        return s;
+
+    /* H = base + Dropout(A), base = X (or A under compat). */
+    const int64_t n = B * L * d;
+    for (int64_t i = 0; i < n; i++) {
+        g->dA[i] = w->A_keep ? g->dH[i] * w->A_keep[i] : g->dH[i];
+        if (model->p.compat)
+            g->dA[i] += g->dH[i];
+    }
+    attention_backward(model, w, g);
+    if (!model->p.compat)
+        memcpy(g->dX, g->dH, (size_t)n * sizeof(float));
+    layernorm_backward(&model->ln1, params, w->X, w->ln1_stats, g->dXn, B * L, d, g->dX, !model->p.compat);
+    float *dpos = csm_f32(csm_params_grad_of(params, model->pos));
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < L * d; i++)
+            dpos[i] += g->dX[b * L * d + i];
+    for (int32_t m = 0; m < M; m++) {
+        gather_modality(g->dX, g->dtok, B, S, L, d, m);
+        linear_backward(&model->enc[m], params, w->x[m], g->dtok, B * S, NULL, false);
+    }
+    return CONFSMOE_OK;
+}
+
+/* ------------------------------------------------------------------ step and predict */
+
+confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor *const *inputs,
+                                    const confsmoe_tensor *avail, const confsmoe_tensor *labels,
+                                    confsmoe_tensor *logits, float *loss, float *task)
+{
+    if (!model)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    static const char fn[] = "model_step";
+    confsmoe_status s = check_batch(model, fn, inputs, avail, labels, logits, true);
+    if (s != CONFSMOE_OK)
+        return s;
+    const int64_t B = avail->dims[0];
+    workspace w;
+    gradients g;
+    void *block = workspace_alloc(model, B, true, &w);
+    void *grad_block = block ? gradients_alloc(model, B, &g) : NULL;
+    if (!block || !grad_block) {
+        csm_free(model->ctx, block);
+        return csm_fail(model->ctx, CONFSMOE_E_NOMEM, "%s: out of memory for a batch of %" PRId64, fn, B);
+    }
+    float aux = 0.0f, task_value = 0.0f;
+    s = forward(model, inputs, avail, labels, &w, &aux);
+    if (s == CONFSMOE_OK) {
+        task_value = task_loss(model, &w, labels, g.dlogits);
+        s = backward(model, &w, &g);
+    }
+    if (s == CONFSMOE_OK) {
+        if (logits)
+            memcpy(logits->data, w.logits, logits->nbytes);
+        if (loss)
+            *loss = task_value + aux;
+        if (task)
+            *task = task_value;
+    }
+    csm_free(model->ctx, grad_block);
+    workspace_release(model, &w, block);
+    if (s != CONFSMOE_OK) {
+        char detail[CSM_ERROR_CAP];
+        snprintf(detail, sizeof detail, "%s", model->ctx->last_error);
+        return csm_fail(model->ctx, s, "%s: %s", fn, detail);
+    }
+    return CONFSMOE_OK;
+}
+
+confsmoe_status confsmoe_model_predict(confsmoe_model *model, const confsmoe_tensor *const *inputs,
+                                       const confsmoe_tensor *avail, confsmoe_tensor *logits)
+{
+    if (!model)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    static const char fn[] = "model_predict";
+    if (!logits)
+        return csm_fail(model->ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: logits is NULL", fn);
+    confsmoe_status s = check_batch(model, fn, inputs, avail, NULL, logits, false);
+    if (s != CONFSMOE_OK)
+        return s;
+    workspace w;
+    void *block = workspace_alloc(model, avail->dims[0], false, &w);
+    if (!block)
+        return csm_fail(model->ctx, CONFSMOE_E_NOMEM, "%s: out of memory for a batch of %" PRId64, fn,
+                        avail->dims[0]);
+    float aux = 0.0f;
+    s = forward(model, inputs, avail, NULL, &w, &aux);
+    if (s == CONFSMOE_OK)
+        memcpy(logits->data, w.logits, logits->nbytes);
+    workspace_release(model, &w, block);
+    if (s != CONFSMOE_OK) {
+        char detail[CSM_ERROR_CAP];
+        snprintf(detail, sizeof detail, "%s", model->ctx->last_error);
+        return csm_fail(model->ctx, s, "%s: %s", fn, detail);
+    }
+    return CONFSMOE_OK;
+}
