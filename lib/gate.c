@@ -22,12 +22,40 @@ struct confsmoe_gate {
     confsmoe_gate_params p;
     int32_t n_experts;
     confsmoe_expert **experts;    /* borrowed */
+    int64_t max_h;                /* the widest expert's h */
     csm_router router;
     csm_confnet *confnets;        /* [E] under CONFIDENCE, views of the parameters */
     confsmoe_tensor *target_w, *target_b, *target_dw, *target_db;
     csm_params params;
     csm_usage last, total;
+    csm_arena *arena;             /* lent by the model for a step, else NULL */
 };
+
+void csm_gate_set_arena(confsmoe_gate *g, csm_arena *arena) { g->arena = arena; }
+
+/* Per-call blocks come from the lent arena when there is one and they fit. */
+static void *gate_alloc(const confsmoe_gate *g, size_t bytes)
+{
+    void *p = g->arena ? csm_arena_alloc(g->arena, bytes) : NULL;
+    return p ? p : csm_alloc(g->ctx, bytes);
+}
+
+static void gate_free(confsmoe_ctx *ctx, csm_arena *arena, void *p)
+{
+    if (csm_arena_owns(arena, p))
+        csm_arena_free(arena, p);
+    else
+        csm_free(ctx, p);
+}
+
+/* The same for a block that lives only within the call, of known size: when it missed the
+ * arena, the arena's estimate of its need no longer counts it. */
+static void gate_free_transient(confsmoe_ctx *ctx, csm_arena *arena, void *p, size_t bytes)
+{
+    if (arena && !csm_arena_owns(arena, p))
+        csm_arena_forget(arena, bytes);
+    gate_free(ctx, arena, p);
+}
 
 /* Everything one forward keeps. Rows of the "block" arrays are the n*k slots sorted
  * by expert, so that each expert sees one contiguous batch. */
@@ -36,7 +64,7 @@ typedef struct {
     int64_t n;
     bool conf_loss;              /* the confidence loss was computed */
     float den;                   /* its denominator */
-    float *x;                    /* [n, d] */
+    float *x;                    /* [n, d] (training) */
     float *u_clean, *u;          /* [n, E]; u == u_clean without noise */
     float *h, *eps, *sigma;      /* [n, E] when noisy, else NULL */
     int32_t *idx;                /* [n, k] */
@@ -45,14 +73,16 @@ typedef struct {
     int64_t *offset;             /* [E + 1] first block row of each expert */
     int64_t *row_of;             /* [n k] slot -> block row */
     int64_t *slot_of;            /* [n k] block row -> slot t * k + j */
-    float *xb, *yb;              /* [n k, d] expert inputs and outputs in block order */
+    float *yb;                   /* [n k, d] expert outputs in block order */
     float *s;                    /* [n k] ConfNet output per block row */
-    csm_confnet_cache cache;     /* [n k, d], [n k], [n k] */
+    csm_confnet_cache cache;     /* [n k] each */
     float *probs;                /* [n k, C] softmax or sigmoid of the target classifier */
     int32_t *labels;             /* [n] single-label */
     uint8_t *multi_labels;       /* [n, C] multi-label */
     uint8_t *present;            /* [n] */
-    confsmoe_saved **expert_saved;  /* [E] */
+    float *pre_block;            /* the experts' pre-activations, a second block (training only) */
+    csm_arena *arena;            /* the arena lent when the blocks were allocated, or NULL */
+    size_t *pre_at;              /* [E + 1] offset of expert e's pre in pre_block, in floats */
 } gate_saved;
 
 void confsmoe_gate_params_init(confsmoe_gate_params *p)
@@ -227,6 +257,8 @@ confsmoe_status confsmoe_gate_create(confsmoe_ctx *ctx, const confsmoe_gate_para
     g->experts = csm_calloc(ctx, (size_t)n_experts, sizeof *g->experts);
     if (g->experts)
         memcpy(g->experts, experts, (size_t)n_experts * sizeof *experts);
+    for (int32_t e = 0; e < n_experts; e++)
+        g->max_h = confsmoe_expert_h(experts[e]) > g->max_h ? confsmoe_expert_h(experts[e]) : g->max_h;
     const uint64_t rng_at_entry = ctx->rng_counter;
     s = g->experts ? build(g) : CONFSMOE_E_NOMEM;
     if (s != CONFSMOE_OK) {
@@ -244,15 +276,22 @@ int32_t confsmoe_gate_k(const confsmoe_gate *g) { return g ? g->p.k : -1; }
 
 /* ------------------------------------------------------------------ saved state */
 
+static bool router_learns(const confsmoe_gate *g)
+{
+    return g->p.combine == CONFSMOE_COMBINE_ROUTER_SOFTMAX || g->p.router_grad != CONFSMOE_ROUTER_GRAD_FROZEN;
+}
+
 static void release_saved(confsmoe_saved *base)
 {
     gate_saved *s = (gate_saved *)base;
-    for (int32_t e = 0; s->expert_saved && e < ((const confsmoe_gate *)base->owner)->n_experts; e++)
-        confsmoe_saved_destroy(s->expert_saved[e]);
-    csm_free(base->ctx, base);
+    csm_arena *arena = s->arena;
+    if (s->pre_block)
+        gate_free(base->ctx, arena, s->pre_block);
+    gate_free(base->ctx, arena, base);
 }
 
-/* One block for the header and every array; sizes follow the gate's options. */
+/* One block for the header and every array; sizes follow the gate's options. The expert
+ * pre-activations, whose size depends on the routing, get a second block later. */
 static gate_saved *alloc_saved(confsmoe_gate *g, int64_t n, bool training)
 {
     const size_t E = (size_t)g->n_experts, k = (size_t)g->p.k, d = (size_t)g->p.d, N = (size_t)n;
@@ -265,7 +304,7 @@ static gate_saved *alloc_saved(confsmoe_gate *g, int64_t n, bool training)
         return NULL;
     struct {
         size_t at, count, elem;
-    } part[22] = {
+    } part[20] = {
         {0, 1, sizeof(gate_saved)},
         {0, N * (training ? d : 0), sizeof(float)},       /* x */
         {0, N * E, sizeof(float)},                        /* u_clean */
@@ -279,26 +318,25 @@ static gate_saved *alloc_saved(confsmoe_gate *g, int64_t n, bool training)
         {0, E + 1, sizeof(int64_t)},                      /* offset */
         {0, nk, sizeof(int64_t)},                         /* row_of */
         {0, nk, sizeof(int64_t)},                         /* slot_of */
-        {0, nk, d * sizeof(float)},                       /* xb */
         {0, nk, d * sizeof(float)},                       /* yb */
         {0, nk, sizeof(float)},                           /* s */
-        {0, confidence ? nk : 0, d * sizeof(float)},      /* cache.normed */
-        {0, confidence ? nk : 0, 2 * sizeof(float)},      /* cache.mean, cache.rstd */
+        {0, confidence ? nk : 0, 3 * sizeof(float)},      /* cache.mean, cache.rstd, cache.z */
         {0, conf_loss ? nk : 0, C * sizeof(float)},       /* probs */
         {0, conf_loss ? N : 0, C * sizeof(uint8_t) + sizeof(int32_t)}, /* labels */
         {0, N, sizeof(uint8_t)},                          /* present */
-        {0, E, sizeof(confsmoe_saved *)},                 /* expert_saved */
+        {0, E + 1, sizeof(size_t)},                       /* pre_at */
     };
     /* N * E and N * d fit: x and the router output exist. Products by k, d and C are checked by layout. */
     size_t total = 0;
     for (size_t i = 0; i < sizeof part / sizeof *part; i++)
         if (!csm_layout_add(&total, part[i].count, part[i].elem, &part[i].at))
             return NULL;
-    char *block = csm_alloc(g->ctx, total);
+    char *block = gate_alloc(g, total);
     if (!block)
         return NULL;
     gate_saved *s = (gate_saved *)block;
     memset(s, 0, sizeof *s);
+    s->arena = g->arena;
 #define AT(i, type) ((type *)(block + part[i].at))
     s->x = training ? AT(1, float) : NULL;
     s->u_clean = AT(2, float);
@@ -312,19 +350,17 @@ static gate_saved *alloc_saved(confsmoe_gate *g, int64_t n, bool training)
     s->offset = AT(10, int64_t);
     s->row_of = AT(11, int64_t);
     s->slot_of = AT(12, int64_t);
-    s->xb = AT(13, float);
-    s->yb = AT(14, float);
-    s->s = AT(15, float);
-    s->cache.normed = AT(16, float);
-    s->cache.mean = AT(17, float);
+    s->yb = AT(13, float);
+    s->s = AT(14, float);
+    s->cache.mean = AT(15, float);
     s->cache.rstd = s->cache.mean + nk;
-    s->probs = AT(18, float);
-    s->labels = AT(19, int32_t);
+    s->cache.z = s->cache.rstd + nk;
+    s->probs = AT(16, float);
+    s->labels = AT(17, int32_t);
     s->multi_labels = (uint8_t *)(s->labels + (conf_loss ? N : 0));
-    s->present = AT(20, uint8_t);
-    s->expert_saved = AT(21, confsmoe_saved *);
+    s->present = AT(18, uint8_t);
+    s->pre_at = AT(19, size_t);
 #undef AT
-    memset(s->expert_saved, 0, E * sizeof *s->expert_saved);
     s->base.ctx = g->ctx;
     s->base.owner = g;
     s->base.release = release_saved;
@@ -390,11 +426,11 @@ static confsmoe_status check_forward(confsmoe_gate *g, const confsmoe_tensor *x,
     return csm_expect_finite(ctx, fn, "x", x);
 }
 
-/* Sorts the n*k slots by expert (stable in t, then j) and gathers each slot's input row. */
-static void dispatch(const confsmoe_gate *g, gate_saved *s, const float *x)
+/* Sorts the n*k slots by expert (stable in t, then j). */
+static void dispatch(const confsmoe_gate *g, gate_saved *s)
 {
     const int32_t E = g->n_experts, k = g->p.k;
-    const int64_t n = s->n, d = g->p.d;
+    const int64_t n = s->n;
     memset(s->offset, 0, (size_t)(E + 1) * sizeof *s->offset);
     for (int64_t i = 0; i < n * k; i++)
         s->offset[s->idx[i] + 1]++;
@@ -405,54 +441,122 @@ static void dispatch(const confsmoe_gate *g, gate_saved *s, const float *x)
         next[e] = s->offset[e];
     for (int64_t i = 0; i < n * k; i++)
         s->slot_of[next[s->idx[i]]++] = i;
-    for (int64_t r = 0; r < n * k; r++) {
-        int64_t slot = s->slot_of[r];
-        s->row_of[slot] = r;
-        /* compat: the reference ran slot j of token t on token (t k + j) mod N. */
-        int64_t src = g->p.compat ? slot % n : slot / k;
-        memcpy(s->xb + r * d, x + src * d, (size_t)d * sizeof *x);
+    for (int64_t r = 0; r < n * k; r++)
+        s->row_of[s->slot_of[r]] = r;
+}
+
+/* The input rows of expert e's block: slot j of token t runs on token t (compat: the
+ * reference ran it on token (t k + j) mod N). */
+static void gather_rows(const confsmoe_gate *g, const gate_saved *s, int32_t e, const float *x, float *out)
+{
+    const int64_t n = s->n, k = g->p.k, d = g->p.d;
+    for (int64_t r = s->offset[e]; r < s->offset[e + 1]; r++) {
+        const int64_t slot = s->slot_of[r], src = g->p.compat ? slot % n : slot / k;
+        memcpy(out + (r - s->offset[e]) * d, x + src * d, (size_t)d * sizeof *x);
     }
 }
 
-static confsmoe_status run_experts(confsmoe_gate *g, gate_saved *s, bool training)
+/* Rows of the largest expert batch, and the largest rows * h; false if that overflows. */
+static bool expert_sizes(const confsmoe_gate *g, const gate_saved *s, size_t *rows_max, size_t *rows_h_max)
 {
-    const int64_t d = g->p.d;
+    *rows_max = *rows_h_max = 0;
     for (int32_t e = 0; e < g->n_experts; e++) {
-        const int64_t rows = s->offset[e + 1] - s->offset[e];
-        if (rows == 0)
-            continue;
-        const int64_t dims[2] = {rows, d};
-        confsmoe_tensor *in = NULL, *out = NULL;
-        confsmoe_status st = confsmoe_tensor_wrap(g->ctx, CONFSMOE_F32, 2, dims, s->xb + s->offset[e] * d, &in);
-        if (st == CONFSMOE_OK)
-            st = confsmoe_tensor_wrap(g->ctx, CONFSMOE_F32, 2, dims, s->yb + s->offset[e] * d, &out);
-        if (st == CONFSMOE_OK)
-            st = confsmoe_expert_forward(g->experts[e], in, out, training ? &s->expert_saved[e] : NULL);
-        confsmoe_tensor_destroy(in);
-        confsmoe_tensor_destroy(out);
-        if (st != CONFSMOE_OK)
-            return st;
+        size_t rows = (size_t)(s->offset[e + 1] - s->offset[e]), rows_h;
+        if (!csm_mul_size(rows, (size_t)confsmoe_expert_h(g->experts[e]), &rows_h))
+            return false;
+        *rows_max = rows > *rows_max ? rows : *rows_max;
+        *rows_h_max = rows_h > *rows_h_max ? rows_h : *rows_h_max;
     }
-    return CONFSMOE_OK;
+    return true;
 }
 
-/* c per slot from the ConfNets: the slot's own value, or its expert's mean. */
-static void confidence_forward(confsmoe_gate *g, gate_saved *s)
+/* The expert pre-activations that backward needs (training): one block of n k h floats
+ * at most, expert e's at pre_at[e]. */
+static float *alloc_pre(confsmoe_gate *g, gate_saved *s)
 {
-    const int64_t d = g->p.d;
+    size_t total = 0, bytes;
     for (int32_t e = 0; e < g->n_experts; e++) {
+        size_t rows_h;
+        s->pre_at[e] = total;
+        if (!csm_mul_size((size_t)(s->offset[e + 1] - s->offset[e]), (size_t)confsmoe_expert_h(g->experts[e]),
+                          &rows_h) ||
+            total > SIZE_MAX - rows_h)
+            return NULL;
+        total += rows_h;
+    }
+    s->pre_at[g->n_experts] = total;
+    return csm_mul_size(total, sizeof(float), &bytes) ? gate_alloc(g, bytes) : NULL;
+}
+
+/* The experts of a forward call, one task per expert: its rows gathered, the expert, and
+ * under CONFIDENCE its ConfNet. Each worker has its own scratch (rows_max d floats for the
+ * rows, rows_h_max for the activation, d for the ConfNet). */
+typedef struct {
+    confsmoe_gate *g;
+    gate_saved *s;
+    const float *x;
+    float *scratch;
+    size_t rows_max, per_worker;
+} forward_task;
+
+static void confidence_block(confsmoe_gate *g, gate_saved *s, int32_t e, float *scratch);
+
+static void expert_forward_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    const forward_task *t = arg;
+    confsmoe_gate *g = t->g;
+    gate_saved *s = t->s;
+    const int64_t d = g->p.d;
+    float *xs = t->scratch + (size_t)worker * t->per_worker, *act = xs + t->rows_max * (size_t)d;
+    float *net = xs + t->per_worker - (size_t)d;
+    for (int64_t e = first; e < last; e++) {
         const int64_t begin = s->offset[e], rows = s->offset[e + 1] - begin;
         if (rows == 0)
             continue;
-        csm_confnet_cache cache = {s->cache.normed + begin * d, s->cache.mean + begin, s->cache.rstd + begin};
-        csm_confnet_forward(&g->confnets[e], s->yb + begin * d, rows, d, s->s + begin, &cache);
-        double mean = 0.0;
-        for (int64_t r = begin; r < begin + rows; r++)
-            mean += s->s[r];
-        mean /= (double)rows;
-        for (int64_t r = begin; r < begin + rows; r++)
-            s->c[s->slot_of[r]] = g->p.confidence == CONFSMOE_CONFIDENCE_EXPERT ? (float)mean : s->s[r];
+        gather_rows(g, s, (int32_t)e, t->x, xs);
+        csm_expert_forward_rows(g->experts[e], xs, rows, s->yb + begin * d,
+                                s->pre_block ? s->pre_block + s->pre_at[e] : NULL, act);
+        if (g->p.combine == CONFSMOE_COMBINE_CONFIDENCE)
+            confidence_block(g, s, (int32_t)e, net);
     }
+}
+
+/* Tokens per task of the loops over tokens. */
+#define TOKEN_GRAIN 256
+
+typedef struct {
+    const confsmoe_gate *g;
+    const gate_saved *s;
+    const float *weight;
+    float *out;
+} combine_task;
+
+static void combine_rows(void *arg, int64_t first, int64_t last, int worker)
+{
+    const combine_task *t = arg;
+    const int64_t d = t->g->p.d, k = t->g->p.k;
+    (void)worker;
+    for (int64_t tok = first; tok < last; tok++) {
+        float *o = t->out + tok * d;
+        csm_scale_copy(o, t->weight[tok * k], t->s->yb + t->s->row_of[tok * k] * d, d);
+        for (int64_t j = 1; j < k; j++)
+            csm_axpy(o, t->weight[tok * k + j], t->s->yb + t->s->row_of[tok * k + j] * d, d);
+    }
+}
+
+/* c per slot of expert e's block from its ConfNet: the slot's own value, or the expert's
+ * mean. scratch holds d floats. */
+static void confidence_block(confsmoe_gate *g, gate_saved *s, int32_t e, float *scratch)
+{
+    const int64_t d = g->p.d, begin = s->offset[e], rows = s->offset[e + 1] - begin;
+    csm_confnet_cache cache = {s->cache.mean + begin, s->cache.rstd + begin, s->cache.z + begin};
+    csm_confnet_forward(&g->confnets[e], s->yb + begin * d, rows, d, s->s + begin, &cache, scratch);
+    double mean = 0.0;
+    for (int64_t r = begin; r < begin + rows; r++)
+        mean += s->s[r];
+    mean /= (double)rows;
+    for (int64_t r = begin; r < begin + rows; r++)
+        s->c[s->slot_of[r]] = g->p.confidence == CONFSMOE_CONFIDENCE_EXPERT ? (float)mean : s->s[r];
 }
 
 /* The probability the target classifier gives the truth, per block row; also keeps probs. */
@@ -517,12 +621,17 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     const bool confidence = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE;
     const uint64_t rng_at_entry = g->ctx->rng_counter;
     gate_saved *s = alloc_saved(g, n, training);
-    double *load_work = csm_calloc(g->ctx, 2 * (size_t)E, sizeof(double));
+    /* The load-loss work. */
+    const size_t load_bytes = 2 * (size_t)E * sizeof(double);
+    double *load_work = gate_alloc(g, load_bytes);
     if (!s || !load_work) {
-        csm_free(g->ctx, s);
-        csm_free(g->ctx, load_work);
+        if (load_work)
+            gate_free_transient(g->ctx, g->arena, load_work, load_bytes);
+        if (s)
+            s->base.release(&s->base);
         return csm_fail(g->ctx, CONFSMOE_E_NOMEM, "gate_forward: out of memory for N=%" PRId64, n);
     }
+    memset(load_work, 0, 2 * (size_t)E * sizeof(double));
     const float *xin = csm_f32(x);
     if (training && n > 0) {
         memcpy(s->x, xin, x->nbytes);
@@ -553,28 +662,32 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     csm_softmax_rows(s->g, n, k);
 
     /* Experts, one batch each. */
-    dispatch(g, s, xin);
-    st = run_experts(g, s, training);
-    if (st != CONFSMOE_OK) {
+    dispatch(g, s);
+    size_t rows_max, rows_h_max, per_worker = 0, scratch_bytes = 0;
+    const int workers = csm_parallel_workers(E);
+    bool ok = expert_sizes(g, s, &rows_max, &rows_h_max);
+    float *pre = ok && training ? alloc_pre(g, s) : NULL, *scratch = NULL;
+    ok = ok && (!training || pre);
+    if (ok && csm_mul_size(rows_max, (size_t)d, &per_worker) && per_worker <= SIZE_MAX / 8 - rows_h_max - (size_t)d &&
+        csm_mul_size(per_worker + rows_h_max + (size_t)d, (size_t)workers * sizeof(float), &scratch_bytes))
+        scratch = gate_alloc(g, scratch_bytes);
+    if (!ok || !scratch) {
         /* A failed call leaves the RNG stream where it was, so a retry draws the same noise. */
         g->ctx->rng_counter = rng_at_entry;
-        csm_free(g->ctx, load_work);
+        if (pre)
+            gate_free(g->ctx, g->arena, pre);
+        gate_free_transient(g->ctx, g->arena, load_work, load_bytes);
         s->base.release(&s->base);
-        return csm_fail(g->ctx, st, "gate_forward: an expert failed: %s", confsmoe_status_string(st));
+        return csm_fail(g->ctx, CONFSMOE_E_NOMEM, "gate_forward: out of memory for the experts' activations (N=%" PRId64 ")", n);
     }
+    s->pre_block = pre;
+    forward_task task = {g, s, xin, scratch, rows_max, per_worker + rows_h_max + (size_t)d};
+    csm_parallel_for(E, 1, expert_forward_task, &task);
+    gate_free_transient(g->ctx, g->arena, scratch, scratch_bytes);
 
-    /* Combine. */
-    if (confidence)
-        confidence_forward(g, s);
-    const float *weight = confidence ? s->c : s->g;
-    float *out = csm_f32(y);
-    memset(out, 0, (size_t)(n * d) * sizeof *out);
-    for (int64_t i = 0; i < n * k; i++) {
-        const float *yr = s->yb + s->row_of[i] * d;
-        float *o = out + (i / k) * d, w = weight[i];
-        for (int64_t c = 0; c < d; c++)
-            o[c] += w * yr[c];
-    }
+    /* Combine: y_t = sum_j weight_tj y_tj, each output row written once. */
+    combine_task ct = {g, s, confidence ? s->c : s->g, csm_f32(y)};
+    csm_parallel_for(n, TOKEN_GRAIN, combine_rows, &ct);
 
     float conf = training && confidence ? confidence_loss(g, s) : 0.0f;
     float total = g->p.conf_loss_weight * conf;
@@ -582,7 +695,7 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
         csm_load_input in = load_input(g, s);
         total += g->p.load_loss_weight * csm_load_loss_forward(g->p.load_loss, &in, load_work);
     }
-    csm_free(g->ctx, load_work);
+    gate_free_transient(g->ctx, g->arena, load_work, load_bytes);
     if (loss)
         *loss = total;
     if (topk)
@@ -630,10 +743,9 @@ static confsmoe_status check_backward(confsmoe_gate *g, const confsmoe_saved *sa
     return s;
 }
 
-/* Scratch of one backward call. */
+/* Scratch of one backward call. Each worker has its own expert-sized buffers, which hold
+ * one expert's rows at a time. */
 typedef struct {
-    float *dyb;      /* [n k, d] gradient of the expert outputs, block order */
-    float *dxb;      /* [n k, d] gradient of the expert inputs, block order */
     float *dweight;  /* [n k] dL/d(combination weight) per slot */
     float *dc;       /* [n k] dL/dc per slot */
     float *ds;       /* [n k] dL/ds per block row */
@@ -641,53 +753,84 @@ typedef struct {
     float *du;       /* [n, E] dL/du_clean */
     float *dsigma;   /* [n, E] dL/dsigma (noisy) */
     float *dz;       /* [n k, C] dL/d(target logits) */
-    float *scratch;  /* max(n k (d + 1), n E) */
-    float *dx;       /* [n, d] */
-    float *expert;   /* the largest expert's rows * h */
+    float *scratch;  /* max(n E, k) for the router */
+    float *dx;       /* [n, d] when the host's dx overlaps dy or dslots */
+    float *dxb;      /* [n k, d] the experts' input gradients in block order, with several workers */
     double *work;    /* [2 E] */
+    float *worker;   /* per worker: dyb, dxb, xs [rows_max, d]; expert [2 rows_h_max]; net [2 d] */
+    size_t rows_max, per_worker;
 } backward_work;
 
+typedef struct {
+    float *dyb, *dxb, *xs, *expert, *net;
+} worker_scratch;
+
+static worker_scratch worker_of(const backward_work *w, const confsmoe_gate *g, int worker)
+{
+    const size_t d = (size_t)g->p.d, rd = w->rows_max * d;
+    float *base = w->worker + (size_t)worker * w->per_worker;
+    return (worker_scratch){base, base + rd, base + 2 * rd, base + 3 * rd, base + w->per_worker - 2 * d};
+}
+
+static bool overlaps(const confsmoe_tensor *a, const confsmoe_tensor *b)
+{
+    if (!a || !b || a->nbytes == 0 || b->nbytes == 0)
+        return false;
+    const char *pa = a->data, *pb = b->data;
+    return pa < pb + b->nbytes && pb < pa + a->nbytes;
+}
+
 /* Everything backward needs, allocated before any gradient changes: after this it cannot fail. */
-static void *backward_alloc(confsmoe_gate *g, const gate_saved *s, backward_work *w)
+static void *backward_alloc(confsmoe_gate *g, const gate_saved *s, bool own_dx, bool block_dx, int workers,
+                            backward_work *w, size_t *bytes)
 {
     const size_t E = (size_t)g->n_experts, k = (size_t)g->p.k, d = (size_t)g->p.d, N = (size_t)s->n;
     const size_t C = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE ? (size_t)g->p.n_classes : 0;
-    const size_t nk = N * k, scratch = nk * (d + 1) > N * E ? nk * (d + 1) : N * E;
-    size_t expert = 0;
-    for (int32_t e = 0; e < g->n_experts; e++) {
-        size_t rows = (size_t)(s->offset[e + 1] - s->offset[e]), need;
-        if (csm_mul_size(rows, (size_t)confsmoe_expert_h(g->experts[e]), &need) && need > expert)
-            expert = need;
-    }
-    enum { PARTS = 13 };
+    const size_t nk = N * k, scratch = N * E > k ? N * E : k;
+    size_t rows_h, rows_max, per_worker, all_workers;
+    if (!expert_sizes(g, s, &rows_max, &rows_h) || rows_h > SIZE_MAX / 4 || rows_max > SIZE_MAX / 4 / d ||
+        3 * rows_max * d > SIZE_MAX / 2 - 2 * rows_h - 2 * d)
+        return NULL;
+    per_worker = 3 * rows_max * d + 2 * rows_h + 2 * d;
+    if (!csm_mul_size(per_worker, (size_t)workers, &all_workers))
+        return NULL;
+    enum { PARTS = 12 };
     size_t at[PARTS], total = 0;
-    const size_t count[PARTS] = {nk * d, nk * d, nk, nk, nk, nk, N * E, N * E, nk * C, scratch, N * d, expert, 2 * E};
+    const size_t count[PARTS] = {nk, nk, nk, nk, N * E, N * E, nk * C, scratch, own_dx ? N * d : 0,
+                                 block_dx ? nk * d : 0, 2 * E, all_workers};
     for (int i = 0; i < PARTS; i++)
-        if (!csm_layout_add(&total, count[i], i == PARTS - 1 ? sizeof(double) : sizeof(float), &at[i]))
+        if (!csm_layout_add(&total, count[i], i == PARTS - 2 ? sizeof(double) : sizeof(float), &at[i]))
             return NULL;
-    char *block = csm_calloc(g->ctx, 1, total);
+    char *block = gate_alloc(g, total);
     if (!block)
         return NULL;
-    float **f[PARTS - 1] = {&w->dyb, &w->dxb, &w->dweight, &w->dc, &w->ds,      &w->dg,    &w->du,
-                            &w->dsigma, &w->dz, &w->scratch, &w->dx, &w->expert};
-    for (int i = 0; i < PARTS - 1; i++)
+    *bytes = total;
+    float **f[] = {&w->dweight, &w->dc, &w->ds, &w->dg, &w->du, &w->dsigma, &w->dz, &w->scratch, &w->dx, &w->dxb};
+    for (size_t i = 0; i < sizeof f / sizeof *f; i++)
         *f[i] = (float *)(block + at[i]);
-    w->work = (double *)(block + at[PARTS - 1]);
+    w->work = (double *)(block + at[PARTS - 2]);
+    w->worker = (float *)(block + at[PARTS - 1]);
+    w->rows_max = rows_max;
+    w->per_worker = per_worker;
+    /* Zero what accumulates: dg, du and dsigma are contiguous, dz comes next. */
+    memset(w->dg, 0, at[6] - at[3]);
+    memset(w->work, 0, 2 * E * sizeof(double));
     return block;
 }
 
-/* Confidence loss backward: adds to dc (and, unless detached, to the target classifier and dyb). */
-static void confidence_loss_backward(confsmoe_gate *g, const gate_saved *s, float dloss, backward_work *w)
+/* One expert's rows of the confidence loss backward: adds to dc and writes dz (zero rows
+ * for absent tokens, or when the target is detached). */
+static void confidence_loss_rows(const confsmoe_gate *g, const gate_saved *s, float scale, int64_t begin,
+                                 int64_t end, backward_work *w)
 {
-    const int64_t k = g->p.k, C = g->p.n_classes, rows = s->n * k, d = g->p.d;
-    if (!s->conf_loss || s->den == 0.0f)
-        return;
-    const float scale = dloss * g->p.conf_loss_weight * 2.0f / s->den;
-    for (int64_t r = 0; r < rows; r++) {
+    const int64_t k = g->p.k, C = g->p.n_classes;
+    for (int64_t r = begin; r < end; r++) {
         const int64_t slot = s->slot_of[r], t = slot / k;
         float *dz = w->dz + r * C;
-        if (!s->present[t])
+        if (!s->present[t]) {
+            memset(dz, 0, (size_t)C * sizeof *dz);
             continue;
+        }
         const float diff = s->c[slot] - target_probability(g, s, r);
         w->dc[slot] += scale * diff;
         if (g->p.detach_target)
@@ -705,35 +848,6 @@ static void confidence_loss_backward(confsmoe_gate *g, const gate_saved *s, floa
                 dz[l] = dp / (float)C * (truth[l] ? 1.0f : -1.0f) * prob[l] * (1.0f - prob[l]);
         }
     }
-    if (g->p.detach_target)
-        return;
-    csm_gemm(true, false, C, d, rows, 1.0f, w->dz, s->yb, 1.0f, csm_f32(g->target_dw));
-    csm_add_column_sums(csm_f32(g->target_db), w->dz, rows, C);
-    csm_gemm(false, false, rows, d, C, 1.0f, w->dz, csm_f32(g->target_w), 1.0f, w->dyb);
-}
-
-static void confidence_backward(confsmoe_gate *g, const gate_saved *s, backward_work *w)
-{
-    const int64_t d = g->p.d;
-    for (int32_t e = 0; e < g->n_experts; e++) {
-        const int64_t begin = s->offset[e], rows = s->offset[e + 1] - begin;
-        if (rows == 0)
-            continue;
-        double sum = 0.0;
-        for (int64_t r = begin; r < begin + rows; r++)
-            sum += w->dc[s->slot_of[r]];
-        for (int64_t r = begin; r < begin + rows; r++)
-            w->ds[r] = g->p.confidence == CONFSMOE_CONFIDENCE_EXPERT ? (float)(sum / (double)rows)
-                                                                      : w->dc[s->slot_of[r]];
-        const csm_confnet_cache cache = {s->cache.normed + begin * d, s->cache.mean + begin, s->cache.rstd + begin};
-        csm_confnet_backward(&g->confnets[e], s->yb + begin * d, rows, d, s->s + begin, w->ds + begin, &cache,
-                             w->dyb + begin * d, w->scratch);
-    }
-}
-
-static bool router_learns(const confsmoe_gate *g)
-{
-    return g->p.combine == CONFSMOE_COMBINE_ROUTER_SOFTMAX || g->p.router_grad != CONFSMOE_ROUTER_GRAD_FROZEN;
 }
 
 /* dL/du over the kept logits of each token, scattered into du [n, E]. */
@@ -763,13 +877,106 @@ static void router_logit_grads(const confsmoe_gate *g, const gate_saved *s, back
     }
 }
 
-static void run_expert_backward(confsmoe_gate *g, gate_saved *s, backward_work *w)
+/* Everything downstream of expert e's rows, one expert at a time: the combination, the
+ * confidence loss, the ConfNet, then the expert itself. Its input gradient goes to dxb
+ * (block rows, when not NULL), or is added into dx straight away (when not NULL). */
+static void expert_block_backward(confsmoe_gate *g, gate_saved *s, int32_t e, const float *gy, const float *gslots,
+                                  float loss_scale, bool loss_active, float *dx, float *dxb, backward_work *w,
+                                  const worker_scratch *ws)
 {
-    const int64_t d = g->p.d;
-    for (int32_t e = 0; e < g->n_experts; e++)
-        if (s->offset[e + 1] > s->offset[e])
-            csm_expert_backward_rows(g->experts[e], s->expert_saved[e], w->dyb + s->offset[e] * d,
-                                     w->dxb + s->offset[e] * d, w->expert);
+    const int32_t k = g->p.k;
+    const int64_t n = s->n, d = g->p.d, C = g->p.n_classes;
+    const int64_t begin = s->offset[e], end = s->offset[e + 1], rows = end - begin;
+    const bool confidence = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE;
+    const float *weight = confidence ? s->c : s->g;
+    /* The combination y_t = sum_j weight_j y_j (plus the slots output). */
+    for (int64_t r = begin; r < end; r++) {
+        const int64_t i = s->slot_of[r];
+        const float *go = gy + (i / k) * d;
+        float *dyr = ws->dyb + (r - begin) * d;
+        w->dweight[i] = (float)csm_dot(go, s->yb + r * d, d);
+        csm_scale_copy(dyr, weight[i], go, d);
+        if (gslots)
+            csm_axpy(dyr, 1.0f, gslots + i * d, d);
+    }
+    if (confidence) {
+        for (int64_t r = begin; r < end; r++)
+            w->dc[s->slot_of[r]] = w->dweight[s->slot_of[r]];
+        if (loss_active) {
+            confidence_loss_rows(g, s, loss_scale, begin, end, w);
+            if (!g->p.detach_target)
+                csm_gemm(false, false, rows, d, C, 1.0f, w->dz + begin * C, csm_f32(g->target_w), 1.0f, ws->dyb);
+        }
+        double sum = 0.0;
+        for (int64_t r = begin; r < end; r++)
+            sum += w->dc[s->slot_of[r]];
+        for (int64_t r = begin; r < end; r++)
+            w->ds[r] = g->p.confidence == CONFSMOE_CONFIDENCE_EXPERT ? (float)(sum / (double)rows)
+                                                                      : w->dc[s->slot_of[r]];
+        const csm_confnet_cache cache = {s->cache.mean + begin, s->cache.rstd + begin, s->cache.z + begin};
+        csm_confnet_backward(&g->confnets[e], s->yb + begin * d, rows, d, s->s + begin, w->ds + begin, &cache,
+                             ws->dyb, ws->net);
+    }
+    /* The expert, then its input gradient back to the tokens. */
+    gather_rows(g, s, e, s->x, ws->xs);
+    float *out = dxb ? dxb + begin * d : dx ? ws->dxb : NULL;
+    csm_expert_backward_rows(g->experts[e], ws->xs, s->pre_block + s->pre_at[e], rows, ws->dyb, out, ws->expert);
+    if (dxb || !dx)
+        return;
+    for (int64_t r = begin; r < end; r++) {
+        const int64_t i = s->slot_of[r];
+        csm_axpy(dx + (g->p.compat ? i % n : i / k) * d, 1.0f, ws->dxb + (r - begin) * d, d);
+    }
+}
+
+typedef struct {
+    confsmoe_gate *g;
+    gate_saved *s;
+    const float *gy, *gslots;
+    float loss_scale;
+    bool loss_active;
+    float *dx, *dxb;
+    backward_work *w;
+} backward_task;
+
+static void expert_backward_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    const backward_task *t = arg;
+    const worker_scratch ws = worker_of(t->w, t->g, worker);
+    for (int64_t e = first; e < last; e++)
+        if (t->s->offset[e + 1] > t->s->offset[e])
+            expert_block_backward(t->g, t->s, (int32_t)e, t->gy, t->gslots, t->loss_scale, t->loss_active, t->dx,
+                                  t->dxb, t->w, &ws);
+}
+
+/* dx_t += the input gradients of token t's k slots, in block-row order (the order in which
+ * one worker, expert after expert, would have added them). */
+typedef struct {
+    const confsmoe_gate *g;
+    const gate_saved *s;
+    const float *dxb;
+    float *dx;
+} scatter_task;
+
+static void scatter_rows(void *arg, int64_t first, int64_t last, int worker)
+{
+    const scatter_task *t = arg;
+    const int64_t d = t->g->p.d, k = t->g->p.k;
+    (void)worker;
+    for (int64_t tok = first; tok < last; tok++) {
+        int64_t last_row = -1;
+        for (int64_t taken = 0; taken < k; taken++) {
+            /* The next row of this token after last_row (k is small: a scan per row). */
+            int64_t next = INT64_MAX;
+            for (int64_t j = 0; j < k; j++) {
+                const int64_t r = t->s->row_of[tok * k + j];
+                if (r > last_row && r < next)
+                    next = r;
+            }
+            csm_axpy(t->dx + tok * d, 1.0f, t->dxb + next * d, d);
+            last_row = next;
+        }
+    }
 }
 
 confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, const confsmoe_tensor *dy,
@@ -782,34 +989,45 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
         return st;
     gate_saved *s = (gate_saved *)saved;
     const int32_t k = g->p.k;
-    const int64_t n = s->n, d = g->p.d;
+    const int64_t n = s->n, d = g->p.d, C = g->p.n_classes;
     const bool confidence = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE;
+    /* dx is written in place unless the host passed it overlapping an input. With several
+     * workers, the experts' input gradients are kept in block order and summed afterwards in
+     * the order one worker would have used, so the result does not depend on the threads. */
+    const bool own_dx = dx && (overlaps(dx, dy) || overlaps(dx, dslots));
+    const int workers = csm_parallel_workers(g->n_experts);
+    const bool block_dx = dx && workers > 1;
     backward_work w;
-    void *block = backward_alloc(g, s, &w);
+    size_t block_bytes = 0;
+    void *block = backward_alloc(g, s, own_dx, block_dx, workers, &w, &block_bytes);
     if (!block)
         return csm_fail(g->ctx, CONFSMOE_E_NOMEM, "gate_backward: out of memory for N=%" PRId64, n);
     saved->consumed = true;
+    float *gx = dx ? (own_dx ? w.dx : csm_f32(dx)) : NULL;
+    if (gx)
+        memset(gx, 0, (size_t)(n * d) * sizeof *gx);
 
-    /* Combine: y_t = sum_j weight_j y_j. */
-    const float *weight = confidence ? s->c : s->g, *gy = csm_f32(dy);
-    for (int64_t i = 0; i < n * k; i++) {
-        const int64_t r = s->row_of[i];
-        const float *go = gy + (i / k) * d, *yr = s->yb + r * d;
-        float *dyr = w.dyb + r * d;
-        double dot = 0.0;
-        for (int64_t c = 0; c < d; c++) {
-            dot += (double)go[c] * yr[c];
-            dyr[c] = weight[i] * go[c];
+    const bool loss_active = confidence && s->conf_loss && s->den != 0.0f;
+    const float loss_scale = loss_active ? dloss * g->p.conf_loss_weight * 2.0f / s->den : 0.0f;
+    backward_task task = {g, s, csm_f32(dy), dslots ? csm_f32(dslots) : NULL, loss_scale, loss_active, gx,
+                          block_dx ? w.dxb : NULL, &w};
+    csm_parallel_for(g->n_experts, 1, expert_backward_task, &task);
+    if (block_dx) {
+        if (g->p.compat) {
+            for (int64_t r = 0; r < n * k; r++) {
+                const int64_t i = s->slot_of[r];
+                csm_axpy(gx + (i % n) * d, 1.0f, w.dxb + r * d, d);
+            }
+        } else {
+            scatter_task st = {g, s, w.dxb, gx};
+            csm_parallel_for(n, TOKEN_GRAIN, scatter_rows, &st);
         }
-        if (dslots)
-            for (int64_t c = 0; c < d; c++)
-                dyr[c] += csm_f32(dslots)[i * d + c];
-        w.dweight[i] = (float)dot;
+    }
+    if (loss_active && !g->p.detach_target) {
+        csm_gemm(true, false, C, d, n * k, 1.0f, w.dz, s->yb, 1.0f, csm_f32(g->target_dw));
+        csm_add_column_sums(csm_f32(g->target_db), w.dz, n * k, C);
     }
     if (confidence) {
-        memcpy(w.dc, w.dweight, (size_t)(n * k) * sizeof(float));
-        confidence_loss_backward(g, s, dloss, &w);
-        confidence_backward(g, s, &w);
         /* For the score term, a_j = c_j (dy . y_j). */
         for (int64_t i = 0; i < n * k; i++)
             w.dweight[i] *= s->c[i];
@@ -823,19 +1041,11 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
             csm_load_loss_backward(g->p.load_loss, &in, dloss * g->p.load_loss_weight, w.work, w.dg, w.du, w.dsigma);
         }
         router_logit_grads(g, s, &w);
-        csm_router_backward(&g->router, s->x, n, s->u_clean, s->h, w.du, s->eps ? w.dsigma : NULL, w.dx, w.scratch);
+        csm_router_backward(&g->router, s->x, n, s->u_clean, s->h, w.du, s->eps ? w.dsigma : NULL, gx, w.scratch);
     }
-
-    run_expert_backward(g, s, &w);
-    for (int64_t i = 0; i < n * k; i++) {
-        const float *src = w.dxb + s->row_of[i] * d;
-        float *dst = w.dx + (g->p.compat ? i % n : i / k) * d;
-        for (int64_t c = 0; c < d; c++)
-            dst[c] += src[c];
-    }
-    if (dx)
+    if (own_dx)
         memcpy(dx->data, w.dx, dx->nbytes);
-    csm_free(g->ctx, block);
+    gate_free_transient(g->ctx, g->arena, block, block_bytes);
     return CONFSMOE_OK;
 }
 

@@ -5,6 +5,20 @@
 #include <stdbool.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+
+/* Elementwise kernels are written as loops over fixed chunks of CSM_CHUNK elements, which
+ * GCC vectorises at -O2 (its "very cheap" cost model needs a trip count that is a multiple
+ * of the vector length), then a scalar tail. With GCC on x86-64 Linux the hot ones are
+ * also compiled for AVX2+FMA (x86-64-v3) and AVX-512 (x86-64-v4) and picked at load time
+ * from the CPU (an ifunc); the arithmetic is the same, element for element, in every
+ * version (no contraction into FMA in ISO C mode, no reassociation). */
+#define CSM_CHUNK 16
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
+#define CSM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CSM_SIMD_CLONES
+#endif
 
 /* Row-major C[m,n] = alpha * op(A) op(B) + beta * C through BLIS.
  * op(A) is [m,k]: A is stored [m,k] (lda = k), or [k,m] (lda = m) when trans_a.
@@ -15,17 +29,35 @@ void csm_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float
 void csm_gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                  int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 
+/* The library's own threads: opt-in with CONFSMOE_NUM_THREADS=n (read once; default 1,
+ * none). csm_parallel_for runs fn over [0, n) in chunks of `grain` items, claimed in order
+ * by up to csm_parallel_workers(n) workers (the caller is worker 0); a worker index is in
+ * [0, workers). Inside a worker BLIS runs on one thread, so that the workers and BLIS
+ * never oversubscribe the cores; nested calls run inline. The items must be independent:
+ * which worker runs which item may change from run to run. */
+typedef void (*csm_task_fn)(void *arg, int64_t begin, int64_t end, int worker);
+int csm_num_threads(void);
+int csm_parallel_workers(int64_t n);
+void csm_parallel_for(int64_t n, int64_t grain, csm_task_fn fn, void *arg);
+
 /* Each row of out[rows, cols] = bias[cols]. */
 void csm_broadcast_rows(float *out, const float *bias, int64_t rows, int64_t cols);
 /* acc[cols] += column sums of x[rows, cols]. */
 void csm_add_column_sums(float *acc, const float *x, int64_t rows, int64_t cols);
+/* Each row of x[rows, cols] += bias[cols]. */
+void csm_add_rows(float *x, const float *bias, int64_t rows, int64_t cols);
 
-/* Exact GELU, 0.5 a (1 + erf(a / sqrt 2)). */
+/* Exact GELU, 0.5 a (1 + erf(a / sqrt 2)) = a Phi(a). */
 void csm_gelu_forward(const float *a, float *out, int64_t n);
-/* da = dout * GELU'(a). */
+/* da = dout * GELU'(a), GELU'(a) = Phi(a) + a phi(a). */
 void csm_gelu_backward(const float *a, const float *dout, float *da, int64_t n);
-
-#endif /* CONFSMOE_KERNELS_H */
+/* One pass over buf[rows, cols] holding x W^T (no bias): with a = buf + bias (per column),
+ * act = GELU(a), and buf becomes a when keep_pre; otherwise act may be buf itself (in place). */
+void csm_bias_gelu(float *buf, const float *bias, float *act, int64_t rows, int64_t cols, bool keep_pre);
+/* act = GELU(pre), then pre = GELU'(pre), in one pass over n elements. */
+void csm_gelu_act_grad(float *pre, float *act, int64_t n);
+/* d[rows, cols] *= g[rows, cols], and acc[cols] += the column sums of the product. */
+void csm_mul_colsum(float *d, const float *g, float *acc, int64_t rows, int64_t cols);
 
 /* LayerNorm over rows of x[rows, cols] with eps; keeps mean and 1/std per row for backward. */
 void csm_layernorm_forward(const float *x, const float *gamma, const float *beta, float *out, float *mean,
@@ -34,12 +66,109 @@ void csm_layernorm_forward(const float *x, const float *gamma, const float *beta
 void csm_layernorm_backward(const float *x, const float *mean, const float *rstd, const float *gamma,
                             const float *dout, float *dx, float *dgamma, float *dbeta, int64_t rows, int64_t cols,
                             bool accumulate);
+/* Mean and 1/std of each row, as csm_layernorm_forward computes them. */
+void csm_row_stats(const float *x, float *mean, float *rstd, int64_t rows, int64_t cols, float eps);
 
 /* In place softmax of each row of x[rows, cols]. */
 void csm_softmax_rows(float *x, int64_t rows, int64_t cols);
 /* Given p = softmax(u) and dp, writes du = p * (dp - <p, dp>) for one row of n. */
 void csm_softmax_backward_row(const float *p, const float *dp, float *du, int64_t n);
 
+/* sum_i a[i] b[i], accumulated in double. */
+double csm_dot(const float *a, const float *b, int64_t n);
+/* y[i] += alpha x[i]. */
+void csm_axpy(float *y, float alpha, const float *x, int64_t n);
+/* y[i] = alpha x[i]. */
+void csm_scale_copy(float *y, float alpha, const float *x, int64_t n);
+/* y[i] = a[i] + b[i] (no overlaps). */
+void csm_add(float *y, const float *a, const float *b, int64_t n);
+
 static inline float csm_sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 /* log(1 + e^v) without overflow. */
 static inline float csm_softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+
+/* The ctx's counter-based uniform stream of lib/rng.c, inline: output i of the stream
+ * with key `key` is mix64(key + i * golden); csm_rng_uniform(ctx, 0, 1) is its top 24
+ * bits times 2^-24. Kernels that draw many values use this to vectorise the draws. */
+static inline uint64_t csm_mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
+    return z ^ (z >> 31);
+}
+
+/* Dropout with draws keep [n] (0 or 1) and scale 1 / (1 - p): y = x keep scale;
+ * the same in place; y = base + x keep scale. */
+void csm_mask_scale(float *y, const float *x, const uint8_t *keep, float scale, int64_t n);
+void csm_mask_scale_inplace(float *y, const uint8_t *keep, float scale, int64_t n);
+void csm_add_masked(float *y, const float *base, const float *x, const uint8_t *keep, float scale, int64_t n);
+
+/* keep[i] = 1 when draw (counter + i) of the stream is >= p (the same test as
+ * csm_rng_uniform(ctx, 0, 1) >= p), else 0, for i < n. */
+void csm_dropout_mask(uint64_t key, uint64_t counter, float p, uint8_t *keep, int64_t n);
+
+/* ------------------------------------------------------------------ scratch arena
+ *
+ * A bump allocator over one block that a layer lends to a child for the length of a call
+ * (the model lends one to its gate for a training step, so that the gate's per-call blocks
+ * do not hit fresh pages every step). Requests that do not fit return NULL and the caller
+ * falls back to csm_alloc, so correctness never depends on its size; `wanted` records how
+ * big it would have had to be. Freeing the most recent block rolls it back; others are
+ * released by csm_arena_reset. */
+typedef struct {
+    char *base;
+    size_t size;      /* bytes at base */
+    size_t used;      /* the top */
+    size_t last;      /* offset of the most recent block (rolled back on free) */
+    size_t missed;    /* bytes requested since the reset that did not fit */
+    size_t wanted;    /* high-water mark of used + missed since the reset */
+} csm_arena;
+
+static inline void *csm_arena_alloc(csm_arena *a, size_t bytes)
+{
+    const size_t rounded = (bytes + 63) & ~(size_t)63;
+    if (rounded < bytes)
+        return NULL;
+    if (a->size - a->used < rounded) {
+        a->missed = a->missed + rounded < a->missed ? SIZE_MAX : a->missed + rounded;
+        a->wanted = a->used + a->missed > a->wanted ? a->used + a->missed : a->wanted;
+        return NULL;
+    }
+    void *p = a->base + a->used;
+    a->last = a->used;
+    a->used += rounded;
+    a->wanted = a->used + a->missed > a->wanted ? a->used + a->missed : a->wanted;
+    return p;
+}
+
+static inline bool csm_arena_owns(const csm_arena *a, const void *p)
+{
+    return a && a->base && (const char *)p >= a->base && (const char *)p < a->base + a->size;
+}
+
+static inline void csm_arena_free(csm_arena *a, void *p)
+{
+    if ((char *)p == a->base + a->last && a->last < a->used) {
+        a->used = a->last;
+        a->last = a->used;
+    }
+}
+
+/* A block of `bytes` that did not fit (it came from csm_alloc) was freed. */
+static inline void csm_arena_forget(csm_arena *a, size_t bytes)
+{
+    const size_t rounded = (bytes + 63) & ~(size_t)63;
+    a->missed = a->missed > rounded ? a->missed - rounded : 0;
+}
+
+static inline void csm_arena_reset(csm_arena *a)
+{
+    a->used = a->last = a->missed = a->wanted = 0;
+}
+
+/* Private hook: the arena the gate allocates its per-call blocks from (NULL: none). Every
+ * saved handle made while it is set must be destroyed before the arena is reset. */
+struct confsmoe_gate;
+void csm_gate_set_arena(struct confsmoe_gate *g, csm_arena *arena);
+
+#endif /* CONFSMOE_KERNELS_H */

@@ -36,6 +36,14 @@ struct confsmoe_model {
     int64_t *pool_rows;
     float **pool_mean;            /* [M] mean of each pool, [S F_m] */
     csm_params params;
+    /* The step's workspace and gradient blocks, kept from one call to the next (grown when
+     * a bigger batch comes, freed by destroy): a training loop then touches fresh pages only
+     * on its first step. */
+    void *ws_cache, *grad_cache;
+    size_t ws_cache_size, grad_cache_size;
+    /* Lent to the gate during a step for its per-call blocks; sized from the previous step. */
+    csm_arena gate_arena;
+    size_t gate_arena_target;
 };
 
 /* ------------------------------------------------------------------ parameters */
@@ -150,6 +158,9 @@ void confsmoe_model_destroy(confsmoe_model *model)
     csm_free(ctx, model->pool_rows);
     csm_free(ctx, model->experts);
     csm_free(ctx, model->enc);
+    csm_free(ctx, model->ws_cache);
+    csm_free(ctx, model->grad_cache);
+    csm_free(ctx, model->gate_arena.base);
     csm_free(ctx, model->features);
     csm_free(ctx, model);
 }
@@ -368,8 +379,17 @@ confsmoe_status confsmoe_model_set_pool(confsmoe_model *model, int32_t m, const 
 
 /* ------------------------------------------------------------------ workspace */
 
+typedef struct gradients gradients;
+typedef gradients *gradients_ptr;
+
 /* Everything one forward computes and its backward reads. Rows of [B L, d] arrays are
- * (sample b, token l) with l = m S + s; per-modality arrays are [M, B S, ...]. */
+ * (sample b, token l) with l = m S + s; per-modality arrays are [M, B S, ...].
+ *
+ * Memory: the attention weights are not kept. Forward computes them one (sample, head) at
+ * a time in an L x L scratch, and backward recomputes them the same way (one more Q K^T and
+ * softmax per head, bit-identical). Dropout masks are not kept either: the ctx RNG is
+ * counter-based, so backward regenerates the very same draws from the counter values that
+ * forward recorded. */
 typedef struct {
     int64_t B;
     bool training;
@@ -377,14 +397,17 @@ typedef struct {
     float *tok;             /* [B S, d] scratch for one modality's encoder output */
     float *X, *Xn, *ln1_stats;          /* [B L, d], [B L, d], [2 B L] */
     float *Q, *K, *V, *ctx_;            /* [B L, d] */
-    float *P, *P_keep, *P_drop;         /* [B heads L L]: softmax weights, dropout scale and the
-                                           dropped weights (both NULL without dropout) */
-    float *A, *A_keep;                  /* [B L, d]: attention output, dropout scale (or NULL) */
-    float *H;                           /* [B L, d] after attention */
-    float *Hm, *Z, *ln2_stats, *F, *sum_, *ln3_stats;  /* [M, B S, d] and [M, 2 B S] */
-    float *H2;                          /* [B L, d] after the MoE layer */
+    int workers;                        /* of the model's own threads (CONFSMOE_NUM_THREADS) */
+    float *scratch;                     /* per worker: P, dropped P, dP [L, L] each, then the
+                                           dropout draws [max(L L, d)] (bytes) */
+    size_t scratch_stride;              /* floats per worker */
+    bool dropout;                       /* training with dropout > 0 */
+    uint64_t attn_counter, resid_counter; /* ctx RNG counter of the first attention / residual draw */
+    float *Hm, *sum_, *ln2_stats, *ln3_stats;  /* [M, B S, d], [M, B S, d], [M, 2 B S] x 2 */
+    float *Z, *F;                       /* [B S, d] scratch of one gate call */
+    float *H2;                          /* [B L, d] the attention output, then the MoE layer's output,
+                                           then (in place) after stage 2 */
     float *slots;                       /* [M, B S, k, d] */
-    float *H3;                          /* [B L, d] after stage 2 */
     float *pooled, *r, *rn, *ln_out_stats, *logits;  /* [B, M d], [B, d], [B, d], [2 B], [B, C] */
     int32_t *tok_labels;                /* [B S] */
     uint8_t *tok_multi_labels;          /* [B S, C] */
@@ -394,12 +417,29 @@ typedef struct {
     confsmoe_saved *imputer_saved;
 } workspace;
 
+/* A block of at least `need` bytes from the model's cache (allocated or grown on demand). */
+static void *cached_block(confsmoe_model *model, void **cache, size_t *size, size_t need)
+{
+    if (*cache && *size >= need)
+        return *cache;
+    void *block = csm_alloc(model->ctx, need);
+    if (!block)
+        return NULL;
+    csm_free(model->ctx, *cache);
+    *cache = block;
+    *size = need;
+    return block;
+}
+
 static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, workspace *w)
 {
     const confsmoe_model_params *p = &model->p;
     const size_t M = (size_t)p->n_modalities, S = (size_t)p->tokens, d = (size_t)p->d, L = M * S;
-    const size_t k = (size_t)p->k, C = (size_t)p->n_classes, H = (size_t)p->heads, b = (size_t)B;
-    size_t total = 0, at[24], n = 0;
+    const size_t k = (size_t)p->k, C = (size_t)p->n_classes, b = (size_t)B;
+    const size_t keep = L * L > d ? L * L : d;
+    const int workers = csm_parallel_workers(B);
+    const size_t stride = 3 * L * L + (keep + 3) / 4;
+    size_t total = 0, at[22], n = 0;
     size_t x_total = 0;
     for (size_t m = 0; m < M; m++)
         x_total += b * S * (size_t)model->features[m];
@@ -414,33 +454,30 @@ static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, wo
     RESERVE(b * L * d, sizeof(float));             /* 3 Xn */
     RESERVE(2 * b * L, sizeof(float));             /* 4 ln1 */
     RESERVE(4 * b * L * d, sizeof(float));         /* 5 Q K V ctx */
-    RESERVE(b * H * L * L, sizeof(float));         /* 6 P */
-    RESERVE(training && p->dropout > 0.0f ? b * H * L * L : 0, sizeof(float)); /* 7 P_keep */
-    RESERVE(b * L * d, sizeof(float));             /* 8 A */
-    RESERVE(training && p->dropout > 0.0f ? b * L * d : 0, sizeof(float));     /* 9 A_keep */
-    RESERVE(b * L * d, sizeof(float));             /* 10 H */
-    RESERVE(4 * M * b * S * d, sizeof(float));     /* 11 Hm Z F sum */
-    RESERVE(4 * M * b * S, sizeof(float));         /* 12 ln2 ln3 */
-    RESERVE(b * L * d, sizeof(float));             /* 13 H2 */
-    RESERVE(M * b * S * k * d, sizeof(float));     /* 14 slots */
-    RESERVE(b * L * d, sizeof(float));             /* 15 H3 */
-    RESERVE(b * M * d + 2 * b * d + 2 * b + b * C, sizeof(float)); /* 16 pooled r rn ln_out logits */
-    RESERVE(b * S, sizeof(int32_t));               /* 17 tok_labels */
-    RESERVE(b * S * C, sizeof(uint8_t));           /* 18 tok_multi_labels */
-    RESERVE(b * S, sizeof(uint8_t));               /* 19 tok_present */
-    RESERVE(M, sizeof(float));                     /* 20 gate_weight */
-    RESERVE(M, sizeof(confsmoe_saved *));          /* 21 gate_saved */
-    RESERVE(M, sizeof(float *));                   /* 22 x */
-    RESERVE(training && p->dropout > 0.0f ? b * H * L * L : 0, sizeof(float)); /* 23 P_drop */
+    RESERVE(stride * (size_t)workers, sizeof(float)); /* 6 per-worker scratch */
+    RESERVE(0, sizeof(uint8_t));                   /* 7 (unused) */
+    RESERVE(2 * M * b * S * d, sizeof(float));     /* 8 Hm sum */
+    RESERVE(4 * M * b * S, sizeof(float));         /* 9 ln2 ln3 */
+    RESERVE(2 * b * S * d, sizeof(float));         /* 10 Z F */
+    RESERVE(b * L * d, sizeof(float));            /* 11 H2 */
+    RESERVE(M * b * S * k * d, sizeof(float));     /* 12 slots */
+    RESERVE(b * M * d + 2 * b * d + 2 * b + b * C, sizeof(float)); /* 13 pooled r rn ln_out logits */
+    RESERVE(b * S, sizeof(int32_t));               /* 14 tok_labels */
+    RESERVE(b * S * C, sizeof(uint8_t));           /* 15 tok_multi_labels */
+    RESERVE(b * S, sizeof(uint8_t));               /* 16 tok_present */
+    RESERVE(M, sizeof(float));                     /* 17 gate_weight */
+    RESERVE(M, sizeof(confsmoe_saved *));          /* 18 gate_saved */
+    RESERVE(M, sizeof(float *));                   /* 19 x */
 #undef RESERVE
-    char *block = csm_calloc(model->ctx, 1, total);
+    char *block = cached_block(model, &model->ws_cache, &model->ws_cache_size, total);
     if (!block)
         return NULL;
     memset(w, 0, sizeof *w);
     w->B = B;
     w->training = training;
+    w->dropout = training && p->dropout > 0.0f;
 #define AT(i, type) ((type *)(block + at[i]))
-    w->x = AT(22, float *);
+    w->x = AT(19, float *);
     float *x = AT(0, float);
     for (size_t m = 0; m < M; m++) {
         w->x[m] = x;
@@ -454,41 +491,38 @@ static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, wo
     w->K = w->Q + b * L * d;
     w->V = w->K + b * L * d;
     w->ctx_ = w->V + b * L * d;
-    w->P = AT(6, float);
-    w->P_keep = training && p->dropout > 0.0f ? AT(7, float) : NULL;
-    w->P_drop = training && p->dropout > 0.0f ? AT(23, float) : NULL;
-    w->A = AT(8, float);
-    w->A_keep = training && p->dropout > 0.0f ? AT(9, float) : NULL;
-    w->H = AT(10, float);
-    w->Hm = AT(11, float);
-    w->Z = w->Hm + M * b * S * d;
-    w->F = w->Z + M * b * S * d;
-    w->sum_ = w->F + M * b * S * d;
-    w->ln2_stats = AT(12, float);
+    w->workers = workers;
+    w->scratch = AT(6, float);
+    w->scratch_stride = stride;
+    w->Hm = AT(8, float);
+    w->sum_ = w->Hm + M * b * S * d;
+    w->ln2_stats = AT(9, float);
     w->ln3_stats = w->ln2_stats + 2 * M * b * S;
-    w->H2 = AT(13, float);
-    w->slots = AT(14, float);
-    w->H3 = AT(15, float);
-    w->pooled = AT(16, float);
+    w->Z = AT(10, float);
+    w->F = w->Z + b * S * d;
+    w->H2 = AT(11, float);
+    w->slots = AT(12, float);
+    w->pooled = AT(13, float);
     w->r = w->pooled + b * M * d;
     w->rn = w->r + b * d;
     w->ln_out_stats = w->rn + b * d;
     w->logits = w->ln_out_stats + 2 * b;
-    w->tok_labels = AT(17, int32_t);
-    w->tok_multi_labels = AT(18, uint8_t);
-    w->tok_present = AT(19, uint8_t);
-    w->gate_weight = AT(20, float);
-    w->gate_saved = AT(21, confsmoe_saved *);
+    w->tok_labels = AT(14, int32_t);
+    w->tok_multi_labels = AT(15, uint8_t);
+    w->tok_present = AT(16, uint8_t);
+    w->gate_weight = AT(17, float);
+    w->gate_saved = AT(18, confsmoe_saved *);
+    memset(w->gate_saved, 0, M * sizeof *w->gate_saved);
 #undef AT
     return block;
 }
 
-static void workspace_release(confsmoe_model *model, workspace *w, void *block)
+/* The saved handles of the call; the block itself stays in the model's cache. */
+static void workspace_release(confsmoe_model *model, workspace *w)
 {
     for (int32_t m = 0; w->gate_saved && m < model->p.n_modalities; m++)
         confsmoe_saved_destroy(w->gate_saved[m]);
     confsmoe_saved_destroy(w->imputer_saved);
-    csm_free(model->ctx, block);
 }
 
 /* ------------------------------------------------------------------ small layers */
@@ -655,50 +689,110 @@ static confsmoe_status stage_one(confsmoe_model *model, const confsmoe_tensor *c
     return s;
 }
 
+/* One worker's attention scratch. */
+typedef struct {
+    float *P, *P_w, *dP;  /* [L, L] */
+    uint8_t *keep;        /* [max(L L, d)] */
+} attn_scratch;
+
+static attn_scratch scratch_of(const confsmoe_model *model, const workspace *w, int worker)
+{
+    const int64_t L = model->tokens_total;
+    float *base = w->scratch + (size_t)worker * w->scratch_stride;
+    return (attn_scratch){base, base + L * L, base + 2 * L * L, (uint8_t *)(base + 3 * L * L)};
+}
+
+/* The weights of head h of sample b: P = softmax(scale Q K^T) into a->P, and into a->P_w the
+ * dropped weights P keep / (1 - p) with the draws of this head (when dropout is on).
+ * Forward and backward call it alike, so backward sees exactly forward's weights. */
+static const float *attention_weights(const confsmoe_model *model, const workspace *w, const attn_scratch *a,
+                                      int64_t b, int64_t h)
+{
+    const int64_t L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
+    const float scale = 1.0f / sqrtf((float)dh);
+    const int64_t off = b * L * d + h * dh;
+    csm_gemm_ld(false, true, L, L, dh, scale, w->Q + off, d, w->K + off, d, 0.0f, a->P, L);
+    csm_softmax_rows(a->P, L, L);
+    if (!w->dropout)
+        return a->P;
+    const float kept = 1.0f / (1.0f - model->p.dropout);
+    csm_dropout_mask(model->ctx->rng_key, w->attn_counter + (uint64_t)((b * heads + h) * L * L), model->p.dropout,
+                     a->keep, L * L);
+    csm_mask_scale(a->P_w, a->P, a->keep, kept, L * L);
+    return a->P_w;
+}
+
+typedef struct {
+    const confsmoe_model *model;
+    workspace *w;
+    gradients_ptr g;
+} attn_task;
+
+static void attention_forward_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    const attn_task *t = arg;
+    const confsmoe_model *model = t->model;
+    const workspace *w = t->w;
+    const int64_t L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
+    const attn_scratch a = scratch_of(model, w, worker);
+    for (int64_t b = first; b < last; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            /* Head h of sample b: columns h dh .. h dh + dh - 1 of rows b L .. b L + L - 1. */
+            const int64_t off = b * L * d + h * dh;
+            const float *weights = attention_weights(model, w, &a, b, h);
+            csm_gemm_ld(false, false, L, dh, L, 1.0f, weights, L, w->V + off, d, 0.0f, w->ctx_ + off, d);
+        }
+}
+
 static void attention_forward(confsmoe_model *model, workspace *w)
 {
-    const int64_t B = w->B, L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
-    const float scale = 1.0f / sqrtf((float)dh);
+    const int64_t B = w->B, L = model->tokens_total, heads = model->p.heads;
     linear_forward(&model->q, w->Xn, B * L, w->Q);
     linear_forward(&model->k, w->Xn, B * L, w->K);
     linear_forward(&model->v, w->Xn, B * L, w->V);
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < heads; h++) {
-            /* Head h of sample b: columns h dh .. h dh + dh - 1 of rows b L .. b L + L - 1. */
-            const int64_t off = b * L * d + h * dh, at = (b * heads + h) * L * L;
-            float *P = w->P + at;
-            csm_gemm_ld(false, true, L, L, dh, scale, w->Q + off, d, w->K + off, d, 0.0f, P, L);
-            csm_softmax_rows(P, L, L);
-            const float *weights = P;
-            if (w->P_keep) {
-                float *keep = w->P_keep + at, *dropped = w->P_drop + at;
-                const float kept = 1.0f / (1.0f - model->p.dropout);
-                for (int64_t i = 0; i < L * L; i++) {
-                    keep[i] = csm_rng_uniform(model->ctx, 0.0f, 1.0f) >= model->p.dropout ? kept : 0.0f;
-                    dropped[i] = P[i] * keep[i];
-                }
-                weights = dropped;
-            }
-            csm_gemm_ld(false, false, L, dh, L, 1.0f, weights, L, w->V + off, d, 0.0f, w->ctx_ + off, d);
-        }
-    }
-    linear_forward(&model->o, w->ctx_, B * L, w->A);
+    /* The draws of head (b, h) are L L consecutive outputs of the ctx stream, in (b, h) order. */
+    w->attn_counter = model->ctx->rng_counter;
+    attn_task task = {model, w, NULL};
+    csm_parallel_for(B, 1, attention_forward_task, &task);
+    if (w->dropout)
+        model->ctx->rng_counter += (uint64_t)(B * heads * L * L);
+    /* A = o(ctx) lands in H2, free until the MoE layer writes it. */
+    linear_forward(&model->o, w->ctx_, B * L, w->H2);
 }
 
-/* The attention output joins the residual: H = X + Dropout(A), or A + Dropout(A) under compat. */
+/* The attention output joins the residual: H = X + Dropout(A), or A + Dropout(A) under compat,
+ * written straight into the per-modality layout Hm. The draws are one per element of A, in
+ * row-major order, from w->resid_counter on. */
+static void residual_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    const attn_task *t = arg;
+    const confsmoe_model *model = t->model;
+    workspace *w = t->w;
+    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d;
+    const float *A = w->H2, *base = model->p.compat ? w->H2 : w->X;
+    const float kept = 1.0f / (1.0f - model->p.dropout);
+    uint8_t *keep = scratch_of(model, w, worker).keep;
+    for (int64_t b = first; b < last; b++)
+        for (int64_t l = 0; l < L; l++) {
+            const int64_t row = b * L + l, m = l / S;
+            const float *ar = A + row * d, *br = base + row * d;
+            float *dst = w->Hm + ((m * B + b) * S + l % S) * d;
+            if (!w->dropout) {
+                csm_add(dst, br, ar, d);
+                continue;
+            }
+            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)(row * d), model->p.dropout, keep, d);
+            csm_add_masked(dst, br, ar, keep, kept, d);
+        }
+}
+
 static void residual_forward(confsmoe_model *model, workspace *w)
 {
-    const int64_t n = w->B * model->tokens_total * model->p.d;
-    const float *base = model->p.compat ? w->A : w->X;
-    const float kept = 1.0f / (1.0f - model->p.dropout);
-    for (int64_t i = 0; i < n; i++) {
-        float a = w->A[i];
-        if (w->A_keep) {
-            w->A_keep[i] = csm_rng_uniform(model->ctx, 0.0f, 1.0f) >= model->p.dropout ? kept : 0.0f;
-            a *= w->A_keep[i];
-        }
-        w->H[i] = base[i] + a;
-    }
+    w->resid_counter = model->ctx->rng_counter;
+    attn_task task = {model, w, NULL};
+    csm_parallel_for(w->B, 1, residual_task, &task);
+    if (w->dropout)
+        model->ctx->rng_counter += (uint64_t)(w->B * model->tokens_total * model->p.d);
 }
 
 /* Each modality's gate call returns its own mean loss; weighting them by their share of the
@@ -743,9 +837,8 @@ static confsmoe_status moe_forward(confsmoe_model *model, const confsmoe_tensor 
     *aux = 0.0f;
     confsmoe_status s = CONFSMOE_OK;
     for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
-        float *Hm = w->Hm + m * rows * d, *Z = w->Z + m * rows * d, *F = w->F + m * rows * d;
+        float *Hm = w->Hm + m * rows * d, *Z = w->Z, *F = w->F;
         float *sum = w->sum_ + m * rows * d;
-        gather_modality(w->H, Hm, B, S, L, d, m);
         layernorm_forward(&model->ln2, Hm, rows, d, Z, w->ln2_stats + m * 2 * rows);
         for (int64_t i = 0; i < rows; i++)
             w->tok_present[i] = a[(i / S) * M + m];
@@ -772,8 +865,7 @@ static confsmoe_status moe_forward(confsmoe_model *model, const confsmoe_tensor 
         if (s != CONFSMOE_OK)
             break;
         *aux += w->gate_weight[m] * loss;
-        for (int64_t i = 0; i < rows * d; i++)
-            sum[i] = Hm[i] + F[i];
+        csm_add(sum, Hm, F, rows * d);
         layernorm_forward(&model->ln3, sum, rows, d, w->tok, w->ln3_stats + m * 2 * rows);
         scatter_modality(w->tok, w->H2, B, S, L, d, m, false);
     }
@@ -790,7 +882,7 @@ static void readout_forward(confsmoe_model *model, workspace *w)
             for (int64_t c = 0; c < d; c++) {
                 double sum = 0.0;
                 for (int64_t s = 0; s < S; s++)
-                    sum += w->H3[(b * L + m * S + s) * d + c];
+                    sum += w->H2[(b * L + m * S + s) * d + c];
                 out[c] = (float)(sum / (double)S);
             }
         }
@@ -811,9 +903,7 @@ static confsmoe_status forward(confsmoe_model *model, const confsmoe_tensor *con
         linear_forward(&model->enc[m], w->x[m], B * S, w->tok);
         scatter_modality(w->tok, w->X, B, S, L, d, m, false);
     }
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < L * d; i++)
-            w->X[b * L * d + i] += csm_f32(model->pos)[i];
+    csm_add_rows(w->X, csm_f32(model->pos), B, L * d);
     layernorm_forward(&model->ln1, w->X, B * L, d, w->Xn, w->ln1_stats);
     attention_forward(model, w);
     residual_forward(model, w);
@@ -825,7 +915,7 @@ static confsmoe_status forward(confsmoe_model *model, const confsmoe_tensor *con
         if (s == CONFSMOE_OK)
             s = wrap(model, CONFSMOE_F32, 4, M, B * S, model->p.k, d, w->slots, &slots);
         if (s == CONFSMOE_OK)
-            s = wrap(model, CONFSMOE_F32, 3, B, L, d, 0, w->H3, &out);
+            s = wrap(model, CONFSMOE_F32, 3, B, L, d, 0, w->H2, &out);
         if (s == CONFSMOE_OK)
             s = confsmoe_imputer_forward(model->imputer, h, slots, avail, out,
                                          w->training ? &w->imputer_saved : NULL);
@@ -834,8 +924,6 @@ static confsmoe_status forward(confsmoe_model *model, const confsmoe_tensor *con
         confsmoe_tensor_destroy(out);
         if (s != CONFSMOE_OK)
             return s;
-    } else {
-        memcpy(w->H3, w->H2, (size_t)(B * L * d) * sizeof(float));
     }
     readout_forward(model, w);
     return CONFSMOE_OK;
@@ -872,64 +960,109 @@ static float task_loss(const confsmoe_model *model, const workspace *w, const co
     return (float)(total / (double)(model->p.multilabel ? B * C : B));
 }
 
-/* Gradients of one backward, all [B L, d] unless noted. */
-typedef struct {
+/* Gradients of one backward, all [B L, d] unless noted. Six [B L, d] buffers serve ten
+ * gradients, by lifetime: G1 = dH3, then dH = dX; G2 = dH2, then dA, then dXn; G3 = dctx;
+ * G4 = dV; G5 = dQ; G6 = dK. */
+struct gradients {
     float *dlogits;                  /* [B, C] */
     float *drn, *dr, *dpooled;       /* [B, d], [B, d], [B, M d] */
     float *dH3, *dH2, *dH, *dA, *dctx, *dQ, *dK, *dV, *dXn, *dX;
     float *dslots;                   /* [M, B S, k, d] */
     float *dsum, *dZ, *dtok;         /* [B S, d] */
-    float *dP;                       /* [L, L] */
-} gradients;
+};
 
 static void *gradients_alloc(confsmoe_model *model, int64_t B, gradients *g)
 {
     const size_t M = (size_t)model->p.n_modalities, S = (size_t)model->p.tokens, d = (size_t)model->p.d;
     const size_t L = M * S, b = (size_t)B, C = (size_t)model->p.n_classes, k = (size_t)model->p.k;
     const size_t sizes[] = {b * C, b * d, b * d, b * M * d, b * L * d, b * L * d, b * L * d, b * L * d, b * L * d,
-                            b * L * d, b * L * d, b * L * d, b * L * d, b * L * d, M * b * S * k * d, b * S * d,
-                            b * S * d, b * S * d, L * L};
-    float **slots[] = {&g->dlogits, &g->drn, &g->dr, &g->dpooled, &g->dH3, &g->dH2, &g->dH, &g->dA, &g->dctx,
-                       &g->dQ, &g->dK, &g->dV, &g->dXn, &g->dX, &g->dslots, &g->dsum, &g->dZ, &g->dtok, &g->dP};
+                            b * L * d, M * b * S * k * d, b * S * d, b * S * d, b * S * d};
+    float *G[6];
+    float **slots[] = {&g->dlogits, &g->drn, &g->dr, &g->dpooled, &G[0], &G[1], &G[2], &G[3], &G[4], &G[5],
+                       &g->dslots, &g->dsum, &g->dZ, &g->dtok};
     enum { N = sizeof sizes / sizeof *sizes };
     size_t at[N], total = 0;
     for (size_t i = 0; i < N; i++)
         if (!csm_layout_add(&total, sizes[i], sizeof(float), &at[i]))
             return NULL;
-    char *block = csm_calloc(model->ctx, 1, total);
+    char *block = cached_block(model, &model->grad_cache, &model->grad_cache_size, total);
     if (!block)
         return NULL;
     for (size_t i = 0; i < N; i++)
         *slots[i] = (float *)(block + at[i]);
+    g->dH3 = g->dH = g->dX = G[0];
+    g->dH2 = g->dA = g->dXn = G[1];
+    g->dctx = G[2];
+    g->dV = G[3];
+    g->dQ = G[4];
+    g->dK = G[5];
+    /* Stage 2 (or nothing) adds into dslots; everything else is written before it is read. */
+    memset(g->dslots, 0, sizes[10] * sizeof(float));
     return block;
 }
 
-static void attention_backward(confsmoe_model *model, const workspace *w, gradients *g)
+static void attention_backward_task(void *arg, int64_t first, int64_t last, int worker)
 {
-    const int64_t B = w->B, L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
-    const float scale = 1.0f / sqrtf((float)dh);
+    const attn_task *t = arg;
+    const confsmoe_model *model = t->model;
+    const workspace *w = t->w;
+    gradients *g = t->g;
+    const int64_t L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
+    const float scale = 1.0f / sqrtf((float)dh), kept = 1.0f / (1.0f - model->p.dropout);
+    const attn_scratch a = scratch_of(model, w, worker);
+    for (int64_t b = first; b < last; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t off = b * L * d + h * dh;
+            /* Forward's weights again (and its draws in a.keep). */
+            const float *weights = attention_weights(model, w, &a, b, h), *P = a.P;
+            /* ctx = weights V: d(weights) = dctx V^T and dV = weights^T dctx. */
+            csm_gemm_ld(false, true, L, L, dh, 1.0f, g->dctx + off, d, w->V + off, d, 0.0f, a.dP, L);
+            csm_gemm_ld(true, false, L, dh, L, 1.0f, weights, L, g->dctx + off, d, 0.0f, g->dV + off, d);
+            if (w->dropout)
+                csm_mask_scale_inplace(a.dP, a.keep, kept, L * L);
+            for (int64_t i = 0; i < L; i++)
+                csm_softmax_backward_row(P + i * L, a.dP + i * L, a.dP + i * L, L);
+            /* scores = scale Q K^T. */
+            csm_gemm_ld(false, false, L, dh, L, scale, a.dP, L, w->K + off, d, 0.0f, g->dQ + off, d);
+            csm_gemm_ld(true, false, L, dh, L, scale, a.dP, L, w->Q + off, d, 0.0f, g->dK + off, d);
+        }
+}
+
+static void attention_backward(confsmoe_model *model, workspace *w, gradients *g)
+{
+    const int64_t B = w->B, L = model->tokens_total;
     const csm_params *params = &model->params;
     linear_backward(&model->o, params, w->ctx_, g->dA, B * L, g->dctx, false);
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < heads; h++) {
-            const int64_t off = b * L * d + h * dh, at = (b * heads + h) * L * L;
-            const float *P = w->P + at, *weights = w->P_drop ? w->P_drop + at : P;
-            /* ctx = weights V: d(weights) = dctx V^T and dV = weights^T dctx. */
-            csm_gemm_ld(false, true, L, L, dh, 1.0f, g->dctx + off, d, w->V + off, d, 0.0f, g->dP, L);
-            csm_gemm_ld(true, false, L, dh, L, 1.0f, weights, L, g->dctx + off, d, 0.0f, g->dV + off, d);
-            if (w->P_keep)
-                for (int64_t i = 0; i < L * L; i++)
-                    g->dP[i] *= w->P_keep[at + i];
-            for (int64_t i = 0; i < L; i++)
-                csm_softmax_backward_row(P + i * L, g->dP + i * L, g->dP + i * L, L);
-            /* scores = scale Q K^T. */
-            csm_gemm_ld(false, false, L, dh, L, scale, g->dP, L, w->K + off, d, 0.0f, g->dQ + off, d);
-            csm_gemm_ld(true, false, L, dh, L, scale, g->dP, L, w->Q + off, d, 0.0f, g->dK + off, d);
-        }
-    }
+    attn_task task = {model, w, g};
+    csm_parallel_for(B, 1, attention_backward_task, &task);
     linear_backward(&model->q, params, w->Xn, g->dQ, B * L, g->dXn, false);
     linear_backward(&model->k, params, w->Xn, g->dK, B * L, g->dXn, true);
     linear_backward(&model->v, params, w->Xn, g->dV, B * L, g->dXn, true);
+}
+
+/* dA = dH keep / (1 - p) with forward's residual draws (plus dH under compat). */
+static void residual_backward_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    const attn_task *t = arg;
+    const confsmoe_model *model = t->model;
+    const workspace *w = t->w;
+    gradients *g = t->g;
+    const int64_t L = model->tokens_total, d = model->p.d;
+    const float kept = 1.0f / (1.0f - model->p.dropout);
+    uint8_t *keep = scratch_of(model, w, worker).keep;
+    for (int64_t row = first * L; row < last * L; row++) {
+        const float *dHr = g->dH + row * d;
+        float *dAr = g->dA + row * d;
+        if (w->dropout) {
+            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)(row * d), model->p.dropout, keep, d);
+            csm_mask_scale(dAr, dHr, keep, kept, d);
+        } else {
+            memcpy(dAr, dHr, (size_t)d * sizeof *dAr);
+        }
+        if (model->p.compat)
+            for (int64_t c = 0; c < d; c++)
+                dAr[c] += dHr[c];
+    }
 }
 
 static confsmoe_status moe_backward(confsmoe_model *model, workspace *w, gradients *g)
@@ -1000,21 +1133,15 @@ static confsmoe_status backward(confsmoe_model *model, workspace *w, gradients *
     if ((s = moe_backward(model, w, g)) != CONFSMOE_OK)
         return s;
 
-    /* H = base + Dropout(A), base = X (or A under compat). */
-    const int64_t n = B * L * d;
-    for (int64_t i = 0; i < n; i++) {
-        g->dA[i] = w->A_keep ? g->dH[i] * w->A_keep[i] : g->dH[i];
-        if (model->p.compat)
-            g->dA[i] += g->dH[i];
-    }
+    /* H = base + Dropout(A), base = X (or A under compat), with forward's draws again. */
+    attn_task task = {model, w, g};
+    csm_parallel_for(B, 1, residual_backward_task, &task);
     attention_backward(model, w, g);
-    if (!model->p.compat)
-        memcpy(g->dX, g->dH, (size_t)n * sizeof(float));
+    /* dX is dH itself (the residual), plus LN1's gradient; under compat X has no residual. */
     layernorm_backward(&model->ln1, params, w->X, w->ln1_stats, g->dXn, B * L, d, g->dX, !model->p.compat);
     float *dpos = csm_f32(csm_params_grad_of(params, model->pos));
     for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < L * d; i++)
-            dpos[i] += g->dX[b * L * d + i];
+        csm_axpy(dpos, 1.0f, g->dX + b * L * d, L * d);
     for (int32_t m = 0; m < M; m++) {
         gather_modality(g->dX, g->dtok, B, S, L, d, m);
         linear_backward(&model->enc[m], params, w->x[m], g->dtok, B * S, NULL, false);
@@ -1039,10 +1166,24 @@ confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor
     gradients g;
     void *block = workspace_alloc(model, B, true, &w);
     void *grad_block = block ? gradients_alloc(model, B, &g) : NULL;
-    if (!block || !grad_block) {
-        csm_free(model->ctx, block);
+    if (!block || !grad_block)
         return csm_fail(model->ctx, CONFSMOE_E_NOMEM, "%s: out of memory for a batch of %" PRId64, fn, B);
+    /* The gate's arena: as big as the previous step wanted (the first step, or a bigger batch,
+     * falls back to the allocator). If growing fails, the gate just allocates. */
+    csm_arena *arena = &model->gate_arena;
+    const size_t target = model->gate_arena_target;
+    if (target > arena->size || target < arena->size / 4 * 3) {
+        /* Grown after a step that did not fit (whose estimate counts freed blocks too), and
+         * shrunk to the measured need after one that fitted with room to spare. */
+        void *block = target ? csm_alloc(model->ctx, target) : NULL;
+        if (block || !target) {
+            csm_free(model->ctx, arena->base);
+            arena->base = block;
+            arena->size = target;
+        }
     }
+    csm_arena_reset(arena);
+    csm_gate_set_arena(model->gate, arena);
     float aux = 0.0f, task_value = 0.0f;
     s = forward(model, inputs, avail, labels, &w, &aux);
     if (s == CONFSMOE_OK) {
@@ -1057,8 +1198,11 @@ confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor
         if (task)
             *task = task_value;
     }
-    csm_free(model->ctx, grad_block);
-    workspace_release(model, &w, block);
+    workspace_release(model, &w);
+    csm_gate_set_arena(model->gate, NULL);
+    /* Some slack: the routing, hence the size of the gate's blocks, moves from step to step. */
+    model->gate_arena_target = arena->wanted + arena->wanted / 8;
+    csm_arena_reset(arena);
     if (s != CONFSMOE_OK) {
         char detail[CSM_ERROR_CAP];
         snprintf(detail, sizeof detail, "%s", model->ctx->last_error);
@@ -1087,7 +1231,7 @@ confsmoe_status confsmoe_model_predict(confsmoe_model *model, const confsmoe_ten
     s = forward(model, inputs, avail, NULL, &w, &aux);
     if (s == CONFSMOE_OK)
         memcpy(logits->data, w.logits, logits->nbytes);
-    workspace_release(model, &w, block);
+    workspace_release(model, &w);
     if (s != CONFSMOE_OK) {
         char detail[CSM_ERROR_CAP];
         snprintf(detail, sizeof detail, "%s", model->ctx->last_error);

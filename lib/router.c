@@ -90,11 +90,13 @@ void csm_router_backward(const csm_router *r, const float *x, int64_t n, const f
         for (int64_t i = 0; i < total; i++)
             scratch[i] = dsigma[i] * csm_sigmoid(h[i]);
         csm_gemm(true, false, d, E, n, 1.0f, x, scratch, 1.0f, csm_f32(r->dwn));
-        csm_gemm(false, true, n, d, E, 1.0f, scratch, csm_f32(r->wn), 1.0f, dx);
+        if (dx)
+            csm_gemm(false, true, n, d, E, 1.0f, scratch, csm_f32(r->wn), 1.0f, dx);
     }
     if (r->kind == CONFSMOE_ROUTER_SOFTMAX) {
         csm_gemm(true, false, d, E, n, 1.0f, x, du_clean, 1.0f, csm_f32(r->dw));
-        csm_gemm(false, true, n, d, E, 1.0f, du_clean, w, 1.0f, dx);
+        if (dx)
+            csm_gemm(false, true, n, d, E, 1.0f, du_clean, w, 1.0f, dx);
         return;
     }
     /* a = dL/ds for the squared distance s = ||x - w_e||^2; ds/dx = 2(x - w_e), ds/dw_e = -2(x - w_e). */
@@ -105,7 +107,7 @@ void csm_router_backward(const csm_router *r, const float *x, int64_t n, const f
             scratch[i] = u_clean[i] < 0.0f ? du_clean[i] / (2.0f * u_clean[i]) : 0.0f;
     }
     float *dw = csm_f32(r->dw);
-    for (int64_t t = 0; t < n; t++) {
+    for (int64_t t = 0; dx && t < n; t++) {
         float row_sum = 0.0f;
         for (int32_t e = 0; e < E; e++)
             row_sum += scratch[t * E + e];
@@ -121,6 +123,7 @@ void csm_router_backward(const csm_router *r, const float *x, int64_t n, const f
     for (int64_t i = 0; i < d; i++)
         for (int32_t e = 0; e < E; e++)
             dw[i * E + e] += 2.0f * col_sum[e] * w[i * E + e];
-    csm_gemm(false, true, n, d, E, -2.0f, scratch, w, 1.0f, dx);
+    if (dx)
+        csm_gemm(false, true, n, d, E, -2.0f, scratch, w, 1.0f, dx);
     csm_gemm(true, false, d, E, n, -2.0f, x, scratch, 1.0f, dw);
 }

@@ -22,7 +22,7 @@ void csm_router_add_noise(const csm_router *r, confsmoe_ctx *ctx, const float *x
 /* Indices of the k largest u of each row, best first; ties go to the lower index. */
 void csm_router_topk(const float *u, int64_t n, int32_t n_experts, int32_t k, int32_t *idx);
 /* Backward of the clean logits (du_clean [n, E]) and, when noisy, of the noise scale
- * (dsigma [n, E] = dL/d(softplus(h) + 0.01)). Accumulates dW, dW_noise and dx [n, d].
+ * (dsigma [n, E] = dL/d(softplus(h) + 0.01)). Accumulates dW, dW_noise and dx [n, d] (dx may be NULL).
  * u_clean and h are what forward produced; scratch holds n * E floats. */
 void csm_router_backward(const csm_router *r, const float *x, int64_t n, const float *u_clean, const float *h,
                          const float *du_clean, const float *dsigma, float *dx, float *scratch);
