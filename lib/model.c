@@ -439,7 +439,7 @@ static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, wo
     const size_t keep = L * L > d ? L * L : d;
     const int workers = csm_parallel_workers(B);
     const size_t stride = 3 * L * L + (keep + 3) / 4;
-    size_t total = 0, at[22], n = 0;
+    size_t total = 0, at[19], n = 0;
     size_t x_total = 0;
     for (size_t m = 0; m < M; m++)
         x_total += b * S * (size_t)model->features[m];
@@ -455,19 +455,18 @@ static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, wo
     RESERVE(2 * b * L, sizeof(float));             /* 4 ln1 */
     RESERVE(4 * b * L * d, sizeof(float));         /* 5 Q K V ctx */
     RESERVE(stride * (size_t)workers, sizeof(float)); /* 6 per-worker scratch */
-    RESERVE(0, sizeof(uint8_t));                   /* 7 (unused) */
-    RESERVE(2 * M * b * S * d, sizeof(float));     /* 8 Hm sum */
-    RESERVE(4 * M * b * S, sizeof(float));         /* 9 ln2 ln3 */
-    RESERVE(2 * b * S * d, sizeof(float));         /* 10 Z F */
-    RESERVE(b * L * d, sizeof(float));            /* 11 H2 */
-    RESERVE(M * b * S * k * d, sizeof(float));     /* 12 slots */
-    RESERVE(b * M * d + 2 * b * d + 2 * b + b * C, sizeof(float)); /* 13 pooled r rn ln_out logits */
-    RESERVE(b * S, sizeof(int32_t));               /* 14 tok_labels */
-    RESERVE(b * S * C, sizeof(uint8_t));           /* 15 tok_multi_labels */
-    RESERVE(b * S, sizeof(uint8_t));               /* 16 tok_present */
-    RESERVE(M, sizeof(float));                     /* 17 gate_weight */
-    RESERVE(M, sizeof(confsmoe_saved *));          /* 18 gate_saved */
-    RESERVE(M, sizeof(float *));                   /* 19 x */
+    RESERVE(2 * M * b * S * d, sizeof(float));     /* 7 Hm sum */
+    RESERVE(4 * M * b * S, sizeof(float));         /* 8 ln2 ln3 */
+    RESERVE(2 * b * S * d, sizeof(float));         /* 9 Z F */
+    RESERVE(b * L * d, sizeof(float));             /* 10 H2 */
+    RESERVE(M * b * S * k * d, sizeof(float));     /* 11 slots */
+    RESERVE(b * M * d + 2 * b * d + 2 * b + b * C, sizeof(float)); /* 12 pooled r rn ln_out logits */
+    RESERVE(b * S, sizeof(int32_t));               /* 13 tok_labels */
+    RESERVE(b * S * C, sizeof(uint8_t));           /* 14 tok_multi_labels */
+    RESERVE(b * S, sizeof(uint8_t));               /* 15 tok_present */
+    RESERVE(M, sizeof(float));                     /* 16 gate_weight */
+    RESERVE(M, sizeof(confsmoe_saved *));          /* 17 gate_saved */
+    RESERVE(M, sizeof(float *));                   /* 18 x */
 #undef RESERVE
     char *block = cached_block(model, &model->ws_cache, &model->ws_cache_size, total);
     if (!block)
@@ -477,7 +476,7 @@ static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, wo
     w->training = training;
     w->dropout = training && p->dropout > 0.0f;
 #define AT(i, type) ((type *)(block + at[i]))
-    w->x = AT(19, float *);
+    w->x = AT(18, float *);
     float *x = AT(0, float);
     for (size_t m = 0; m < M; m++) {
         w->x[m] = x;
@@ -494,24 +493,24 @@ static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, wo
     w->workers = workers;
     w->scratch = AT(6, float);
     w->scratch_stride = stride;
-    w->Hm = AT(8, float);
+    w->Hm = AT(7, float);
     w->sum_ = w->Hm + M * b * S * d;
-    w->ln2_stats = AT(9, float);
+    w->ln2_stats = AT(8, float);
     w->ln3_stats = w->ln2_stats + 2 * M * b * S;
-    w->Z = AT(10, float);
+    w->Z = AT(9, float);
     w->F = w->Z + b * S * d;
-    w->H2 = AT(11, float);
-    w->slots = AT(12, float);
-    w->pooled = AT(13, float);
+    w->H2 = AT(10, float);
+    w->slots = AT(11, float);
+    w->pooled = AT(12, float);
     w->r = w->pooled + b * M * d;
     w->rn = w->r + b * d;
     w->ln_out_stats = w->rn + b * d;
     w->logits = w->ln_out_stats + 2 * b;
-    w->tok_labels = AT(14, int32_t);
-    w->tok_multi_labels = AT(15, uint8_t);
-    w->tok_present = AT(16, uint8_t);
-    w->gate_weight = AT(17, float);
-    w->gate_saved = AT(18, confsmoe_saved *);
+    w->tok_labels = AT(13, int32_t);
+    w->tok_multi_labels = AT(14, uint8_t);
+    w->tok_present = AT(15, uint8_t);
+    w->gate_weight = AT(16, float);
+    w->gate_saved = AT(17, confsmoe_saved *);
     memset(w->gate_saved, 0, M * sizeof *w->gate_saved);
 #undef AT
     return block;
