@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 packages=(gcc g++ pkg-config meson ninja-build libblis-dev check)
 if [ "${1:-}" = "--tests" ]; then
-    packages+=(valgrind python3-numpy python3-torch python3-venv)
+    packages+=(valgrind python3-numpy python3-torch python3-venv abigail-tools clang libclang-rt-14-dev llvm-14)
     shift
 fi
 build=${1:-build}

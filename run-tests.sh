@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: the Check unit tests, parity with PyTorch, the installed-tree
-# pkg-config consumers, then the unit tests again under valgrind (zero reports required).
+# The whole test suite (docs/RELIABILITY.md): every meson suite, then the C tests under
+# valgrind, ASan + UBSan and TSan, then the fuzzers; zero reports required.
 set -euo pipefail
 cd "$(dirname "$0")"
 build=${BUILD_DIR:-build-tests}
@@ -19,5 +19,13 @@ if ! "$venv/bin/python" -c 'import safetensors' 2>/dev/null; then
         { echo "run-tests: pip install safetensors into $venv failed (is PyPI reachable?)" >&2; exit 1; }
 fi
 
+# 1. Every suite of the normal build: unit (Check), abi (abidiff against abi/, exported symbols,
+#    header hygiene, an old consumer), parity and reference checks against PyTorch, interop,
+#    the installed-tree pkg-config consumers, the trainer, the Python bindings, bench smoke.
 meson test -C "$build" -v --print-errorlogs
-meson test -C "$build" -v --print-errorlogs --setup valgrind --suite unit
+# 2. The C test programs under valgrind (memcheck, leaks), ASan + UBSan, and ThreadSanitizer.
+BUILD_DIR="$build" tests/sanitize/run valgrind
+tests/sanitize/run asan
+tests/sanitize/run tsan
+# 3. The libFuzzer fuzzers (checkpoint loader, dataset loader, API sequences), 60 s each.
+tests/fuzz/run

@@ -597,7 +597,7 @@ static void run_variant(const variant *v, const options *opt, const dataset *ds,
         /* Utilisation of this epoch's training routing, read before the test forward adds to it. */
         confsmoe_gate_stats st;
         memset(&st, 0, sizeof st);
-        st.struct_size = confsmoe_sizeof_gate_stats();
+        st.struct_size = sizeof st; /* this program's size: the library writes no more */
         CHECK(ctx, confsmoe_gate_stats_get(m.gate, CONFSMOE_STATS_TOTAL, &st, r->load_last, NULL, N_EXPERTS));
 
         acc = evaluate(&m, ds, top1);
@@ -632,7 +632,7 @@ static void run_variant(const variant *v, const options *opt, const dataset *ds,
     /* Routing of the final model on the test split (the last call: the evaluate() above). */
     confsmoe_gate_stats st;
     memset(&st, 0, sizeof st);
-    st.struct_size = confsmoe_sizeof_gate_stats();
+    st.struct_size = sizeof st;
     CHECK(ctx, confsmoe_gate_stats_get(m.gate, CONFSMOE_STATS_LAST_CALL, &st, NULL, NULL, 0));
     r->test_h_final = st.load_entropy;
 

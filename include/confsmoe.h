@@ -18,6 +18,18 @@
  *   time. Different ctxs may be used concurrently. BLIS threading follows the
  *   host's BLIS_NUM_THREADS / OMP_NUM_THREADS.
  * - Tensors are dense, row-major and contiguous. Dimensions are int64_t.
+ * - Options structs are sized: each starts with size_t struct_size, the size of the
+ *   struct the caller was compiled with. confsmoe_X_params_init(p) is a macro that
+ *   passes sizeof(confsmoe_X_params) to confsmoe_X_params_init_sized(), which fills
+ *   the defaults and writes exactly struct_size bytes. A create function accepts any
+ *   struct_size from the struct's first release (libconfsmoe 0.1.0) up to its own sizeof:
+ *   fields the caller's struct lacks take their defaults. A larger struct_size (a
+ *   program built for a newer library) is accepted only if every byte past this
+ *   library's sizeof is 0. A smaller struct_size, or one above 65536, gives
+ *   CONFSMOE_E_VERSION. For an output struct (confsmoe_gate_stats) the library writes
+ *   at most struct_size bytes, zeros past its own sizeof. Fields are only ever appended,
+ *   and 0 in an appended field means the earlier behaviour. See docs/API.md,
+ *   "Struct versioning".
  * - Gradients accumulate until the host zeroes them. The host owns the
  *   training loop; the optimizer here is a convenience.
  */
@@ -90,7 +102,7 @@ typedef struct confsmoe_allocator {
 } confsmoe_allocator;
 
 typedef struct confsmoe_ctx_params {
-    size_t struct_size;          /* sizeof(confsmoe_ctx_params), set by _init() */
+    size_t struct_size;          /* the caller's sizeof(confsmoe_ctx_params), set by _init() */
     uint64_t seed;               /* RNG seed for init, noise and draws (default 0) */
     int32_t check_finite;        /* 1 (default): reject NaN/Inf inputs with
                                     CONFSMOE_E_NUMERIC; 0: skip the scan, and
@@ -104,7 +116,9 @@ typedef struct confsmoe_ctx_params {
                                             in its function pointers if given. */
 } confsmoe_ctx_params;
 
-CONFSMOE_API void confsmoe_ctx_params_init(confsmoe_ctx_params *p);
+/* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
+CONFSMOE_API void confsmoe_ctx_params_init_sized(confsmoe_ctx_params *p, size_t struct_size);
+#define confsmoe_ctx_params_init(p) confsmoe_ctx_params_init_sized((p), sizeof(confsmoe_ctx_params))
 CONFSMOE_API size_t confsmoe_sizeof_ctx_params(void);
 
 /* p == NULL means defaults. */
@@ -230,7 +244,7 @@ typedef struct confsmoe_gate confsmoe_gate;
 #define CONFSMOE_LOAD_LOSS_ENTROPY 2 /* 1 / H(mean over tokens of the scattered gate weights) */
 
 typedef struct confsmoe_gate_params {
-    size_t struct_size;       /* sizeof(confsmoe_gate_params), set by _init() */
+    size_t struct_size;       /* the caller's sizeof(confsmoe_gate_params), set by _init() */
     int64_t d;                /* token width; every expert's d (required, no default) */
     int32_t k;                /* experts per token, 1 <= k <= E (default 2) */
     int32_t router;           /* CONFSMOE_ROUTER_* (default SOFTMAX) */
@@ -249,7 +263,9 @@ typedef struct confsmoe_gate_params {
                                  on token (t k + j) mod N (default 0: on token t) */
 } confsmoe_gate_params;
 
-CONFSMOE_API void confsmoe_gate_params_init(confsmoe_gate_params *p);
+/* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
+CONFSMOE_API void confsmoe_gate_params_init_sized(confsmoe_gate_params *p, size_t struct_size);
+#define confsmoe_gate_params_init(p) confsmoe_gate_params_init_sized((p), sizeof(confsmoe_gate_params))
 CONFSMOE_API size_t confsmoe_sizeof_gate_params(void);
 
 /* experts[0..n_experts-1] are borrowed and must all have width p->d. */
@@ -301,7 +317,8 @@ CONFSMOE_API void confsmoe_gate_zero_grad(confsmoe_gate *g);
 #define CONFSMOE_STATS_TOTAL     1
 
 typedef struct confsmoe_gate_stats {
-    size_t struct_size;        /* sizeof(confsmoe_gate_stats): set it before the call */
+    size_t struct_size;        /* the caller's sizeof(confsmoe_gate_stats): set it before the call;
+                                  the library writes at most this many bytes */
     int64_t tokens;            /* tokens routed */
     double load_entropy;       /* H(load) / log E: 1 is perfectly balanced, 0 is one expert (1 if E = 1) */
     double load_cv2;           /* CV^2 of the slots per expert (unbiased variance, as the Shazeer loss) */
@@ -334,7 +351,7 @@ CONFSMOE_API void confsmoe_gate_stats_reset(confsmoe_gate *g);
 typedef struct confsmoe_imputer confsmoe_imputer;
 
 typedef struct confsmoe_imputer_params {
-    size_t struct_size;       /* sizeof(confsmoe_imputer_params), set by _init() */
+    size_t struct_size;       /* the caller's sizeof(confsmoe_imputer_params), set by _init() */
     int64_t d;                /* token width (required) */
     int32_t n_modalities;     /* M >= 1 (required) */
     int64_t tokens;           /* S, tokens per modality (default 1) */
@@ -346,7 +363,9 @@ typedef struct confsmoe_imputer_params {
                                  the batch misses the modality, and LN runs twice (default 0) */
 } confsmoe_imputer_params;
 
-CONFSMOE_API void confsmoe_imputer_params_init(confsmoe_imputer_params *p);
+/* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
+CONFSMOE_API void confsmoe_imputer_params_init_sized(confsmoe_imputer_params *p, size_t struct_size);
+#define confsmoe_imputer_params_init(p) confsmoe_imputer_params_init_sized((p), sizeof(confsmoe_imputer_params))
 CONFSMOE_API size_t confsmoe_sizeof_imputer_params(void);
 CONFSMOE_API confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_imputer_params *p,
                                                      confsmoe_imputer **out);
@@ -390,7 +409,7 @@ typedef int32_t confsmoe_optim_kind;
 #define CONFSMOE_OPTIM_SGD  1
 
 typedef struct confsmoe_optim_params {
-    size_t struct_size;        /* sizeof(confsmoe_optim_params), set by _init() */
+    size_t struct_size;        /* the caller's sizeof(confsmoe_optim_params), set by _init() */
     confsmoe_optim_kind kind;  /* default CONFSMOE_OPTIM_ADAM */
     float lr;                  /* default 3e-4 */
     float beta1, beta2, eps;   /* Adam, default 0.9, 0.999, 1e-8 */
@@ -398,7 +417,9 @@ typedef struct confsmoe_optim_params {
     float weight_decay;        /* L2 added to the gradient, default 0 */
 } confsmoe_optim_params;
 
-CONFSMOE_API void confsmoe_optim_params_init(confsmoe_optim_params *p);
+/* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
+CONFSMOE_API void confsmoe_optim_params_init_sized(confsmoe_optim_params *p, size_t struct_size);
+#define confsmoe_optim_params_init(p) confsmoe_optim_params_init_sized((p), sizeof(confsmoe_optim_params))
 CONFSMOE_API size_t confsmoe_sizeof_optim_params(void);
 
 /* p == NULL means defaults. */
@@ -436,7 +457,7 @@ typedef struct confsmoe_model confsmoe_model;
 #define CONFSMOE_IMPUTE_MEAN      1 /* the mean of the whole pool, no stage 2 */
 
 typedef struct confsmoe_model_params {
-    size_t struct_size;        /* sizeof(confsmoe_model_params), set by _init() */
+    size_t struct_size;        /* the caller's sizeof(confsmoe_model_params), set by _init() */
     int32_t n_modalities;      /* M >= 1 (required) */
     const int64_t *features;   /* F_m of each modality, M entries (required; read at create) */
     int64_t tokens;            /* S per modality (default 1) */
@@ -463,9 +484,19 @@ typedef struct confsmoe_model_params {
     float dropout;             /* on attention weights and on the attention output (default 0.1) */
     int32_t compat;            /* 1: every reference defect of MODEL.md (H = A + Dropout(A), the
                                   gate's dispatch and loss denominator, the imputer's) (default 0) */
+    int32_t predict_pool_mean; /* 1: predict fills stage 1 with the mean of the whole pool (the
+                                  expectation of the K-draw mean), so that inference is
+                                  deterministic and draws nothing from the ctx RNG; training
+                                  still draws. 0 (default, MODEL.md): fresh draws in predict too */
+    float modality_dropout;    /* training only (ModDrop): each present modality of a sample is
+                                  also treated as missing with this probability, 0 <= p <= 1;
+                                  a sample whose every modality was dropped keeps one of its
+                                  present ones, chosen uniformly. Default 0 (off, MODEL.md) */
 } confsmoe_model_params;
 
-CONFSMOE_API void confsmoe_model_params_init(confsmoe_model_params *p);
+/* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
+CONFSMOE_API void confsmoe_model_params_init_sized(confsmoe_model_params *p, size_t struct_size);
+#define confsmoe_model_params_init(p) confsmoe_model_params_init_sized((p), sizeof(confsmoe_model_params))
 CONFSMOE_API size_t confsmoe_sizeof_model_params(void);
 CONFSMOE_API confsmoe_status confsmoe_model_create(confsmoe_ctx *ctx, const confsmoe_model_params *p,
                                                   confsmoe_model **out);
@@ -475,13 +506,14 @@ CONFSMOE_API void confsmoe_model_destroy(confsmoe_model *model);
  * or [P, F_m], P >= 1. Copied. Needed before a batch that misses m. */
 CONFSMOE_API confsmoe_status confsmoe_model_set_pool(confsmoe_model *model, int32_t m, const confsmoe_tensor *pool);
 
-/* One training step: forward (dropout, noise and fresh stage-1 draws on) and
- * backward; parameter gradients accumulate. logits [B, C] may be NULL; loss
+/* One training step: forward (dropout, noise, modality dropout and fresh stage-1 draws on)
+ * and backward; parameter gradients accumulate. logits [B, C] may be NULL; loss
  * receives the total and task_loss the CE / BCE part (either may be NULL). */
 CONFSMOE_API confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor *const *inputs,
                                                  const confsmoe_tensor *avail, const confsmoe_tensor *labels,
                                                  confsmoe_tensor *logits, float *loss, float *task_loss);
-/* Inference: logits [B, C]; no labels, no dropout or noise, fresh stage-1 draws. */
+/* Inference: logits [B, C]; no labels, no dropout or noise; fresh stage-1 draws, or the
+ * pool mean with predict_pool_mean. */
 CONFSMOE_API confsmoe_status confsmoe_model_predict(confsmoe_model *model, const confsmoe_tensor *const *inputs,
                                                     const confsmoe_tensor *avail, confsmoe_tensor *logits);
 

@@ -4,16 +4,22 @@
 #include <string.h>
 
 #include "internal.h"
+#include "sized.h"
 
-void confsmoe_ctx_params_init(confsmoe_ctx_params *p)
+static void ctx_defaults(confsmoe_ctx_params *p)
 {
-    if (!p)
-        return;
     memset(p, 0, sizeof *p);
     p->struct_size = sizeof *p;
     p->seed = 0;
     p->check_finite = 1;
     p->log_level = CONFSMOE_LOG_WARN;
+}
+
+void confsmoe_ctx_params_init_sized(confsmoe_ctx_params *p, size_t struct_size)
+{
+    confsmoe_ctx_params defaults;
+    ctx_defaults(&defaults);
+    csm_sized_init(p, struct_size, &defaults, sizeof defaults, CSM_CTX_PARAMS_MIN);
 }
 
 size_t confsmoe_sizeof_ctx_params(void) { return sizeof(confsmoe_ctx_params); }
@@ -32,14 +38,14 @@ confsmoe_status confsmoe_ctx_create(const confsmoe_ctx_params *p, confsmoe_ctx *
     if (!out)
         return CONFSMOE_E_INVALID_ARGUMENT;
     *out = NULL;
-    confsmoe_ctx_params defaults;
-    if (!p) {
-        confsmoe_ctx_params_init(&defaults);
-        p = &defaults;
-    }
+    /* The caller's struct, of any accepted size, over the defaults (docs/API.md, "Struct versioning"). */
+    confsmoe_ctx_params full;
+    ctx_defaults(&full);
     /* No ctx exists yet to hold an error message: the status alone must say it. */
-    if (p->struct_size != sizeof *p)
+    if (p && csm_sized_read(NULL, "ctx_create", "confsmoe_ctx_params", p, &full, sizeof full, CSM_CTX_PARAMS_MIN) !=
+                 CONFSMOE_OK)
         return CONFSMOE_E_VERSION;
+    p = &full;
     if (p->allocator && (!p->allocator->alloc || !p->allocator->free))
         return CONFSMOE_E_INVALID_ARGUMENT;
     if (p->check_finite != 0 && p->check_finite != 1)

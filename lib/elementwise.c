@@ -77,9 +77,11 @@ static inline float exp_approx(float x)
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    int32_t zi;
+    /* Unsigned: for a NaN x (check_finite off) z's bits are arbitrary, and the signed form of
+     * this overflowed (undefined behaviour, caught by UBSan); p is NaN then anyway. */
+    uint32_t zi;
     memcpy(&zi, &z, sizeof zi);
-    int32_t bits = (zi - 0x4B400000 + 127) * (1 << 23); /* z's low mantissa bits hold n */
+    uint32_t bits = (zi - 0x4B400000u + 127u) << 23; /* z's low mantissa bits hold n */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;

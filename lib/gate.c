@@ -12,6 +12,7 @@
 #include "load_loss.h"
 #include "params.h"
 #include "router.h"
+#include "sized.h"
 #include "usage.h"
 
 #define NAME_CAP CSM_PARAM_NAME_CAP
@@ -28,10 +29,33 @@ struct confsmoe_gate {
     confsmoe_tensor *target_w, *target_b, *target_dw, *target_db;
     csm_params params;
     csm_usage last, total;
+    csm_usage mark_last, mark_total; /* copies taken by csm_gate_usage_mark */
     csm_arena *arena;             /* lent by the model for a step, else NULL */
 };
 
 void csm_gate_set_arena(confsmoe_gate *g, csm_arena *arena) { g->arena = arena; }
+
+static void usage_copy(csm_usage *dst, const csm_usage *src, int32_t E)
+{
+    dst->tokens = src->tokens;
+    dst->conf_loss_sum = src->conf_loss_sum;
+    dst->conf_loss_calls = src->conf_loss_calls;
+    memcpy(dst->load, src->load, (size_t)E * sizeof *dst->load);
+    memcpy(dst->conf_count, src->conf_count, (size_t)E * sizeof *dst->conf_count);
+    memcpy(dst->conf_sum, src->conf_sum, (size_t)E * sizeof *dst->conf_sum);
+}
+
+void csm_gate_usage_mark(confsmoe_gate *g)
+{
+    usage_copy(&g->mark_last, &g->last, g->n_experts);
+    usage_copy(&g->mark_total, &g->total, g->n_experts);
+}
+
+void csm_gate_usage_rollback(confsmoe_gate *g)
+{
+    usage_copy(&g->last, &g->mark_last, g->n_experts);
+    usage_copy(&g->total, &g->mark_total, g->n_experts);
+}
 
 /* Per-call blocks come from the lent arena when there is one and they fit. */
 static void *gate_alloc(const confsmoe_gate *g, size_t bytes)
@@ -85,10 +109,8 @@ typedef struct {
     size_t *pre_at;              /* [E + 1] offset of expert e's pre in pre_block, in floats */
 } gate_saved;
 
-void confsmoe_gate_params_init(confsmoe_gate_params *p)
+static void gate_defaults(confsmoe_gate_params *p)
 {
-    if (!p)
-        return;
     memset(p, 0, sizeof *p);
     p->struct_size = sizeof *p;
     p->k = 2;
@@ -102,6 +124,13 @@ void confsmoe_gate_params_init(confsmoe_gate_params *p)
     p->conf_loss_weight = 1.0f;
 }
 
+void confsmoe_gate_params_init_sized(confsmoe_gate_params *p, size_t struct_size)
+{
+    confsmoe_gate_params defaults;
+    gate_defaults(&defaults);
+    csm_sized_init(p, struct_size, &defaults, sizeof defaults, CSM_GATE_PARAMS_MIN);
+}
+
 size_t confsmoe_sizeof_gate_params(void) { return sizeof(confsmoe_gate_params); }
 
 size_t confsmoe_sizeof_gate_stats(void) { return sizeof(confsmoe_gate_stats); }
@@ -112,9 +141,6 @@ static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_gate_param
                                     int32_t n_experts)
 {
     static const char fn[] = "gate_create";
-    if (p->struct_size != sizeof *p)
-        return csm_fail(ctx, CONFSMOE_E_VERSION, "%s: params.struct_size is %zu, this library expects %zu", fn,
-                        p->struct_size, sizeof *p);
     if (!experts)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: experts is NULL", fn);
     if (n_experts < 1)
@@ -173,6 +199,8 @@ void confsmoe_gate_destroy(confsmoe_gate *g)
     csm_params_free(ctx, &g->params);
     csm_usage_free(ctx, &g->last);
     csm_usage_free(ctx, &g->total);
+    csm_usage_free(ctx, &g->mark_last);
+    csm_usage_free(ctx, &g->mark_total);
     csm_free(ctx, g->router.per_expert);
     csm_free(ctx, g->confnets);
     csm_free(ctx, g->experts);
@@ -188,7 +216,8 @@ static confsmoe_status build(confsmoe_gate *g)
     confsmoe_ctx *ctx = g->ctx;
     g->router.per_expert = csm_calloc(ctx, (size_t)E, sizeof(float));
     if (!csm_params_reserve(ctx, &g->params, max_params) || !g->router.per_expert || !csm_usage_init(ctx, &g->last, E) ||
-        !csm_usage_init(ctx, &g->total, E))
+        !csm_usage_init(ctx, &g->total, E) || !csm_usage_init(ctx, &g->mark_last, E) ||
+        !csm_usage_init(ctx, &g->mark_total, E))
         return CONFSMOE_E_NOMEM;
 
     g->router.kind = p->router;
@@ -245,7 +274,14 @@ confsmoe_status confsmoe_gate_create(confsmoe_ctx *ctx, const confsmoe_gate_para
     if (!ctx || !out || !p)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "gate_create: %s is NULL",
                         !ctx ? "ctx" : !out ? "out" : "params");
-    confsmoe_status s = check_params(ctx, p, experts, n_experts);
+    /* The caller's struct, of any accepted size, over the defaults (docs/API.md, "Struct versioning"). */
+    confsmoe_gate_params full;
+    gate_defaults(&full);
+    confsmoe_status s =
+        csm_sized_read(ctx, "gate_create", "confsmoe_gate_params", p, &full, sizeof full, CSM_GATE_PARAMS_MIN);
+    p = &full;
+    if (s == CONFSMOE_OK)
+        s = check_params(ctx, p, experts, n_experts);
     if (s != CONFSMOE_OK)
         return s;
     confsmoe_gate *g = csm_calloc(ctx, 1, sizeof *g);
@@ -637,11 +673,12 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
         memcpy(s->x, xin, x->nbytes);
         xin = s->x;
     }
-    if (present)
+    /* n == 0: these buffers and tensors may be NULL, which memcpy must not see (found by tests/fuzz). */
+    if (present && n > 0)
         memcpy(s->present, present->data, (size_t)n);
-    else
+    else if (n > 0)
         memset(s->present, 1, (size_t)n);
-    if (training && confidence) {
+    if (training && confidence && n > 0) {
         if (g->p.target == CONFSMOE_TARGET_SINGLE_LABEL)
             memcpy(s->labels, labels->data, (size_t)n * sizeof(int32_t));
         else
@@ -698,7 +735,7 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     gate_free_transient(g->ctx, g->arena, load_work, load_bytes);
     if (loss)
         *loss = total;
-    if (topk)
+    if (topk && topk->nbytes > 0)
         memcpy(topk->data, s->idx, topk->nbytes);
     if (slots)
         for (int64_t i = 0; i < n * k; i++)
@@ -1082,15 +1119,21 @@ confsmoe_status confsmoe_gate_stats_get(confsmoe_gate *g, int32_t scope, confsmo
     static const char fn[] = "gate_stats_get";
     if (!out)
         return csm_fail(g->ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: out is NULL", fn);
-    if (out->struct_size != sizeof *out)
-        return csm_fail(g->ctx, CONFSMOE_E_VERSION, "%s: out->struct_size is %zu, this library expects %zu", fn,
-                        out->struct_size, sizeof *out);
+    /* Any size from the first release's on: at most out->struct_size bytes are written. */
+    const size_t out_size = out->struct_size;
+    confsmoe_status s = csm_sized_check_out(g->ctx, fn, "confsmoe_gate_stats", out_size, CSM_GATE_STATS_MIN);
+    if (s != CONFSMOE_OK)
+        return s;
     if (scope != CONFSMOE_STATS_LAST_CALL && scope != CONFSMOE_STATS_TOTAL)
         return csm_fail(g->ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: unknown scope %" PRId32, fn, scope);
     if ((load || mean_confidence) && n != g->n_experts)
         return csm_fail(g->ctx, CONFSMOE_E_SHAPE, "%s: arrays of %" PRId32 " given, the gate has E=%" PRId32, fn, n,
                         g->n_experts);
-    csm_usage_report(scope == CONFSMOE_STATS_TOTAL ? &g->total : &g->last, g->n_experts, out, load, mean_confidence);
+    confsmoe_gate_stats full;
+    memset(&full, 0, sizeof full);
+    csm_usage_report(scope == CONFSMOE_STATS_TOTAL ? &g->total : &g->last, g->n_experts, &full, load,
+                     mean_confidence);
+    csm_sized_write(out, out_size, &full, sizeof full);
     return CONFSMOE_OK;
 }
 

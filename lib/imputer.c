@@ -15,6 +15,7 @@
 
 #include "internal.h"
 #include "kernels.h"
+#include "sized.h"
 
 #define LN_EPS 1e-5f
 
@@ -80,14 +81,19 @@ typedef struct {
 
 /* ------------------------------------------------------------------ parameters */
 
-void confsmoe_imputer_params_init(confsmoe_imputer_params *p)
+static void imputer_defaults(confsmoe_imputer_params *p)
 {
-    if (!p)
-        return;
     memset(p, 0, sizeof *p);
     p->struct_size = sizeof *p;
     p->tokens = 1;
     p->k = 2;
+}
+
+void confsmoe_imputer_params_init_sized(confsmoe_imputer_params *p, size_t struct_size)
+{
+    confsmoe_imputer_params defaults;
+    imputer_defaults(&defaults);
+    csm_sized_init(p, struct_size, &defaults, sizeof defaults, CSM_IMPUTER_PARAMS_MIN);
 }
 
 size_t confsmoe_sizeof_imputer_params(void) { return sizeof(confsmoe_imputer_params); }
@@ -97,9 +103,6 @@ static bool is_flag(int32_t v) { return v == 0 || v == 1; }
 static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_imputer_params *p)
 {
     static const char fn[] = "imputer_create";
-    if (p->struct_size != sizeof *p)
-        return csm_fail(ctx, CONFSMOE_E_VERSION, "%s: params.struct_size is %zu, this library expects %zu", fn,
-                        p->struct_size, sizeof *p);
     if (p->d < 1)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: d is %" PRId64 ", must be >= 1", fn, p->d);
     if (p->n_modalities < 1)
@@ -142,7 +145,14 @@ confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_impute
     if (!ctx || !out || !p)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "imputer_create: %s is NULL",
                         !ctx ? "ctx" : !out ? "out" : "params");
-    confsmoe_status s = check_params(ctx, p);
+    /* The caller's struct, of any accepted size, over the defaults (docs/API.md, "Struct versioning"). */
+    confsmoe_imputer_params full;
+    imputer_defaults(&full);
+    confsmoe_status s = csm_sized_read(ctx, "imputer_create", "confsmoe_imputer_params", p, &full, sizeof full,
+                                       CSM_IMPUTER_PARAMS_MIN);
+    p = &full;
+    if (s == CONFSMOE_OK)
+        s = check_params(ctx, p);
     if (s != CONFSMOE_OK)
         return s;
     confsmoe_imputer *imp = csm_calloc(ctx, 1, sizeof *imp);

@@ -14,7 +14,10 @@
  * from the CPU (an ifunc); the arithmetic is the same, element for element, in every
  * version (no contraction into FMA in ISO C mode, no reassociation). */
 #define CSM_CHUNK 16
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
+/* Not under ThreadSanitizer: gcc instruments the generated ifunc resolvers, which the loader
+ * runs before the TSan runtime is up (a crash at load time; tests/sanitize/run tsan). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11 && \
+    !defined(__SANITIZE_THREAD__)
 #define CSM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CSM_SIMD_CLONES
@@ -170,5 +173,9 @@ static inline void csm_arena_reset(csm_arena *a)
  * saved handle made while it is set must be destroyed before the arena is reset. */
 struct confsmoe_gate;
 void csm_gate_set_arena(struct confsmoe_gate *g, csm_arena *arena);
+/* Private hook: keep a copy of the gate's utilisation counters, and put it back, so that a
+ * model call that fails after some of its gate calls leaves the statistics as they were. */
+void csm_gate_usage_mark(struct confsmoe_gate *g);
+void csm_gate_usage_rollback(struct confsmoe_gate *g);
 
 #endif /* CONFSMOE_KERNELS_H */

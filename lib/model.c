@@ -8,6 +8,7 @@
 #include "internal.h"
 #include "kernels.h"
 #include "params.h"
+#include "sized.h"
 
 #define LN_EPS 1e-5f
 
@@ -48,10 +49,8 @@ struct confsmoe_model {
 
 /* ------------------------------------------------------------------ parameters */
 
-void confsmoe_model_params_init(confsmoe_model_params *p)
+static void model_defaults(confsmoe_model_params *p)
 {
-    if (!p)
-        return;
     memset(p, 0, sizeof *p);
     p->struct_size = sizeof *p;
     p->tokens = 1;
@@ -70,14 +69,18 @@ void confsmoe_model_params_init(confsmoe_model_params *p)
     p->dropout = 0.1f;
 }
 
+void confsmoe_model_params_init_sized(confsmoe_model_params *p, size_t struct_size)
+{
+    confsmoe_model_params defaults;
+    model_defaults(&defaults);
+    csm_sized_init(p, struct_size, &defaults, sizeof defaults, CSM_MODEL_PARAMS_MIN);
+}
+
 size_t confsmoe_sizeof_model_params(void) { return sizeof(confsmoe_model_params); }
 
 static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_model_params *p)
 {
     static const char fn[] = "model_create";
-    if (p->struct_size != sizeof *p)
-        return csm_fail(ctx, CONFSMOE_E_VERSION, "%s: params.struct_size is %zu, this library expects %zu", fn,
-                        p->struct_size, sizeof *p);
     if (p->n_modalities < 1)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: n_modalities is %" PRId32 ", must be >= 1", fn,
                         p->n_modalities);
@@ -89,6 +92,15 @@ static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_model_para
                             p->features[m]);
     if (p->tokens < 1 || p->d < 1 || p->expert_hidden < 0)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: tokens and d must be >= 1 and expert_hidden >= 0", fn);
+    /* M S tokens and the M d readout input are computed in int64 below (found by tests/fuzz). */
+    if (p->tokens > INT64_MAX / p->n_modalities || p->d > INT64_MAX / p->n_modalities)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: n_modalities x tokens or n_modalities x d overflows", fn);
+    if (p->n_experts < 1)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: n_experts is %" PRId32 ", must be >= 1", fn,
+                        p->n_experts);
+    /* build() counts the parameters in int32. */
+    if (2 * (int64_t)p->n_modalities + 8 * (int64_t)p->n_experts + 64 > INT32_MAX)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: too many modalities or experts", fn);
     if (p->heads < 1 || p->d % p->heads != 0)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: heads=%" PRId32 " must divide d=%" PRId64, fn, p->heads, p->d);
     if (p->n_classes < 1)
@@ -104,6 +116,12 @@ static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_model_para
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: dropout must be in [0, 1)", fn);
     if ((p->multilabel != 0 && p->multilabel != 1) || (p->compat != 0 && p->compat != 1))
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: multilabel and compat must be 0 or 1", fn);
+    if (!(p->modality_dropout >= 0.0f && p->modality_dropout <= 1.0f))
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: modality_dropout is %g, must be in [0, 1]", fn,
+                        (double)p->modality_dropout);
+    if (p->predict_pool_mean != 0 && p->predict_pool_mean != 1)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: predict_pool_mean is %" PRId32 ", must be 0 or 1", fn,
+                        p->predict_pool_mean);
     /* The gate and the imputer check the rest of their options when they are created. */
     return CONFSMOE_OK;
 }
@@ -149,9 +167,10 @@ void confsmoe_model_destroy(confsmoe_model *model)
     confsmoe_gate_destroy(model->gate);
     for (int32_t e = 0; model->experts && e < model->p.n_experts; e++)
         confsmoe_expert_destroy(model->experts[e]);
-    for (int32_t m = 0; model->pool && m < model->p.n_modalities; m++) {
-        csm_free(ctx, model->pool[m]);
-        csm_free(ctx, model->pool_mean[m]);
+    /* pool and pool_mean are allocated separately: either may be NULL after a failed create. */
+    for (int32_t m = 0; m < model->p.n_modalities; m++) {
+        csm_free(ctx, model->pool ? model->pool[m] : NULL);
+        csm_free(ctx, model->pool_mean ? model->pool_mean[m] : NULL);
     }
     csm_free(ctx, model->pool);
     csm_free(ctx, model->pool_mean);
@@ -280,7 +299,14 @@ confsmoe_status confsmoe_model_create(confsmoe_ctx *ctx, const confsmoe_model_pa
     if (!ctx || !out || !p)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "model_create: %s is NULL",
                         !ctx ? "ctx" : !out ? "out" : "params");
-    confsmoe_status s = check_params(ctx, p);
+    /* The caller's struct, of any accepted size, over the defaults (docs/API.md, "Struct versioning"). */
+    confsmoe_model_params full;
+    model_defaults(&full);
+    confsmoe_status s = csm_sized_read(ctx, "model_create", "confsmoe_model_params", p, &full, sizeof full,
+                                       CSM_MODEL_PARAMS_MIN);
+    p = &full;
+    if (s == CONFSMOE_OK)
+        s = check_params(ctx, p);
     if (s != CONFSMOE_OK)
         return s;
     confsmoe_model *model = csm_calloc(ctx, 1, sizeof *model);
@@ -294,8 +320,11 @@ confsmoe_status confsmoe_model_create(confsmoe_ctx *ctx, const confsmoe_model_pa
         memcpy(model->features, p->features, (size_t)p->n_modalities * sizeof *model->features);
         model->p.features = model->features;
     }
+    const uint64_t rng_at_entry = ctx->rng_counter;
     s = model->features ? build(model) : CONFSMOE_E_NOMEM;
     if (s != CONFSMOE_OK) {
+        /* A failed call changes no state: the RNG goes back to where it was (as in gate_create). */
+        ctx->rng_counter = rng_at_entry;
         /* The child's own message is more precise, unless it was a bare allocation failure here. */
         char detail[CSM_ERROR_CAP];
         snprintf(detail, sizeof detail, "%s", ctx->last_error);
@@ -670,7 +699,7 @@ static confsmoe_status stage_one(confsmoe_model *model, const confsmoe_tensor *c
             missing = missing || !a[b * M + m];
         if (!missing)
             continue;
-        if (model->p.imputation == CONFSMOE_IMPUTE_MEAN) {
+        if (model->p.imputation == CONFSMOE_IMPUTE_MEAN || (!w->training && model->p.predict_pool_mean)) {
             for (int64_t b = 0; b < B; b++)
                 if (!a[b * M + m])
                     memcpy(w->x[m] + b * width, model->pool_mean[m], (size_t)width * sizeof(float));
@@ -1150,6 +1179,33 @@ static confsmoe_status backward(confsmoe_model *model, workspace *w, gradients *
 
 /* ------------------------------------------------------------------ step and predict */
 
+/* Modality dropout: a copy of avail [B, M] in `kept` in which every present cell was dropped
+ * with probability p, and a sample left with none keeps one of its present modalities, chosen
+ * uniformly. Draws B M uniforms (plus one per emptied sample) from the ctx stream. */
+static void drop_modalities(confsmoe_model *model, const uint8_t *avail, int64_t B, uint8_t *kept)
+{
+    const int32_t M = model->p.n_modalities;
+    const float p = model->p.modality_dropout;
+    for (int64_t b = 0; b < B; b++) {
+        const uint8_t *a = avail + b * M;
+        uint8_t *k = kept + b * M;
+        int32_t present = 0, survived = 0;
+        for (int32_t m = 0; m < M; m++) {
+            const bool drop = csm_rng_uniform(model->ctx, 0.0f, 1.0f) < p;
+            k[m] = a[m] && !drop;
+            present += a[m];
+            survived += k[m];
+        }
+        if (survived == 0 && present > 0) {
+            int32_t pick = (int32_t)csm_rng_uniform(model->ctx, 0.0f, (float)present);
+            pick = pick < present ? pick : present - 1;
+            for (int32_t m = 0; m < M; m++)
+                if (a[m] && pick-- == 0)
+                    k[m] = 1;
+        }
+    }
+}
+
 confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor *const *inputs,
                                     const confsmoe_tensor *avail, const confsmoe_tensor *labels,
                                     confsmoe_tensor *logits, float *loss, float *task)
@@ -1184,11 +1240,43 @@ confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor
     csm_arena_reset(arena);
     csm_gate_set_arena(model->gate, arena);
     float aux = 0.0f, task_value = 0.0f;
-    s = forward(model, inputs, avail, labels, &w, &aux);
+    const uint64_t rng_at_entry = model->ctx->rng_counter;
+    csm_gate_usage_mark(model->gate);
+    /* backward accumulates into the parameter gradients as it goes and can still fail part-way
+     * (an allocation in the gate or the imputer): a copy of them goes back in that case, so
+     * that a failed step changes no state. */
+    size_t grad_bytes = 0;
+    for (int32_t i = 0; i < model->params.count; i++)
+        grad_bytes += model->params.grad[i]->nbytes;
+    char *grad_copy = csm_alloc(model->ctx, grad_bytes);
+    s = grad_copy ? CONFSMOE_OK : csm_fail(model->ctx, CONFSMOE_E_NOMEM, "out of memory for a copy of the gradients");
+    uint8_t *kept = NULL;
+    confsmoe_tensor *kept_avail = NULL;
+    if (s == CONFSMOE_OK && model->p.modality_dropout > 0.0f) {
+        kept = csm_alloc(model->ctx, (size_t)avail->nbytes);
+        s = kept ? wrap(model, CONFSMOE_U8, 2, B, model->p.n_modalities, 0, 0, kept, &kept_avail)
+                 : csm_fail(model->ctx, CONFSMOE_E_NOMEM, "out of memory for the modality-dropout mask");
+        if (s == CONFSMOE_OK) {
+            drop_modalities(model, avail->data, B, kept);
+            avail = kept_avail;
+        }
+    }
+    if (s == CONFSMOE_OK)
+        s = forward(model, inputs, avail, labels, &w, &aux);
     if (s == CONFSMOE_OK) {
         task_value = task_loss(model, &w, labels, g.dlogits);
+        for (size_t i = 0, at = 0; i < (size_t)model->params.count; at += model->params.grad[i++]->nbytes)
+            if (model->params.grad[i]->nbytes > 0)
+                memcpy(grad_copy + at, model->params.grad[i]->data, model->params.grad[i]->nbytes);
         s = backward(model, &w, &g);
+        for (size_t i = 0, at = 0; s != CONFSMOE_OK && i < (size_t)model->params.count;
+             at += model->params.grad[i++]->nbytes)
+            if (model->params.grad[i]->nbytes > 0)
+                memcpy(model->params.grad[i]->data, grad_copy + at, model->params.grad[i]->nbytes);
     }
+    csm_free(model->ctx, grad_copy);
+    confsmoe_tensor_destroy(kept_avail);
+    csm_free(model->ctx, kept);
     if (s == CONFSMOE_OK) {
         if (logits)
             memcpy(logits->data, w.logits, logits->nbytes);
@@ -1203,6 +1291,8 @@ confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor
     model->gate_arena_target = arena->wanted + arena->wanted / 8;
     csm_arena_reset(arena);
     if (s != CONFSMOE_OK) {
+        model->ctx->rng_counter = rng_at_entry;  /* a failed step draws nothing */
+        csm_gate_usage_rollback(model->gate);
         char detail[CSM_ERROR_CAP];
         snprintf(detail, sizeof detail, "%s", model->ctx->last_error);
         return csm_fail(model->ctx, s, "%s: %s", fn, detail);
@@ -1227,11 +1317,15 @@ confsmoe_status confsmoe_model_predict(confsmoe_model *model, const confsmoe_ten
         return csm_fail(model->ctx, CONFSMOE_E_NOMEM, "%s: out of memory for a batch of %" PRId64, fn,
                         avail->dims[0]);
     float aux = 0.0f;
+    const uint64_t rng_at_entry = model->ctx->rng_counter;
+    csm_gate_usage_mark(model->gate);
     s = forward(model, inputs, avail, NULL, &w, &aux);
     if (s == CONFSMOE_OK)
         memcpy(logits->data, w.logits, logits->nbytes);
     workspace_release(model, &w);
     if (s != CONFSMOE_OK) {
+        model->ctx->rng_counter = rng_at_entry;  /* a failed predict draws nothing */
+        csm_gate_usage_rollback(model->gate);
         char detail[CSM_ERROR_CAP];
         snprintf(detail, sizeof detail, "%s", model->ctx->last_error);
         return csm_fail(model->ctx, s, "%s: %s", fn, detail);

@@ -4,6 +4,7 @@
 
 #include "internal.h"
 #include "optim_state.h"
+#include "sized.h"
 
 typedef struct {
     confsmoe_tensor *param;
@@ -20,10 +21,8 @@ struct confsmoe_optim {
     size_t n_slots, cap_slots;
 };
 
-void confsmoe_optim_params_init(confsmoe_optim_params *p)
+static void optim_defaults(confsmoe_optim_params *p)
 {
-    if (!p)
-        return;
     memset(p, 0, sizeof *p);
     p->struct_size = sizeof *p;
     p->kind = CONFSMOE_OPTIM_ADAM;
@@ -33,14 +32,18 @@ void confsmoe_optim_params_init(confsmoe_optim_params *p)
     p->eps = 1e-8f;
 }
 
+void confsmoe_optim_params_init_sized(confsmoe_optim_params *p, size_t struct_size)
+{
+    confsmoe_optim_params defaults;
+    optim_defaults(&defaults);
+    csm_sized_init(p, struct_size, &defaults, sizeof defaults, CSM_OPTIM_PARAMS_MIN);
+}
+
 size_t confsmoe_sizeof_optim_params(void) { return sizeof(confsmoe_optim_params); }
 
 static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_optim_params *p)
 {
     static const char fn[] = "optim_create";
-    if (p->struct_size != sizeof *p)
-        return csm_fail(ctx, CONFSMOE_E_VERSION, "%s: params.struct_size is %zu, this library expects %zu", fn,
-                        p->struct_size, sizeof *p);
     if (p->kind != CONFSMOE_OPTIM_ADAM && p->kind != CONFSMOE_OPTIM_SGD)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: unknown optimizer kind %d", fn, (int)p->kind);
     if (!(p->lr >= 0.0f) || !isfinite(p->lr))
@@ -62,12 +65,16 @@ confsmoe_status confsmoe_optim_create(confsmoe_ctx *ctx, const confsmoe_optim_pa
         *out = NULL;
     if (!ctx || !out)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "optim_create: %s is NULL", ctx ? "out" : "ctx");
-    confsmoe_optim_params defaults;
-    if (!p) {
-        confsmoe_optim_params_init(&defaults);
-        p = &defaults;
-    }
-    confsmoe_status s = check_params(ctx, p);
+    /* The caller's struct, of any accepted size, over the defaults (docs/API.md, "Struct versioning");
+     * p == NULL: the defaults. */
+    confsmoe_optim_params full;
+    optim_defaults(&full);
+    confsmoe_status s = p ? csm_sized_read(ctx, "optim_create", "confsmoe_optim_params", p, &full, sizeof full,
+                                           CSM_OPTIM_PARAMS_MIN)
+                          : CONFSMOE_OK;
+    p = &full;
+    if (s == CONFSMOE_OK)
+        s = check_params(ctx, p);
     if (s != CONFSMOE_OK)
         return s;
     confsmoe_optim *o = csm_calloc(ctx, 1, sizeof *o);

@@ -982,26 +982,32 @@ static confsmoe_status create_temp(confsmoe_ctx *ctx, const char *who, const cha
     }
 }
 
-/* Makes the rename itself durable. Best effort: the file is already in place, and
- * some file systems cannot sync a directory. */
-static void sync_parent_directory(confsmoe_ctx *ctx, const char *path)
+/* The directory of path ("." for a bare name), allocated before anything is written so that
+ * the sync after the rename cannot be skipped for want of memory; NULL when out of memory. */
+static char *parent_directory(confsmoe_ctx *ctx, const char *path)
 {
     const char *slash = strrchr(path, '/');
     size_t len = slash ? (size_t)(slash - path) : 1;
     char *dir = csm_alloc(ctx, len + 1);
     if (!dir)
-        return;
+        return NULL;
     if (slash)
         memcpy(dir, path, len ? len : 1);
     else
         dir[0] = '.';
     dir[len ? len : 1] = '\0';
+    return dir;
+}
+
+/* Makes the rename itself durable. Best effort: the file is already in place, and
+ * some file systems cannot sync a directory. */
+static void sync_parent_directory(const char *dir)
+{
     int fd = open(dir, O_RDONLY | O_CLOEXEC);
     if (fd >= 0) {
         (void)fsync(fd);
         close(fd);
     }
-    csm_free(ctx, dir);
 }
 
 static bool write_all(FILE *f, const void *data, size_t n)
@@ -1022,8 +1028,10 @@ confsmoe_status csm_st_write(confsmoe_ctx *ctx, const char *who, const char *pat
 
     char *tmp = NULL;
     int fd = -1;
-    s = create_temp(ctx, who, path, &tmp, &fd);
+    char *dir = parent_directory(ctx, path);
+    s = dir ? create_temp(ctx, who, path, &tmp, &fd) : csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory", who);
     if (s != CONFSMOE_OK) {
+        csm_free(ctx, dir);
         csm_free(ctx, header.text);
         return s;
     }
@@ -1053,7 +1061,8 @@ confsmoe_status csm_st_write(confsmoe_ctx *ctx, const char *who, const char *pat
     if (s != CONFSMOE_OK)
         (void)unlink(tmp);
     else
-        sync_parent_directory(ctx, path);
+        sync_parent_directory(dir);
+    csm_free(ctx, dir);
     csm_free(ctx, tmp);
     csm_free(ctx, header.text);
     return s;

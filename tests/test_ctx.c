@@ -90,7 +90,8 @@ END_TEST
 
 START_TEST(test_create_wrong_struct_size)
 {
-    const size_t bad[] = {0, 1, sizeof(confsmoe_ctx_params) - 1, sizeof(confsmoe_ctx_params) + 8,
+    /* Below the first release's size, or above the 64 KiB limit (not read: p is smaller). */
+    const size_t bad[] = {0, 1, sizeof(confsmoe_ctx_params) - 1, (size_t)65536 + 8,
                           sizeof(confsmoe_ctx_params) / 2, SIZE_MAX};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         confsmoe_ctx_params p;
@@ -107,12 +108,18 @@ START_TEST(test_create_wrong_struct_size_allocates_nothing)
 {
     test_alloc a = {0, 0, 0};
     confsmoe_allocator holder = {test_alloc_fn, test_free_fn, &a};
-    confsmoe_ctx_params p;
-    confsmoe_ctx_params_init(&p);
-    p.allocator = &holder;
-    p.struct_size = sizeof p + 4;
+    /* A newer program's larger struct, with a field this library does not know set. */
+    struct {
+        confsmoe_ctx_params p;
+        unsigned char newer[8];
+    } w;
+    memset(&w, 0, sizeof w);
+    confsmoe_ctx_params_init(&w.p);
+    w.p.allocator = &holder;
+    w.p.struct_size = sizeof w.p + 4;
+    w.newer[2] = 1;
     confsmoe_ctx *ctx = SENTINEL_CTX;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_E_VERSION);
+    ck_assert_int_eq(confsmoe_ctx_create(&w.p, &ctx), CONFSMOE_E_VERSION);
     ck_assert_ptr_null(ctx);
     ck_assert_int_eq(a.total, 0);
     ck_assert_int_eq(a.live, 0);

@@ -290,7 +290,8 @@ static void assert_create_fails(const confsmoe_optim_params *p, confsmoe_status 
 
 START_TEST(test_create_bad_struct_size)
 {
-    const size_t bad[] = {0, sizeof(confsmoe_optim_params) - 4, sizeof(confsmoe_optim_params) + 4, SIZE_MAX};
+    /* Below the first release's size, or above the 64 KiB limit (not read: p is smaller). */
+    const size_t bad[] = {0, sizeof(confsmoe_optim_params) - 4, (size_t)65536 + 4, SIZE_MAX};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         confsmoe_optim_params p;
         confsmoe_optim_params_init(&p);

@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
+#include <float.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -457,8 +458,10 @@ void dataset_standardise(dataset *ds, const uint8_t *mask, const int *train, int
                 memset(x, 0, (size_t)w * sizeof *x);
                 continue;
             }
+            /* Clamped: a row outside the train rows can lie far beyond their spread, and
+             * would otherwise become Inf, which the library rejects (found by tests/fuzz). */
             for (int64_t j = 0; j < w; j++)
-                x[j] = isnan(x[j]) ? 0.0f : (float)((x[j] - sum[j % F]) / sq[j % F]);
+                x[j] = isnan(x[j]) ? 0.0f : (float)fmax(-FLT_MAX, fmin(FLT_MAX, (x[j] - sum[j % F]) / sq[j % F]));
         }
         free(sum);
         free(sq);

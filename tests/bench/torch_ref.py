@@ -142,7 +142,7 @@ class Model(nn.Module):
     def stage_two(self, Hm, slots, avail):
         """For every missing (b, m): top-T sparse cross-attention over the slots of the
         present modalities of b (MODEL.md section 4), then LayerNorm."""
-        M, S, d, k = self.M, self.S, self.d, self.k
+        M, S, d = self.M, self.S, self.d
         T = max(1, ((M - 1) * S) // 4)
         out = list(Hm)
         for m in range(M):

@@ -112,7 +112,7 @@ I64P = ctypes.POINTER(ctypes.c_int64)
 
 _SIGNATURES = {
     "confsmoe_status_string": (ctypes.c_char_p, [ST]),
-    "confsmoe_ctx_params_init": (None, [ctypes.POINTER(CtxParams)]),
+    "confsmoe_ctx_params_init_sized": (None, [ctypes.POINTER(CtxParams), ctypes.c_size_t]),
     "confsmoe_sizeof_ctx_params": (ctypes.c_size_t, []),
     "confsmoe_ctx_create": (ST, [ctypes.POINTER(CtxParams), ctypes.POINTER(P)]),
     "confsmoe_ctx_destroy": (None, [P]),
@@ -134,7 +134,7 @@ _SIGNATURES = {
     "confsmoe_expert_param": (P, [P, ctypes.c_int32]),
     "confsmoe_expert_grad": (P, [P, ctypes.c_int32]),
     "confsmoe_expert_zero_grad": (None, [P]),
-    "confsmoe_gate_params_init": (None, [ctypes.POINTER(GateParams)]),
+    "confsmoe_gate_params_init_sized": (None, [ctypes.POINTER(GateParams), ctypes.c_size_t]),
     "confsmoe_sizeof_gate_params": (ctypes.c_size_t, []),
     "confsmoe_gate_create": (ST, [P, ctypes.POINTER(GateParams), ctypes.POINTER(P), ctypes.c_int32,
                                   ctypes.POINTER(P)]),
@@ -165,6 +165,13 @@ class Lib:
             fn.restype = restype
             fn.argtypes = argtypes
             setattr(self, name[len("confsmoe_"):], fn)
+
+    # The header's confsmoe_X_params_init(p) macros: init_sized with this mirror's size.
+    def ctx_params_init(self, p):
+        self.ctx_params_init_sized(p, ctypes.sizeof(CtxParams))
+
+    def gate_params_init(self, p):
+        self.gate_params_init_sized(p, ctypes.sizeof(GateParams))
 
     def check(self, status, ctx, what):
         if status != 0:

@@ -100,11 +100,13 @@ class ModelParams(ctypes.Structure):
         ("separate_value", ctypes.c_int32),
         ("dropout", ctypes.c_float),
         ("compat", ctypes.c_int32),
+        ("predict_pool_mean", ctypes.c_int32),
+        ("modality_dropout", ctypes.c_float),
     ]
 
 
 _MODEL_SIGNATURES = {
-    "confsmoe_model_params_init": (None, [ctypes.POINTER(ModelParams)]),
+    "confsmoe_model_params_init_sized": (None, [ctypes.POINTER(ModelParams), ctypes.c_size_t]),
     "confsmoe_sizeof_model_params": (ctypes.c_size_t, []),
     "confsmoe_model_create": (ST, [P, ctypes.POINTER(ModelParams), ctypes.POINTER(P)]),
     "confsmoe_model_destroy": (None, [P]),
@@ -133,6 +135,9 @@ def load_lib(path):
         fn.restype = restype
         fn.argtypes = argtypes
         setattr(lib, name[len("confsmoe_"):], fn)
+    if not missing:
+        # The header's confsmoe_model_params_init(p) macro: init_sized with this mirror's size.
+        lib.model_params_init = lambda p: lib.model_params_init_sized(p, ctypes.sizeof(ModelParams))
     return lib, missing
 
 

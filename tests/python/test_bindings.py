@@ -326,14 +326,23 @@ class TestErrors(unittest.TestCase):
         status = api.gate_create(self.ctx._h, ctypes.byref(p), arr, 1, ctypes.byref(out))
         e = self.assertRaisesStatus(confsmoe.VersionError, confsmoe.check, status, self.ctx, "gate_create")
         self.assertCarriesLastError(e)
-        # ctx_create has no ctx for a message: the status alone
-        cp = _lib.CtxParams()
-        api.ctx_params_init(ctypes.byref(cp))
-        cp.struct_size += 1
+        # ctx_create has no ctx for a message: the status alone. A struct larger than the
+        # library's (a newer program's) is refused when a byte past the library's size is set...
+        size = ctypes.sizeof(_lib.CtxParams)
+        buf = (ctypes.c_uint8 * (size + 8))()
+        cp = _lib.CtxParams.from_buffer(buf)
+        api.ctx_params_init_sized(ctypes.byref(cp), size + 8)
+        self.assertEqual((cp.struct_size, bytes(buf[size:])), (size + 8, bytes(8)))
+        buf[size + 3] = 1
         h = _lib.CtxHandle()
         self.assertRaisesStatus(confsmoe.VersionError, confsmoe.check, api.ctx_create(ctypes.byref(cp),
                                 ctypes.byref(h)), None, "ctx_create")
         self.assertFalse(h)
+        # ... and accepted when those bytes are 0 (the newer fields left at their "off" value)
+        buf[size + 3] = 0
+        confsmoe.check(api.ctx_create(ctypes.byref(cp), ctypes.byref(h)), None, "ctx_create")
+        self.assertTrue(h)
+        api.ctx_destroy(h)
 
     def _model(self, ctx=None):
         return confsmoe.Model(ctx or self.ctx, [3, 2], 2, d=8, heads=2, n_experts=2, k=1)

@@ -8,7 +8,9 @@ Everything that touches ctypes declarations lives here:
 - distinct handle types: each opaque C object is its own ``ctypes.POINTER`` class, so a gate
   passed where a tensor is expected is refused (``TypeError``) instead of reaching C;
 - the mirrored option structs, checked against ``confsmoe_sizeof_*()`` at import;
-- ``PROTOTYPES``: name -> (restype, argtypes) for EVERY exported function, applied at import.
+- ``PROTOTYPES``: name -> (restype, argtypes) for EVERY exported function, applied at import;
+- ``INIT_MACROS``: the header's ``confsmoe_X_params_init(p)`` macros, as ``api.X_params_init(p)``
+  calling the exported ``confsmoe_X_params_init_sized(p, ctypes.sizeof(mirror))``.
 
 ``api`` is a namespace of the prototyped functions without their ``confsmoe_`` prefix
 (``api.tensor_ndim(t)``); a wrongly typed argument raises ``TypeError`` (ctypes itself would
@@ -246,6 +248,8 @@ class ModelParams(ctypes.Structure):
         ("separate_value", ctypes.c_int32),
         ("dropout", ctypes.c_float),
         ("compat", ctypes.c_int32),
+        ("predict_pool_mean", ctypes.c_int32),
+        ("modality_dropout", ctypes.c_float),
     ]
 
 
@@ -262,7 +266,7 @@ PROTOTYPES = {
     "confsmoe_version_number": (_u32, []),
     "confsmoe_version_string": (_str, []),
     # context
-    "confsmoe_ctx_params_init": (None, [_P(CtxParams)]),
+    "confsmoe_ctx_params_init_sized": (None, [_P(CtxParams), _size]),
     "confsmoe_sizeof_ctx_params": (_size, []),
     "confsmoe_ctx_create": (Status, [_P(CtxParams), _P(CtxHandle)]),
     "confsmoe_ctx_destroy": (None, [CtxHandle]),
@@ -295,7 +299,7 @@ PROTOTYPES = {
     "confsmoe_expert_grad": (TensorHandle, [ExpertHandle, _i32]),
     "confsmoe_expert_zero_grad": (None, [ExpertHandle]),
     # gates
-    "confsmoe_gate_params_init": (None, [_P(GateParams)]),
+    "confsmoe_gate_params_init_sized": (None, [_P(GateParams), _size]),
     "confsmoe_sizeof_gate_params": (_size, []),
     "confsmoe_gate_create": (Status, [CtxHandle, _P(GateParams), _P(ExpertHandle), _i32, _P(GateHandle)]),
     "confsmoe_gate_destroy": (None, [GateHandle]),
@@ -314,7 +318,7 @@ PROTOTYPES = {
     "confsmoe_gate_stats_get": (Status, [GateHandle, _i32, _P(GateStats), _P(_i64), _P(ctypes.c_double), _i32]),
     "confsmoe_gate_stats_reset": (None, [GateHandle]),
     # imputer
-    "confsmoe_imputer_params_init": (None, [_P(ImputerParams)]),
+    "confsmoe_imputer_params_init_sized": (None, [_P(ImputerParams), _size]),
     "confsmoe_sizeof_imputer_params": (_size, []),
     "confsmoe_imputer_create": (Status, [CtxHandle, _P(ImputerParams), _P(ImputerHandle)]),
     "confsmoe_imputer_destroy": (None, [ImputerHandle]),
@@ -329,7 +333,7 @@ PROTOTYPES = {
     "confsmoe_imputer_grad": (TensorHandle, [ImputerHandle, _i32]),
     "confsmoe_imputer_zero_grad": (None, [ImputerHandle]),
     # optimizer
-    "confsmoe_optim_params_init": (None, [_P(OptimParams)]),
+    "confsmoe_optim_params_init_sized": (None, [_P(OptimParams), _size]),
     "confsmoe_sizeof_optim_params": (_size, []),
     "confsmoe_optim_create": (Status, [CtxHandle, _P(OptimParams), _P(OptimHandle)]),
     "confsmoe_optim_destroy": (None, [OptimHandle]),
@@ -337,7 +341,7 @@ PROTOTYPES = {
     "confsmoe_optim_step": (Status, [OptimHandle]),
     "confsmoe_optim_set_lr": (Status, [OptimHandle, _float]),
     # model
-    "confsmoe_model_params_init": (None, [_P(ModelParams)]),
+    "confsmoe_model_params_init_sized": (None, [_P(ModelParams), _size]),
     "confsmoe_sizeof_model_params": (_size, []),
     "confsmoe_model_create": (Status, [CtxHandle, _P(ModelParams), _P(ModelHandle)]),
     "confsmoe_model_destroy": (None, [ModelHandle]),
@@ -364,6 +368,18 @@ STRUCT_SIZES = {
     ImputerParams: "confsmoe_sizeof_imputer_params",
     OptimParams: "confsmoe_sizeof_optim_params",
     ModelParams: "confsmoe_sizeof_model_params",
+}
+
+
+#: The header's confsmoe_X_params_init(p) macros: struct -> the exported init_sized function.
+#: ``api.X_params_init(ctypes.byref(p))`` calls it with the mirror's size, as the C macro passes
+#: sizeof(confsmoe_X_params), so that the library writes no more than the mirror holds.
+INIT_MACROS = {
+    CtxParams: "confsmoe_ctx_params_init_sized",
+    GateParams: "confsmoe_gate_params_init_sized",
+    ImputerParams: "confsmoe_imputer_params_init_sized",
+    OptimParams: "confsmoe_optim_params_init_sized",
+    ModelParams: "confsmoe_model_params_init_sized",
 }
 
 
@@ -401,7 +417,21 @@ def _apply_prototypes():
         fn.restype = restype
         fn.argtypes = argtypes
         setattr(api, name[len("confsmoe_"):], _typed(name, fn))
+    for struct, name in INIT_MACROS.items():
+        if hasattr(api, name[len("confsmoe_"):]):
+            setattr(api, name[len("confsmoe_"):-len("_sized")], _init_macro(name, struct))
     return missing
+
+
+def _init_macro(name, struct):
+    sized = getattr(api, name[len("confsmoe_"):])
+    size = ctypes.sizeof(struct)
+
+    def init(p):
+        return sized(p, size)
+    init.__name__ = init.__qualname__ = name[:-len("_sized")]
+    init.__doc__ = "%s(p): %s(p, sizeof(%s)), as the C header's macro" % (init.__name__, name, struct.__name__)
+    return init
 
 
 def _check_version_and_layout(missing):

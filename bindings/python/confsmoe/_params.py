@@ -17,7 +17,7 @@ ENUMS = {
 }
 
 #: 0/1 fields that take a bool.
-FLAGS = {"noisy", "detach_target", "compat", "renormalize", "separate_value", "multilabel"}
+FLAGS = {"noisy", "detach_target", "compat", "renormalize", "separate_value", "multilabel", "predict_pool_mean"}
 
 
 def _scalar_fields(struct):

@@ -26,7 +26,8 @@ class Model(Layer):
     "entropy", load_loss_weight=0.01, conf_loss_weight=1.0, confidence="token"|"expert",
     router_grad="frozen"|"trainable"|"score", detach_target=False, noisy=False,
     imputation="two_stage"|"mean", draws=10, top_t=0, renormalize=False, separate_value=False,
-    dropout=0.1, compat=False. Unknown names: TypeError.
+    dropout=0.1, compat=False, predict_pool_mean=False (True: predict fills stage 1 with the pool
+    mean, deterministic), modality_dropout=0.0. Unknown names: TypeError.
 
     Inputs are M float32 arrays x_m [B, S, F_m] (or [B, F_m] when S = 1), the availability
     mask avail uint8/bool [B, M] (1 = present) and labels int32 [B] (uint8 [B, C] multi-label).
