@@ -6,8 +6,8 @@
 
 typedef struct {
     const char *data, *json, *checkpoint, *resume, *dump_masks;
-    double missing, val, lr, dropout, load_weight;
-    int gate, load_loss, imputation, router_grad, noisy;
+    double missing, val, lr, dropout, load_weight, modality_dropout, weight_decay;
+    int gate, load_loss, imputation, eval_fill, router_grad, noisy;
     int experts, k, d, heads, hidden, epochs, batch, draws, threads;
     uint64_t seed;
     int paper, quiet;
@@ -18,6 +18,7 @@ typedef struct {
 extern const char *const GATE_NAMES[];
 extern const char *const LOAD_LOSS_NAMES[];
 extern const char *const IMPUTATION_NAMES[];
+extern const char *const EVAL_FILL_NAMES[]; /* index = confsmoe_model_params.predict_pool_mean */
 extern const char *const ROUTER_GRAD_NAMES[];
 
 #endif

@@ -172,6 +172,36 @@ class TestLearns(Base):
                 self.assertEqual(j["config"]["gate"], "softmax")
                 self.assertTrue(all(c is None for c in j["experts"]["mean_confidence"]))
 
+    def test_defaults_and_paper(self):
+        """No flags: the recommended configuration; --paper: MODEL.md section 5; the new knobs
+        reach the JSON, and pool-mean evaluation gives the same test metrics twice."""
+        root = self.folder("defaults", n=120)
+        configs = {}
+        for name, extra in (("default", []), ("paper", ["--paper"]),
+                            ("knobs", ["--paper", "--eval-fill", "pool-mean", "--modality-dropout", "0.3",
+                                       "--weight-decay", "1e-4", "--threads", "2"])):
+            out = os.path.join(self.tmp, "defaults_%s.json" % name)
+            r = run(["--data", root, "--missing", "0.3", "--epochs", "2", "--json", out, "--quiet"] + SMALL + extra)
+            self.assertEqual(r.returncode, 0, "%s: %s" % (extra, r.stderr))
+            configs[name] = self.load_json(out)["config"]
+        d, p, k = configs["default"], configs["paper"], configs["knobs"]
+        self.assertEqual((d["imputation"], d["modality_dropout"]), ("mean", 0.4))
+        self.assertEqual((p["imputation"], p["modality_dropout"], p["eval_fill"]), ("two-stage", 0.0, "draws"))
+        # SMALL sets --lr; the defaults table itself shows in --help.
+        help_text = run(["--help"]).stdout
+        self.assertRegex(help_text, r"--lr LR +Adam learning rate \(default 0\.001\)")
+        self.assertRegex(help_text, r"--modality-dropout P .*\(default 0\.4\)")
+        self.assertEqual((k["eval_fill"], k["modality_dropout"], k["weight_decay"], k["threads"]),
+                         ("pool-mean", 0.3, 1e-4, 2))
+        outs = []
+        for i in range(2):
+            out = os.path.join(self.tmp, "poolmean%d.json" % i)
+            r = run(["--data", root, "--missing", "0.5", "--epochs", "2", "--seed", "4", "--paper", "--eval-fill",
+                     "pool-mean", "--json", out, "--quiet"] + SMALL)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            outs.append(self.load_json(out)["test"])
+        self.assertEqual(outs[0], outs[1])
+
     def test_sequence_views(self):
         root = self.folder("seq", n=120, widths=(3, 2), tokens=4)
         out = os.path.join(self.tmp, "seq.json")
@@ -229,6 +259,9 @@ class TestErrors(Base):
         self.expect_error(["--missing", "0.5"], "--data")
         self.expect_error(["--data", root, "stray"], "stray")
         self.expect_error(["--data", root, "--json", "/nonexistent-dir/x.json"], "/nonexistent-dir/x.json")
+        self.expect_error(["--data", root, "--modality-dropout", "1.5"], "--modality-dropout")
+        self.expect_error(["--data", root, "--eval-fill", "sometimes"], "--eval-fill", "draws|pool-mean")
+        self.expect_error(["--data", root, "--weight-decay", "-1"], "--weight-decay")
 
     def test_folders(self):
         self.expect_error(["--data", os.path.join(self.tmp, "does-not-exist")], "does-not-exist")
