@@ -1,7 +1,6 @@
 /* Checkpoints: save / load round trips of the model and its optimizer, and damaged,
  * mismatched or unwritable files, each of which must fail with its documented status
  * and leave the target model and optimizer exactly as they were. */
-#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
@@ -31,8 +30,7 @@ typedef struct {
 static scratch scratch_new(void)
 {
     scratch s;
-    snprintf(s.dir, sizeof s.dir, "/tmp/confsmoe_ckpt_XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(s.dir));
+    test_mkdtemp(s.dir, sizeof s.dir, "ckpt");
     return s;
 }
 
@@ -46,38 +44,7 @@ static const char *path_in(const scratch *s, const char *name)
     return p;
 }
 
-/* Removes the directory and the plain files in it. */
-static void scratch_free(scratch *s)
-{
-    DIR *d = opendir(s->dir);
-    if (!d)
-        return;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        char p[2 * PATH_CAP];
-        snprintf(p, sizeof p, "%s/%s", s->dir, e->d_name);
-        if (unlink(p) != 0)
-            rmdir(p);
-    }
-    closedir(d);
-    rmdir(s->dir);
-}
-
-/* Number of entries in dir whose name contains ".tmp." (leftover temporary files). */
-static int count_temp_files(const char *dir)
-{
-    DIR *d = opendir(dir);
-    ck_assert_ptr_nonnull(d);
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL)
-        if (strstr(e->d_name, ".tmp."))
-            n++;
-    closedir(d);
-    return n;
-}
+static void scratch_free(scratch *s) { test_rm_dir(s->dir); }
 
 typedef struct {
     unsigned char *bytes;
@@ -217,14 +184,7 @@ static rig rig_new_with(uint64_t seed, int32_t m, const int64_t *features, int64
 {
     rig r = {.ctx = test_ctx(seed), .m = m, .features = features};
     confsmoe_model_params p;
-    confsmoe_model_params_init(&p);
-    p.n_modalities = m;
-    p.features = features;
-    p.d = d;
-    p.heads = 2;
-    p.n_experts = 4;
-    p.k = 2;
-    p.n_classes = 3;
+    test_model_params(&p, m, features, d, 3);
     p.noisy = noisy;
     ck_assert_int_eq(confsmoe_model_create(r.ctx, &p, &r.model), CONFSMOE_OK);
     if (with_optim) {
@@ -457,7 +417,7 @@ START_TEST(test_round_trip_with_optimizer)
     rig_train(&fresh, 1);
     assert_same_params(ref.r.model, fresh.model);
 
-    ck_assert_int_eq(count_temp_files(dir.dir), 0);
+    ck_assert_int_eq(test_temp_files(dir.dir), 0);
     rig_free(&fresh);
     reference_free(&ref);
     scratch_free(&dir);
@@ -1010,7 +970,7 @@ START_TEST(test_save_into_missing_directory)
     const char *msg = confsmoe_ctx_last_error(t.r.ctx);
     ck_assert_msg(strstr(msg, "No such file or directory") && strstr(msg, "checkpoint_save"), "message: %s", msg);
     ck_assert_int_eq(access(path_in(&t.dir, "no"), F_OK), -1);
-    ck_assert_int_eq(count_temp_files(t.dir.dir), 0);
+    ck_assert_int_eq(test_temp_files(t.dir.dir), 0);
     target_assert_unchanged(&t);
     target_free(&t);
 }
@@ -1027,7 +987,7 @@ START_TEST(test_save_over_directory)
     struct stat st;
     ck_assert_int_eq(stat(path, &st), 0);
     ck_assert(S_ISDIR(st.st_mode));
-    ck_assert_int_eq(count_temp_files(t.dir.dir), 0);
+    ck_assert_int_eq(test_temp_files(t.dir.dir), 0);
     ck_assert_int_eq(rmdir(path), 0);
     target_free(&t);
 }
@@ -1056,7 +1016,7 @@ START_TEST(test_failed_save_keeps_previous_checkpoint)
     blob after = read_blob(path);
     ck_assert_msg(blob_equal(after, ref.with_optim), "the previous checkpoint was damaged");
     free(after.bytes);
-    ck_assert_int_eq(count_temp_files(t.dir.dir), 0);
+    ck_assert_int_eq(test_temp_files(t.dir.dir), 0);
     /* It still loads. */
     load_ok(&t.r, true, path);
     assert_same_params(ref.r.model, t.r.model);

@@ -123,14 +123,7 @@ static int rig_open(rig *r, int64_t d, int with_allocator)
     if (confsmoe_ctx_create(&cp, &r->ctx) != CONFSMOE_OK)
         return 0;
     confsmoe_model_params p;
-    confsmoe_model_params_init(&p);
-    p.n_modalities = 2;
-    p.features = FEAT;
-    p.d = d;
-    p.heads = 2;
-    p.n_experts = 4;
-    p.k = 2;
-    p.n_classes = 3;
+    test_model_params(&p, 2, FEAT, d, 3);
     if (confsmoe_model_create(r->ctx, &p, &r->model) != CONFSMOE_OK ||
         confsmoe_optim_create(r->ctx, NULL, &r->optim) != CONFSMOE_OK)
         return 0;
@@ -242,36 +235,7 @@ static outcome run_child(const char *path, int64_t d, int kind, long n, long kil
 
 /* ---------------------------------------------------------------- the parent's checks */
 
-typedef struct {
-    char dir[64], path[128];
-} scratch;
-
-static void scratch_open(scratch *s)
-{
-    snprintf(s->dir, sizeof s->dir, "/tmp/confsmoe_kill_XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(s->dir));
-    snprintf(s->path, sizeof s->path, "%s/model.safetensors", s->dir);
-}
-
-static void scratch_clear(scratch *s)
-{
-    DIR *d = opendir(s->dir);
-    ck_assert_ptr_nonnull(d);
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL)
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-            char p[512];
-            snprintf(p, sizeof p, "%s/%s", s->dir, e->d_name);
-            unlink(p);
-        }
-    closedir(d);
-}
-
-static void scratch_close(scratch *s)
-{
-    scratch_clear(s);
-    rmdir(s->dir);
-}
+static void scratch_clear(test_scratch *s) { ck_assert(test_clear_dir(s->dir, 0)); }
 
 typedef struct {
     int temp_files;       /* leftover temporary files */
@@ -282,7 +246,7 @@ typedef struct {
 /* The file at path holds exactly generation want (-1: no file). Every other file in the
  * directory is a temporary file whose load is refused or gives a complete generation in
  * {want, also}; none of them can be found under the checkpoint's name. */
-static leftovers check_directory(rig *v, const scratch *s, long want, long also)
+static leftovers check_directory(rig *v, const test_scratch *s, long want, long also)
 {
     leftovers out = {0, 0, 0};
     if (want < 0) {
@@ -330,8 +294,8 @@ START_TEST(test_kill_points)
     const int kind = _i + 1;
     rig v;
     ck_assert(rig_open(&v, 16, 0));
-    scratch s;
-    scratch_open(&s);
+    test_scratch s;
+    test_scratch_open(&s, "kill");
     long killed = 0;
     leftovers total = {0, 0, 0};
     for (long n = 1;; n++) {
@@ -369,7 +333,7 @@ START_TEST(test_kill_points)
     printf("kill points: %-14s %4ld (leftover temp files: %d, refused as truncated: %d, complete: %d)\n",
            hook_names[kind], killed, total.temp_files, total.temp_partial, total.temp_complete);
     fflush(stdout);
-    scratch_close(&s);
+    ck_assert(test_rm_dir(s.dir));
     rig_close(&v);
 }
 END_TEST
@@ -381,8 +345,8 @@ START_TEST(test_random_kills)
     const int64_t d = 64;
     rig v;
     ck_assert(rig_open(&v, d, 0));
-    scratch s;
-    scratch_open(&s);
+    test_scratch s;
+    test_scratch_open(&s, "kill");
     unsigned seed = (unsigned)time(NULL);
     const char *env = getenv("CONFSMOE_KILL_SEED");
     if (env)
@@ -409,7 +373,7 @@ START_TEST(test_random_kills)
     printf("random kills: %d (seed %u), %d of them during a save (a temporary file was left)\n", KILLS, seed,
            mid_save);
     fflush(stdout);
-    scratch_close(&s);
+    ck_assert(test_rm_dir(s.dir));
     rig_close(&v);
 }
 END_TEST

@@ -9,12 +9,10 @@
  *     or predict gives) is bit-identical to a run that never failed;
  * and after destroying everything zero blocks and zero bytes are live.
  * The number of fault points per operation is printed (docs/RELIABILITY.md). */
-#include <dirent.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "testutil.h"
 
@@ -148,27 +146,15 @@ typedef struct {
     confsmoe_tensor *in[MODEL_M], *pool[MODEL_M], *pool2, *avail, *mlabels, *logits;
     float task_loss;
     /* checkpoints */
-    char dir[64], path[128];
+    test_scratch scratch;
     rec previous;  /* the checkpoint file before the operation */
 } fx;
-
-static confsmoe_tensor *mk(fx *f, confsmoe_dtype dt, int32_t nd, int64_t d0, int64_t d1, int64_t d2, int64_t d3)
-{
-    const int64_t dims[4] = {d0, d1, d2, d3};
-    confsmoe_tensor *t = NULL;
-    ck_assert_int_eq(confsmoe_tensor_create(f->ctx, dt, nd, dims, &t), CONFSMOE_OK);
-    return t;
-}
 
 static void fx_open(fx *f, uint64_t seed)
 {
     memset(f, 0, sizeof *f);
     f->hold = (confsmoe_allocator){fa_alloc, fa_free, &f->a};
-    confsmoe_ctx_params p;
-    confsmoe_ctx_params_init(&p);
-    p.seed = seed;
-    p.allocator = &f->hold;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &f->ctx), CONFSMOE_OK);
+    f->ctx = test_ctx_with(seed, 1, &f->hold);
 }
 
 static void fx_close(fx *f)
@@ -189,21 +175,8 @@ static void fx_close(fx *f)
     confsmoe_ctx_destroy(f->ctx);
     ck_assert_msg(f->a.live == 0 && f->a.live_bytes == 0, "after destroying everything: %ld blocks, %zu bytes live",
                   f->a.live, f->a.live_bytes);
-    if (f->dir[0]) {
-        DIR *d = opendir(f->dir);
-        if (d) {
-            struct dirent *e;
-            while ((e = readdir(d)) != NULL) {
-                if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-                    char p[512];
-                    snprintf(p, sizeof p, "%s/%s", f->dir, e->d_name);
-                    unlink(p);
-                }
-            }
-            closedir(d);
-        }
-        rmdir(f->dir);
-    }
+    if (f->scratch.dir[0])
+        test_rm_dir(f->scratch.dir);
     rec_free(&f->previous);
 }
 
@@ -240,19 +213,19 @@ static confsmoe_status gate_create(fx *f)
 
 static void gate_tensors(fx *f)
 {
-    f->x = mk(f, CONFSMOE_F32, 2, N_TOK, D, 0, 0);
+    f->x = test_tensor(f->ctx, CONFSMOE_F32, 2, N_TOK, D, 0, 0);
     fill_seq(f->x, 11, -1.5, 1.5);
-    f->labels = mk(f, CONFSMOE_I32, 1, N_TOK, 0, 0, 0);
+    f->labels = test_tensor(f->ctx, CONFSMOE_I32, 1, N_TOK, 0, 0, 0);
     for (int t = 0; t < N_TOK; t++)
         i32(f->labels)[t] = t % C;
-    f->y = mk(f, CONFSMOE_F32, 2, N_TOK, D, 0, 0);
-    f->topk = mk(f, CONFSMOE_I32, 2, N_TOK, K, 0, 0);
-    f->slots = mk(f, CONFSMOE_F32, 3, N_TOK, K, D, 0);
-    f->dy = mk(f, CONFSMOE_F32, 2, N_TOK, D, 0, 0);
+    f->y = test_tensor(f->ctx, CONFSMOE_F32, 2, N_TOK, D, 0, 0);
+    f->topk = test_tensor(f->ctx, CONFSMOE_I32, 2, N_TOK, K, 0, 0);
+    f->slots = test_tensor(f->ctx, CONFSMOE_F32, 3, N_TOK, K, D, 0);
+    f->dy = test_tensor(f->ctx, CONFSMOE_F32, 2, N_TOK, D, 0, 0);
     fill_seq(f->dy, 12, -1, 1);
-    f->dslots = mk(f, CONFSMOE_F32, 3, N_TOK, K, D, 0);
+    f->dslots = test_tensor(f->ctx, CONFSMOE_F32, 3, N_TOK, K, D, 0);
     fill_seq(f->dslots, 13, -0.5, 0.5);
-    f->dx = mk(f, CONFSMOE_F32, 2, N_TOK, D, 0, 0);
+    f->dx = test_tensor(f->ctx, CONFSMOE_F32, 2, N_TOK, D, 0, 0);
 }
 
 static void rec_gate_state(rec *r, fx *f)
@@ -369,18 +342,18 @@ static confsmoe_status imp_create(fx *f)
 
 static void imp_tensors(fx *f)
 {
-    f->ih = mk(f, CONFSMOE_F32, 3, B, M * S, D, 0);
+    f->ih = test_tensor(f->ctx, CONFSMOE_F32, 3, B, M * S, D, 0);
     fill_seq(f->ih, 21, -1, 1);
-    f->islots = mk(f, CONFSMOE_F32, 4, M, B * S, K, D);
+    f->islots = test_tensor(f->ctx, CONFSMOE_F32, 4, M, B * S, K, D);
     fill_seq(f->islots, 22, -1, 1);
-    f->iavail = mk(f, CONFSMOE_U8, 2, B, M, 0, 0);
+    f->iavail = test_tensor(f->ctx, CONFSMOE_U8, 2, B, M, 0, 0);
     static const uint8_t av[B][M] = {{1, 1, 1}, {0, 1, 1}, {1, 0, 1}, {0, 1, 0}};
     memcpy(u8(f->iavail), av, sizeof av);
-    f->iout = mk(f, CONFSMOE_F32, 3, B, M * S, D, 0);
-    f->idout = mk(f, CONFSMOE_F32, 3, B, M * S, D, 0);
+    f->iout = test_tensor(f->ctx, CONFSMOE_F32, 3, B, M * S, D, 0);
+    f->idout = test_tensor(f->ctx, CONFSMOE_F32, 3, B, M * S, D, 0);
     fill_seq(f->idout, 23, -1, 1);
-    f->idh = mk(f, CONFSMOE_F32, 3, B, M * S, D, 0);
-    f->idslots = mk(f, CONFSMOE_F32, 4, M, B * S, K, D);
+    f->idh = test_tensor(f->ctx, CONFSMOE_F32, 3, B, M * S, D, 0);
+    f->idslots = test_tensor(f->ctx, CONFSMOE_F32, 4, M, B * S, K, D);
 }
 
 static void rec_imp_state(rec *r, fx *f)
@@ -451,15 +424,8 @@ static void post_imp_bwd(rec *r, fx *f)
 static confsmoe_status model_create(fx *f)
 {
     confsmoe_model_params p;
-    confsmoe_model_params_init(&p);
-    p.n_modalities = MODEL_M;
-    p.features = MODEL_F;
+    test_model_params(&p, MODEL_M, MODEL_F, 8, C);
     p.tokens = S;
-    p.d = 8;
-    p.heads = 2;
-    p.n_experts = 4;
-    p.k = 2;
-    p.n_classes = C;
     p.noisy = 1;
     p.draws = 2;
     p.separate_value = 1;
@@ -473,20 +439,20 @@ static confsmoe_status model_create(fx *f)
 static void model_tensors(fx *f)
 {
     for (int m = 0; m < MODEL_M; m++) {
-        f->in[m] = mk(f, CONFSMOE_F32, 3, B, S, MODEL_F[m], 0);
+        f->in[m] = test_tensor(f->ctx, CONFSMOE_F32, 3, B, S, MODEL_F[m], 0);
         fill_seq(f->in[m], 31 + (uint64_t)m, -1, 1);
-        f->pool[m] = mk(f, CONFSMOE_F32, 3, POOL, S, MODEL_F[m], 0);
+        f->pool[m] = test_tensor(f->ctx, CONFSMOE_F32, 3, POOL, S, MODEL_F[m], 0);
         fill_seq(f->pool[m], 41 + (uint64_t)m, -1, 1);
     }
-    f->pool2 = mk(f, CONFSMOE_F32, 3, POOL + 2, S, MODEL_F[0], 0);
+    f->pool2 = test_tensor(f->ctx, CONFSMOE_F32, 3, POOL + 2, S, MODEL_F[0], 0);
     fill_seq(f->pool2, 51, -2, 2);
-    f->avail = mk(f, CONFSMOE_U8, 2, B, MODEL_M, 0, 0);
+    f->avail = test_tensor(f->ctx, CONFSMOE_U8, 2, B, MODEL_M, 0, 0);
     static const uint8_t av[B][MODEL_M] = {{1, 1}, {0, 1}, {1, 0}, {1, 1}};
     memcpy(u8(f->avail), av, sizeof av);
-    f->mlabels = mk(f, CONFSMOE_I32, 1, B, 0, 0, 0);
+    f->mlabels = test_tensor(f->ctx, CONFSMOE_I32, 1, B, 0, 0, 0);
     for (int b = 0; b < B; b++)
         i32(f->mlabels)[b] = (b * 2) % C;
-    f->logits = mk(f, CONFSMOE_F32, 2, B, C, 0, 0);
+    f->logits = test_tensor(f->ctx, CONFSMOE_F32, 2, B, C, 0, 0);
 }
 
 static void rec_model_state(rec *r, fx *f)
@@ -682,61 +648,42 @@ static void post_optim_step(rec *r, fx *f)
     post_optim(r, f);
 }
 
-static void make_dir(fx *f)
-{
-    snprintf(f->dir, sizeof f->dir, "/tmp/confsmoe_faults_XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(f->dir));
-    snprintf(f->path, sizeof f->path, "%s/model.safetensors", f->dir);
-}
-
-static int temp_files(fx *f)
-{
-    DIR *d = opendir(f->dir);
-    ck_assert_ptr_nonnull(d);
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL)
-        n += strstr(e->d_name, ".tmp.") != NULL;
-    closedir(d);
-    return n;
-}
-
 /* A trained model and optimizer, a previous checkpoint at path, then one more step. */
 static void setup_save(fx *f)
 {
     setup_optim_step(f);
     ck_assert_int_eq(confsmoe_optim_step(f->optim), CONFSMOE_OK);
-    make_dir(f);
-    ck_assert_int_eq(confsmoe_checkpoint_save(f->model, f->optim, f->path), CONFSMOE_OK);
-    rec_file(&f->previous, f->path);
+    test_scratch_open(&f->scratch, "faults");
+    ck_assert_int_eq(confsmoe_checkpoint_save(f->model, f->optim, f->scratch.path), CONFSMOE_OK);
+    rec_file(&f->previous, f->scratch.path);
     ck_assert_int_eq(model_step(f), CONFSMOE_OK);
     ck_assert_int_eq(confsmoe_optim_step(f->optim), CONFSMOE_OK);
 }
-static confsmoe_status op_save(fx *f) { return confsmoe_checkpoint_save(f->model, f->optim, f->path); }
+static confsmoe_status op_save(fx *f) { return confsmoe_checkpoint_save(f->model, f->optim, f->scratch.path); }
 static void fail_save(rec *r, fx *f)
 {
     (void)r;
     rec now = {0};
-    rec_file(&now, f->path);
+    rec_file(&now, f->scratch.path);
     ck_assert_msg(rec_same(&now, &f->previous), "a failed save changed the file at the path");
     rec_free(&now);
-    ck_assert_int_eq(temp_files(f), 0);
+    ck_assert_int_eq(test_temp_files(f->scratch.dir), 0);
 }
 static void post_save(rec *r, fx *f)
 {
-    rec_file(r, f->path);
-    ck_assert_int_eq(temp_files(f), 0);
+    rec_file(r, f->scratch.path);
+    ck_assert_int_eq(test_temp_files(f->scratch.dir), 0);
 }
 
 /* A checkpoint at path, then the model and optimizer move on; load brings them back. */
 static void setup_load(fx *f)
 {
     setup_save(f);
-    ck_assert_int_eq(confsmoe_checkpoint_save(f->model, f->optim, f->path), CONFSMOE_OK);
+    ck_assert_int_eq(confsmoe_checkpoint_save(f->model, f->optim, f->scratch.path), CONFSMOE_OK);
     ck_assert_int_eq(model_step(f), CONFSMOE_OK);
     ck_assert_int_eq(confsmoe_optim_step(f->optim), CONFSMOE_OK);
 }
-static confsmoe_status op_load(fx *f) { return confsmoe_checkpoint_load(f->model, f->optim, f->path); }
+static confsmoe_status op_load(fx *f) { return confsmoe_checkpoint_load(f->model, f->optim, f->scratch.path); }
 static void post_load(rec *r, fx *f)
 {
     rec_model_state(r, f);

@@ -23,14 +23,8 @@ static void setup_full(fixture *f, int32_t draws, int32_t pool_mean, int32_t imp
     memset(f, 0, sizeof *f);
     f->ctx = test_ctx(7);
     confsmoe_model_params p;
-    confsmoe_model_params_init(&p);
-    p.n_modalities = M;
-    p.features = FEATURES;
-    p.d = 8;
-    p.heads = 2;
+    test_model_params(&p, M, FEATURES, 8, C);
     p.n_experts = 3;
-    p.k = 2;
-    p.n_classes = C;
     p.draws = draws;
     p.predict_pool_mean = pool_mean;
     p.imputation = imputation;
@@ -165,22 +159,33 @@ START_TEST(test_pool_mean_leaves_rng_alone)
 }
 END_TEST
 
-START_TEST(test_pool_mean_flag_validated)
+/* Parameters of a valid model but for the one field the caller sets next. */
+static void valid_params(confsmoe_model_params *p)
+{
+    confsmoe_model_params_init(p);
+    p->n_modalities = M;
+    p->features = FEATURES;
+    p->n_classes = C;
+}
+
+/* create refuses p, leaves no model behind and names the bad field. */
+static void expect_refused(const confsmoe_model_params *p, const char *field)
 {
     confsmoe_ctx *ctx = test_ctx(1);
-    confsmoe_model_params p;
-    confsmoe_model_params_init(&p);
-    ck_assert_int_eq(p.predict_pool_mean, 0);
-    p.n_modalities = M;
-    p.features = FEATURES;
-    p.n_classes = C;
-    p.predict_pool_mean = 2;
-    confsmoe_model *model = (confsmoe_model *)&p; /* must be overwritten with NULL */
-    ck_assert_int_eq(confsmoe_model_create(ctx, &p, &model), CONFSMOE_E_INVALID_ARGUMENT);
+    confsmoe_model *model = (confsmoe_model *)p; /* must be overwritten with NULL */
+    ck_assert_int_eq(confsmoe_model_create(ctx, p, &model), CONFSMOE_E_INVALID_ARGUMENT);
     ck_assert_ptr_null(model);
-    ck_assert_msg(strstr(confsmoe_ctx_last_error(ctx), "predict_pool_mean") != NULL, "error: %s",
-                  confsmoe_ctx_last_error(ctx));
+    ck_assert_msg(strstr(confsmoe_ctx_last_error(ctx), field) != NULL, "error: %s", confsmoe_ctx_last_error(ctx));
     confsmoe_ctx_destroy(ctx);
+}
+
+START_TEST(test_pool_mean_flag_validated)
+{
+    confsmoe_model_params p;
+    valid_params(&p);
+    ck_assert_int_eq(p.predict_pool_mean, 0);
+    p.predict_pool_mean = 2;
+    expect_refused(&p, "predict_pool_mean");
 }
 END_TEST
 
@@ -266,20 +271,11 @@ START_TEST(test_modality_dropout_validated)
 {
     const float bad[] = {-0.1f, 1.5f, NAN};
     for (int i = 0; i < 3; i++) {
-        confsmoe_ctx *ctx = test_ctx(1);
         confsmoe_model_params p;
-        confsmoe_model_params_init(&p);
+        valid_params(&p);
         ck_assert(p.modality_dropout == 0.0f);
-        p.n_modalities = M;
-        p.features = FEATURES;
-        p.n_classes = C;
         p.modality_dropout = bad[i];
-        confsmoe_model *model = NULL;
-        ck_assert_int_eq(confsmoe_model_create(ctx, &p, &model), CONFSMOE_E_INVALID_ARGUMENT);
-        ck_assert_ptr_null(model);
-        ck_assert_msg(strstr(confsmoe_ctx_last_error(ctx), "modality_dropout") != NULL, "error: %s",
-                      confsmoe_ctx_last_error(ctx));
-        confsmoe_ctx_destroy(ctx);
+        expect_refused(&p, "modality_dropout");
     }
 }
 END_TEST

@@ -12,26 +12,6 @@
 
 enum { N = 8, D = 6, H = 5, E = 4, C = 3 };
 
-static confsmoe_ctx *ctx_with(uint64_t seed, int check_finite)
-{
-    confsmoe_ctx_params p;
-    confsmoe_ctx_params_init(&p);
-    p.seed = seed;
-    p.check_finite = check_finite;
-    confsmoe_ctx *ctx = NULL;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
-    return ctx;
-}
-
-static confsmoe_tensor *mk(confsmoe_ctx *ctx, confsmoe_dtype dt, int32_t nd, int64_t d0, int64_t d1, int64_t d2,
-                           int64_t d3)
-{
-    const int64_t dims[4] = {d0, d1, d2, d3};
-    confsmoe_tensor *t = NULL;
-    ck_assert_int_eq(confsmoe_tensor_create(ctx, dt, nd, dims, &t), CONFSMOE_OK);
-    return t;
-}
-
 static int all_finite(confsmoe_tensor *t)
 {
     const float *v = f32(t);
@@ -76,7 +56,7 @@ static void grig_open(grig *r, int check_finite, int32_t router, int32_t combine
                       int32_t router_grad, uint64_t seed)
 {
     memset(r, 0, sizeof *r);
-    r->ctx = ctx_with(seed, check_finite);
+    r->ctx = test_ctx_with(seed, check_finite, NULL);
     r->k = k;
     for (int e = 0; e < E; e++)
         ck_assert_int_eq(confsmoe_expert_create(r->ctx, D, H, &r->ex[e]), CONFSMOE_OK);
@@ -91,18 +71,18 @@ static void grig_open(grig *r, int check_finite, int32_t router, int32_t combine
     p.load_loss_weight = 0.5f;
     p.router_grad = router_grad;
     ck_assert_int_eq(confsmoe_gate_create(r->ctx, &p, r->ex, E, &r->g), CONFSMOE_OK);
-    r->x = mk(r->ctx, CONFSMOE_F32, 2, N, D, 0, 0);
+    r->x = test_tensor(r->ctx, CONFSMOE_F32, 2, N, D, 0, 0);
     trng t = {seed};
     fill_uniform(r->x, &t, -1, 1);
-    r->labels = mk(r->ctx, CONFSMOE_I32, 1, N, 0, 0, 0);
+    r->labels = test_tensor(r->ctx, CONFSMOE_I32, 1, N, 0, 0, 0);
     for (int i = 0; i < N; i++)
         i32(r->labels)[i] = i % C;
-    r->y = mk(r->ctx, CONFSMOE_F32, 2, N, D, 0, 0);
-    r->topk = mk(r->ctx, CONFSMOE_I32, 2, N, k, 0, 0);
-    r->slots = mk(r->ctx, CONFSMOE_F32, 3, N, k, D, 0);
-    r->dy = mk(r->ctx, CONFSMOE_F32, 2, N, D, 0, 0);
+    r->y = test_tensor(r->ctx, CONFSMOE_F32, 2, N, D, 0, 0);
+    r->topk = test_tensor(r->ctx, CONFSMOE_I32, 2, N, k, 0, 0);
+    r->slots = test_tensor(r->ctx, CONFSMOE_F32, 3, N, k, D, 0);
+    r->dy = test_tensor(r->ctx, CONFSMOE_F32, 2, N, D, 0, 0);
     fill_uniform(r->dy, &t, -1, 1);
-    r->dx = mk(r->ctx, CONFSMOE_F32, 2, N, D, 0, 0);
+    r->dx = test_tensor(r->ctx, CONFSMOE_F32, 2, N, D, 0, 0);
 }
 
 static void grig_close(grig *r)
@@ -319,34 +299,28 @@ typedef struct {
 static void mrig_open(mrig *r, int check_finite, uint64_t seed)
 {
     memset(r, 0, sizeof *r);
-    r->ctx = ctx_with(seed, check_finite);
+    r->ctx = test_ctx_with(seed, check_finite, NULL);
     confsmoe_model_params p;
-    confsmoe_model_params_init(&p);
-    p.n_modalities = MM;
-    p.features = FEAT;
+    test_model_params(&p, MM, FEAT, 8, C);
     p.tokens = S;
-    p.d = 8;
-    p.heads = 2;
     p.n_experts = E;
-    p.k = 2;
-    p.n_classes = C;
     p.draws = 2;
     ck_assert_int_eq(confsmoe_model_create(r->ctx, &p, &r->model), CONFSMOE_OK);
     trng t = {seed};
     for (int m = 0; m < MM; m++) {
-        r->in[m] = mk(r->ctx, CONFSMOE_F32, 3, B, S, FEAT[m], 0);
+        r->in[m] = test_tensor(r->ctx, CONFSMOE_F32, 3, B, S, FEAT[m], 0);
         fill_uniform(r->in[m], &t, -1, 1);
-        r->pool[m] = mk(r->ctx, CONFSMOE_F32, 3, P, S, FEAT[m], 0);
+        r->pool[m] = test_tensor(r->ctx, CONFSMOE_F32, 3, P, S, FEAT[m], 0);
         fill_uniform(r->pool[m], &t, -1, 1);
         ck_assert_int_eq(confsmoe_model_set_pool(r->model, m, r->pool[m]), CONFSMOE_OK);
     }
-    r->avail = mk(r->ctx, CONFSMOE_U8, 2, B, MM, 0, 0);
+    r->avail = test_tensor(r->ctx, CONFSMOE_U8, 2, B, MM, 0, 0);
     memset(u8(r->avail), 1, B * MM);
     u8(r->avail)[1 * MM + 0] = 0;  /* sample 1 misses modality 0: both imputation stages run */
-    r->labels = mk(r->ctx, CONFSMOE_I32, 1, B, 0, 0, 0);
+    r->labels = test_tensor(r->ctx, CONFSMOE_I32, 1, B, 0, 0, 0);
     for (int b = 0; b < B; b++)
         i32(r->labels)[b] = b % C;
-    r->logits = mk(r->ctx, CONFSMOE_F32, 2, B, C, 0, 0);
+    r->logits = test_tensor(r->ctx, CONFSMOE_F32, 2, B, C, 0, 0);
 }
 
 static void mrig_close(mrig *r)
@@ -549,7 +523,7 @@ START_TEST(test_checks_on_imputer)
 {
     const float bad = bad_values[_i];
     enum { IM = 3, IB = 2 };
-    confsmoe_ctx *ctx = ctx_with(90, 1);
+    confsmoe_ctx *ctx = test_ctx_with(90, 1, NULL);
     confsmoe_imputer_params p;
     confsmoe_imputer_params_init(&p);
     p.d = D;
@@ -557,8 +531,10 @@ START_TEST(test_checks_on_imputer)
     p.k = 2;
     confsmoe_imputer *imp = NULL;
     ck_assert_int_eq(confsmoe_imputer_create(ctx, &p, &imp), CONFSMOE_OK);
-    confsmoe_tensor *h = mk(ctx, CONFSMOE_F32, 3, IB, IM, D, 0), *out = mk(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
-    confsmoe_tensor *slots = mk(ctx, CONFSMOE_F32, 4, IM, IB, 2, D), *avail = mk(ctx, CONFSMOE_U8, 2, IB, IM, 0, 0);
+    confsmoe_tensor *h = test_tensor(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
+    confsmoe_tensor *out = test_tensor(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
+    confsmoe_tensor *slots = test_tensor(ctx, CONFSMOE_F32, 4, IM, IB, 2, D);
+    confsmoe_tensor *avail = test_tensor(ctx, CONFSMOE_U8, 2, IB, IM, 0, 0);
     trng t = {3};
     fill_uniform(h, &t, -1, 1);
     fill_uniform(slots, &t, -1, 1);
@@ -646,7 +622,7 @@ START_TEST(test_checks_off_imputer)
 {
     const float bad = bad_values[_i];
     enum { IM = 3, IB = 2 };
-    confsmoe_ctx *ctx = ctx_with(120, 0);
+    confsmoe_ctx *ctx = test_ctx_with(120, 0, NULL);
     confsmoe_imputer_params p;
     confsmoe_imputer_params_init(&p);
     p.d = D;
@@ -655,9 +631,12 @@ START_TEST(test_checks_off_imputer)
     p.top_t = 1;
     confsmoe_imputer *imp = NULL;
     ck_assert_int_eq(confsmoe_imputer_create(ctx, &p, &imp), CONFSMOE_OK);
-    confsmoe_tensor *h = mk(ctx, CONFSMOE_F32, 3, IB, IM, D, 0), *out = mk(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
-    confsmoe_tensor *slots = mk(ctx, CONFSMOE_F32, 4, IM, IB, 2, D), *avail = mk(ctx, CONFSMOE_U8, 2, IB, IM, 0, 0);
-    confsmoe_tensor *dh = mk(ctx, CONFSMOE_F32, 3, IB, IM, D, 0), *dslots = mk(ctx, CONFSMOE_F32, 4, IM, IB, 2, D);
+    confsmoe_tensor *h = test_tensor(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
+    confsmoe_tensor *out = test_tensor(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
+    confsmoe_tensor *slots = test_tensor(ctx, CONFSMOE_F32, 4, IM, IB, 2, D);
+    confsmoe_tensor *avail = test_tensor(ctx, CONFSMOE_U8, 2, IB, IM, 0, 0);
+    confsmoe_tensor *dh = test_tensor(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
+    confsmoe_tensor *dslots = test_tensor(ctx, CONFSMOE_F32, 4, IM, IB, 2, D);
     trng t = {4};
     fill_uniform(h, &t, -1, 1);
     fill_uniform(slots, &t, -1, 1);

@@ -4,7 +4,6 @@
  * Run under ThreadSanitizer by tests/sanitize/run tsan; without TSan it still checks
  * bit-identity. The library's own opt-in worker threads (CONFSMOE_NUM_THREADS) are
  * exercised when the environment sets it. */
-#include <dirent.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -71,29 +70,29 @@ static confsmoe_tensor *mk(rec *r, confsmoe_ctx *ctx, confsmoe_dtype dt, int32_t
     return t;
 }
 
+/* test_ctx without its assertion: NULL, and the failure recorded, if it cannot be made. */
+static confsmoe_ctx *job_ctx(rec *r, uint64_t seed)
+{
+    confsmoe_ctx_params cp;
+    confsmoe_ctx_params_init(&cp);
+    cp.seed = seed;
+    confsmoe_ctx *ctx = NULL;
+    TRY(r, NULL, confsmoe_ctx_create(&cp, &ctx));
+    return ctx;
+}
+
 /* ---- a full model: steps with Adam, a predict, a checkpoint round trip */
 
 static void model_job(uint64_t seed, const char *dir, int id, rec *r)
 {
     enum { B = 5, M = 2, S = 2, C = 3, P = 4 };
     static const int64_t F[M] = {7, 4};
-    confsmoe_ctx_params cp;
-    confsmoe_ctx_params_init(&cp);
-    cp.seed = seed;
-    confsmoe_ctx *ctx = NULL;
-    TRY(r, NULL, confsmoe_ctx_create(&cp, &ctx));
+    confsmoe_ctx *ctx = job_ctx(r, seed);
     if (!ctx)
         return;
     confsmoe_model_params p;
-    confsmoe_model_params_init(&p);
-    p.n_modalities = M;
-    p.features = F;
+    test_model_params(&p, M, F, 16, C);
     p.tokens = S;
-    p.d = 16;
-    p.heads = 2;
-    p.n_experts = 4;
-    p.k = 2;
-    p.n_classes = C;
     p.noisy = 1;
     p.draws = 2;
     confsmoe_model *model = NULL;
@@ -182,11 +181,7 @@ out:
 static void gate_job(uint64_t seed, rec *r)
 {
     enum { N = 9, D = 8, E = 4, K = 2, C = 3, M = 3, S = 1, B = 3 };
-    confsmoe_ctx_params cp;
-    confsmoe_ctx_params_init(&cp);
-    cp.seed = seed;
-    confsmoe_ctx *ctx = NULL;
-    TRY(r, NULL, confsmoe_ctx_create(&cp, &ctx));
+    confsmoe_ctx *ctx = job_ctx(r, seed);
     if (!ctx)
         return;
     confsmoe_expert *ex[E] = {0};
@@ -292,26 +287,10 @@ static void *thread_main(void *arg)
     return NULL;
 }
 
-static void rm_dir(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (d) {
-        struct dirent *e;
-        while ((e = readdir(d)) != NULL)
-            if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
-                char p[1024];
-                snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-                unlink(p);
-            }
-        closedir(d);
-    }
-    rmdir(dir);
-}
-
 START_TEST(test_concurrent_equals_serial)
 {
-    char dir[] = "/tmp/confsmoe_threads_XXXXXX";
-    ck_assert_ptr_nonnull(mkdtemp(dir));
+    char dir[64];
+    test_mkdtemp(dir, sizeof dir, "threads");
     job serial[N_JOBS];
     for (int i = 0; i < N_JOBS; i++) {
         serial[i] = (job){.id = i, .dir = dir};
@@ -345,7 +324,7 @@ START_TEST(test_concurrent_equals_serial)
     }
     for (int i = 0; i < N_JOBS; i++)
         free(serial[i].out.b);
-    rm_dir(dir);
+    test_rm_dir(dir);
 }
 END_TEST
 

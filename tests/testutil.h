@@ -1,13 +1,17 @@
 /* Shared by the Check tests: a counting allocator that can fail on demand, a deterministic
- * RNG, small accessors, and a main(). */
+ * RNG, small accessors and builders, scratch folders, and a main(). */
 #ifndef CONFSMOE_TESTUTIL_H
 #define CONFSMOE_TESTUTIL_H
 
 #include <check.h>
+#include <dirent.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "confsmoe.h"
+#include "testdir.h"
 
 /* Counts live blocks and fails the fail_at-th allocation (1-based; 0 = never). */
 typedef struct {
@@ -38,29 +42,52 @@ static void test_free_fn(void *user, void *ptr)
     }
 }
 
+/* A ctx with the given seed, finite checks (1 is the default) and allocator (NULL: the library's). */
+static inline confsmoe_ctx *test_ctx_with(uint64_t seed, int32_t check_finite, const confsmoe_allocator *allocator)
+{
+    confsmoe_ctx_params p;
+    confsmoe_ctx_params_init(&p);
+    p.seed = seed;
+    p.check_finite = check_finite;
+    p.allocator = allocator;
+    confsmoe_ctx *ctx = NULL;
+    ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
+    return ctx;
+}
+
 /* A ctx that allocates through `a` (which must outlive it). */
 static inline confsmoe_ctx *test_ctx_counted(test_alloc *a, confsmoe_allocator *holder, uint64_t seed)
 {
     holder->alloc = test_alloc_fn;
     holder->free = test_free_fn;
     holder->user = a;
-    confsmoe_ctx_params p;
-    confsmoe_ctx_params_init(&p);
-    p.seed = seed;
-    p.allocator = holder;
-    confsmoe_ctx *ctx = NULL;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
-    return ctx;
+    return test_ctx_with(seed, 1, holder);
 }
 
-static inline confsmoe_ctx *test_ctx(uint64_t seed)
+static inline confsmoe_ctx *test_ctx(uint64_t seed) { return test_ctx_with(seed, 1, NULL); }
+
+/* A tensor of nd of the dims d0..d3 (the rest are ignored). */
+static inline confsmoe_tensor *test_tensor(confsmoe_ctx *ctx, confsmoe_dtype dt, int32_t nd, int64_t d0, int64_t d1,
+                                           int64_t d2, int64_t d3)
 {
-    confsmoe_ctx_params p;
-    confsmoe_ctx_params_init(&p);
-    p.seed = seed;
-    confsmoe_ctx *ctx = NULL;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
-    return ctx;
+    const int64_t dims[4] = {d0, d1, d2, d3};
+    confsmoe_tensor *t = NULL;
+    ck_assert_int_eq(confsmoe_tensor_create(ctx, dt, nd, dims, &t), CONFSMOE_OK);
+    return t;
+}
+
+/* The small model most tests build: 2 heads, 4 experts, top-2; callers set the rest. */
+static inline void test_model_params(confsmoe_model_params *p, int32_t n_modalities, const int64_t *features,
+                                     int64_t d, int32_t n_classes)
+{
+    confsmoe_model_params_init(p);
+    p->n_modalities = n_modalities;
+    p->features = features;
+    p->d = d;
+    p->heads = 2;
+    p->n_experts = 4;
+    p->k = 2;
+    p->n_classes = n_classes;
 }
 
 /* A deterministic RNG of the tests' own (splitmix64), independent of the library's. */
@@ -146,6 +173,45 @@ static inline int64_t test_pick(int64_t cap, int64_t numel, int64_t *idx, uint64
             idx[m++] = c;
     }
     return m;
+}
+
+/* A fresh folder /tmp/confsmoe_<tag>_XXXXXX, written into dir. */
+static inline void test_mkdtemp(char *dir, size_t cap, const char *tag)
+{
+    snprintf(dir, cap, "/tmp/confsmoe_%s_XXXXXX", tag);
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+}
+
+/* Removes dir and what it holds (files, and folders of files). Returns 0 if dir cannot be opened. */
+static inline int test_rm_dir(const char *dir)
+{
+    int opened = test_clear_dir(dir, 1);
+    rmdir(dir);
+    return opened;
+}
+
+/* A fresh folder and the path of a checkpoint in it. */
+typedef struct {
+    char dir[64], path[128];
+} test_scratch;
+
+static inline void test_scratch_open(test_scratch *s, const char *tag)
+{
+    test_mkdtemp(s->dir, sizeof s->dir, tag);
+    snprintf(s->path, sizeof s->path, "%s/model.safetensors", s->dir);
+}
+
+/* Number of entries in dir whose name contains ".tmp." (leftover temporary files). */
+static inline int test_temp_files(const char *dir)
+{
+    DIR *d = opendir(dir);
+    ck_assert_ptr_nonnull(d);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        n += strstr(e->d_name, ".tmp.") != NULL;
+    closedir(d);
+    return n;
 }
 
 static inline int test_run(Suite *s)

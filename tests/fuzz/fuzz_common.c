@@ -2,7 +2,6 @@
 #define _GNU_SOURCE
 #include "fuzz_common.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -10,6 +9,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "../testdir.h"
 
 static char tmp_root[4096];
 
@@ -48,26 +49,7 @@ void fuzz_write_file(const char *dir, const char *name, const void *data, size_t
         fuzz_fail("cannot write %s: %s", path, strerror(errno));
 }
 
-static void clear_dir_depth(const char *dir, int depth)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        char path[8192];
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        if (unlink(path) != 0 && depth < 4) {
-            clear_dir_depth(path, depth + 1);
-            rmdir(path);
-        }
-    }
-    closedir(d);
-}
-
-void fuzz_clear_dir(const char *dir) { clear_dir_depth(dir, 0); }
+void fuzz_clear_dir(const char *dir) { test_clear_dir(dir, 4); }
 
 void fuzz_fail(const char *fmt, ...)
 {
