@@ -111,7 +111,10 @@ typedef struct confsmoe_ctx_params {
                                     (default CONFSMOE_LOG_WARN) */
     confsmoe_log_fn log_fn;      /* NULL (default): silent */
     void *log_user;
-    const confsmoe_allocator *allocator; /* NULL (default): the C library's.
+    const confsmoe_allocator *allocator; /* NULL (default): the C library's, with
+                                            up to 64 MiB of freed large blocks kept
+                                            by the ctx for reuse (freed at destroy).
+                                            A host allocator sees every allocation.
                                             Copied at create; must not be NULL
                                             in its function pointers if given. */
 } confsmoe_ctx_params;

@@ -3,6 +3,7 @@
 #define CONFSMOE_INTERNAL_H
 
 #include <stdarg.h>
+#include <pthread.h>
 #include <stdbool.h>
 
 #include "confsmoe.h"
@@ -10,9 +11,19 @@
 #define CSM_ALIGN 64
 #define CSM_ERROR_CAP 512
 
+/* Freed large blocks of the default allocator, kept for reuse (ctx.c). */
+#define CSM_CACHE_SLOTS 16
+typedef struct {
+    pthread_mutex_t lock;    /* the library's own threads may allocate concurrently */
+    int count;
+    size_t bytes;
+    void *block[CSM_CACHE_SLOTS]; /* oldest first */
+} csm_block_cache;
+
 struct confsmoe_ctx {
     confsmoe_allocator allocator;
     bool has_allocator;
+    csm_block_cache cache;       /* default allocator only */
     bool check_finite;
     int32_t log_level;
     confsmoe_log_fn log_fn;

@@ -10,6 +10,53 @@
 /* A pointer value the library never hands out: out-pointers must be overwritten with NULL. */
 #define SENTINEL_CTX ((confsmoe_ctx *)(uintptr_t)0x1234)
 
+/* ---------------------------------------------------------------- block reuse */
+
+static void *tensor_data_of_new(confsmoe_ctx *ctx, int64_t n, confsmoe_tensor **out)
+{
+    ck_assert_int_eq(confsmoe_tensor_create(ctx, CONFSMOE_F32, 1, &n, out), CONFSMOE_OK);
+    return confsmoe_tensor_data(*out);
+}
+
+/* With the default allocator a freed large block serves the next request of a similar size
+ * (no fresh pages per call); a much smaller request gets a block of its own. */
+START_TEST(test_default_allocator_reuses_large_blocks)
+{
+    confsmoe_ctx *ctx = test_ctx(1);
+    confsmoe_tensor *a, *b, *c;
+    void *first = tensor_data_of_new(ctx, 1 << 18, &a);
+    confsmoe_tensor_destroy(a);
+    /* A quarter of the size is not served from the freed block, and takes an allocation of its
+     * own in between (so that the C library's malloc would not hand `first` back by chance). */
+    ck_assert_ptr_ne(tensor_data_of_new(ctx, 1 << 16, &c), first);
+    ck_assert_ptr_eq(tensor_data_of_new(ctx, (1 << 18) - 100, &b), first);
+    float *v = confsmoe_tensor_data(b);
+    v[(1 << 18) - 101] = 1.0f; /* the whole request is usable (valgrind / ASan check it) */
+    confsmoe_tensor_destroy(b);
+    confsmoe_tensor_destroy(c);
+    confsmoe_ctx_destroy(ctx);
+}
+END_TEST
+
+/* A host allocator sees every allocation and every free: nothing is kept back. */
+START_TEST(test_host_allocator_sees_every_block)
+{
+    test_alloc counts = {0};
+    confsmoe_allocator holder;
+    confsmoe_ctx *ctx = test_ctx_counted(&counts, &holder, 1);
+    const long live = counts.live, total = counts.total;
+    for (int i = 0; i < 3; i++) {
+        confsmoe_tensor *t;
+        tensor_data_of_new(ctx, 1 << 18, &t);
+        confsmoe_tensor_destroy(t);
+    }
+    ck_assert_int_eq(counts.live, live);
+    ck_assert_int_ge(counts.total - total, 3);
+    confsmoe_ctx_destroy(ctx);
+    ck_assert_int_eq(counts.live, 0);
+}
+END_TEST
+
 /* ---------------------------------------------------------------- params */
 
 START_TEST(test_params_init_defaults)
@@ -658,6 +705,11 @@ static Suite *ctx_suite(void)
     tcase_add_test(tr, test_set_seed_different_seed_different_weights);
     tcase_add_test(tr, test_set_seed_null_ctx);
     suite_add_tcase(s, tr);
+
+    TCase *tb = tcase_create("block_reuse");
+    tcase_add_test(tb, test_default_allocator_reuses_large_blocks);
+    tcase_add_test(tb, test_host_allocator_sees_every_block);
+    suite_add_tcase(s, tb);
 
     TCase *tl = tcase_create("log");
     tcase_add_test(tl, test_log_called_on_error);
