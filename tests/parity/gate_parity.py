@@ -63,47 +63,10 @@ LOAD_NAMES = {0: "none", 1: "cv", 2: "entropy"}
 # ----------------------------------------------------------------------------- ctypes layer
 
 
-class CtxParams(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("seed", ctypes.c_uint64),
-        ("check_finite", ctypes.c_int32),
-        ("log_level", ctypes.c_int32),
-        ("log_fn", ctypes.c_void_p),
-        ("log_user", ctypes.c_void_p),
-        ("allocator", ctypes.c_void_p),
-    ]
-
-
-class GateParams(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("d", ctypes.c_int64),
-        ("k", ctypes.c_int32),
-        ("router", ctypes.c_int32),
-        ("noisy", ctypes.c_int32),
-        ("combine", ctypes.c_int32),
-        ("confidence", ctypes.c_int32),
-        ("n_classes", ctypes.c_int32),
-        ("target", ctypes.c_int32),
-        ("detach_target", ctypes.c_int32),
-        ("router_grad", ctypes.c_int32),
-        ("load_loss", ctypes.c_int32),
-        ("load_loss_weight", ctypes.c_float),
-        ("conf_loss_weight", ctypes.c_float),
-        ("compat", ctypes.c_int32),
-    ]
-
-
-class GateStats(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("tokens", ctypes.c_int64),
-        ("load_entropy", ctypes.c_double),
-        ("load_cv2", ctypes.c_double),
-        ("max_load_fraction", ctypes.c_double),
-        ("conf_loss", ctypes.c_double),
-    ]
+# The option structs come from the Python bindings' mirrors (checked there against
+# confsmoe_sizeof_*() at import, and here again below); the functions keep their own table.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bindings", "python"))
+from confsmoe._lib import CtxParams, GateParams, GateStats  # noqa: E402
 
 
 P = ctypes.c_void_p

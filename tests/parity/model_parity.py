@@ -71,39 +71,7 @@ STATS_TOTAL = 1
 
 # ----------------------------------------------------------------------------- ctypes layer
 
-
-class ModelParams(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("n_modalities", ctypes.c_int32),
-        ("features", ctypes.POINTER(ctypes.c_int64)),
-        ("tokens", ctypes.c_int64),
-        ("d", ctypes.c_int64),
-        ("heads", ctypes.c_int32),
-        ("n_experts", ctypes.c_int32),
-        ("k", ctypes.c_int32),
-        ("expert_hidden", ctypes.c_int64),
-        ("n_classes", ctypes.c_int32),
-        ("multilabel", ctypes.c_int32),
-        ("gate", ctypes.c_int32),
-        ("load_loss", ctypes.c_int32),
-        ("load_loss_weight", ctypes.c_float),
-        ("conf_loss_weight", ctypes.c_float),
-        ("confidence", ctypes.c_int32),
-        ("router_grad", ctypes.c_int32),
-        ("detach_target", ctypes.c_int32),
-        ("noisy", ctypes.c_int32),
-        ("imputation", ctypes.c_int32),
-        ("draws", ctypes.c_int32),
-        ("top_t", ctypes.c_int32),
-        ("renormalize", ctypes.c_int32),
-        ("separate_value", ctypes.c_int32),
-        ("dropout", ctypes.c_float),
-        ("compat", ctypes.c_int32),
-        ("predict_pool_mean", ctypes.c_int32),
-        ("modality_dropout", ctypes.c_float),
-    ]
-
+from confsmoe._lib import ModelParams  # noqa: E402  (the bindings' mirror; gate_parity put them on sys.path)
 
 _MODEL_SIGNATURES = {
     "confsmoe_model_params_init_sized": (None, [ctypes.POINTER(ModelParams), ctypes.c_size_t]),
