@@ -519,48 +519,72 @@ START_TEST(test_checks_on_model)
 }
 END_TEST
 
-START_TEST(test_checks_on_imputer)
+/* An imputer (M = 3, k = 2, d = D) on a batch of 2 with filled h and slots, every modality
+ * present but modality 0 of sample 0; dh and dslots for its backward. */
+enum { IM = 3, IB = 2 };
+
+typedef struct {
+    confsmoe_ctx *ctx;
+    confsmoe_imputer *imp;
+    confsmoe_tensor *h, *out, *slots, *avail, *dh, *dslots;
+} irig;
+
+static void irig_open(irig *r, uint64_t seed, int32_t check_finite, int32_t top_t, uint64_t fill_seed)
 {
-    const float bad = bad_values[_i];
-    enum { IM = 3, IB = 2 };
-    confsmoe_ctx *ctx = test_ctx_with(90, 1, NULL);
+    r->ctx = test_ctx_with(seed, check_finite, NULL);
     confsmoe_imputer_params p;
     confsmoe_imputer_params_init(&p);
     p.d = D;
     p.n_modalities = IM;
     p.k = 2;
-    confsmoe_imputer *imp = NULL;
-    ck_assert_int_eq(confsmoe_imputer_create(ctx, &p, &imp), CONFSMOE_OK);
-    confsmoe_tensor *h = test_tensor(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
-    confsmoe_tensor *out = test_tensor(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
-    confsmoe_tensor *slots = test_tensor(ctx, CONFSMOE_F32, 4, IM, IB, 2, D);
-    confsmoe_tensor *avail = test_tensor(ctx, CONFSMOE_U8, 2, IB, IM, 0, 0);
-    trng t = {3};
-    fill_uniform(h, &t, -1, 1);
-    fill_uniform(slots, &t, -1, 1);
-    memset(u8(avail), 1, IB * IM);
-    u8(avail)[0] = 0;
-    f32(h)[1] = bad;
-    confsmoe_saved *s = NULL;
-    ck_assert_int_eq(confsmoe_imputer_forward(imp, h, slots, avail, out, &s), CONFSMOE_E_NUMERIC);
-    CK_MSG(ctx, "imputer_forward");
-    f32(h)[1] = 0.0f;
-    f32(slots)[9] = bad;
-    ck_assert_int_eq(confsmoe_imputer_forward(imp, h, slots, avail, out, &s), CONFSMOE_E_NUMERIC);
-    CK_MSG(ctx, "slots");
-    f32(slots)[9] = 0.0f;
-    ck_assert_int_eq(confsmoe_imputer_forward(imp, h, slots, avail, out, &s), CONFSMOE_OK);
-    f32(out)[0] = bad;
-    ck_assert_int_eq(confsmoe_imputer_backward(imp, s, out, NULL, NULL), CONFSMOE_E_NUMERIC);
-    CK_MSG(ctx, "imputer_backward");
-    confsmoe_saved_destroy(s);
-    confsmoe_tensor *ts[] = {h, out, slots, avail};
-    for (size_t i = 0; i < 4; i++)
+    p.top_t = top_t;
+    r->imp = NULL;
+    ck_assert_int_eq(confsmoe_imputer_create(r->ctx, &p, &r->imp), CONFSMOE_OK);
+    r->h = test_tensor(r->ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
+    r->out = test_tensor(r->ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
+    r->slots = test_tensor(r->ctx, CONFSMOE_F32, 4, IM, IB, 2, D);
+    r->avail = test_tensor(r->ctx, CONFSMOE_U8, 2, IB, IM, 0, 0);
+    r->dh = test_tensor(r->ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
+    r->dslots = test_tensor(r->ctx, CONFSMOE_F32, 4, IM, IB, 2, D);
+    trng t = {fill_seed};
+    fill_uniform(r->h, &t, -1, 1);
+    fill_uniform(r->slots, &t, -1, 1);
+    memset(u8(r->avail), 1, IB * IM);
+    u8(r->avail)[0 * IM + 0] = 0; /* sample 0 misses modality 0 */
+}
+
+static void irig_close(irig *r)
+{
+    confsmoe_tensor *ts[] = {r->h, r->out, r->slots, r->avail, r->dh, r->dslots};
+    for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++)
         confsmoe_tensor_destroy(ts[i]);
-    confsmoe_imputer_destroy(imp);
-    confsmoe_ctx_destroy(ctx);
+    confsmoe_imputer_destroy(r->imp);
+    confsmoe_ctx_destroy(r->ctx);
+}
+
+START_TEST(test_checks_on_imputer)
+{
+    const float bad = bad_values[_i];
+    irig r;
+    irig_open(&r, 90, 1, 0, 3);
+    f32(r.h)[1] = bad;
+    confsmoe_saved *s = NULL;
+    ck_assert_int_eq(confsmoe_imputer_forward(r.imp, r.h, r.slots, r.avail, r.out, &s), CONFSMOE_E_NUMERIC);
+    CK_MSG(r.ctx, "imputer_forward");
+    f32(r.h)[1] = 0.0f;
+    f32(r.slots)[9] = bad;
+    ck_assert_int_eq(confsmoe_imputer_forward(r.imp, r.h, r.slots, r.avail, r.out, &s), CONFSMOE_E_NUMERIC);
+    CK_MSG(r.ctx, "slots");
+    f32(r.slots)[9] = 0.0f;
+    ck_assert_int_eq(confsmoe_imputer_forward(r.imp, r.h, r.slots, r.avail, r.out, &s), CONFSMOE_OK);
+    f32(r.out)[0] = bad;
+    ck_assert_int_eq(confsmoe_imputer_backward(r.imp, s, r.out, NULL, NULL), CONFSMOE_E_NUMERIC);
+    CK_MSG(r.ctx, "imputer_backward");
+    confsmoe_saved_destroy(s);
+    irig_close(&r);
 }
 END_TEST
+
 
 /* ---------------------------------------------------------------- NaN / Inf, checks off */
 
@@ -621,40 +645,17 @@ END_TEST
 START_TEST(test_checks_off_imputer)
 {
     const float bad = bad_values[_i];
-    enum { IM = 3, IB = 2 };
-    confsmoe_ctx *ctx = test_ctx_with(120, 0, NULL);
-    confsmoe_imputer_params p;
-    confsmoe_imputer_params_init(&p);
-    p.d = D;
-    p.n_modalities = IM;
-    p.k = 2;
-    p.top_t = 1;
-    confsmoe_imputer *imp = NULL;
-    ck_assert_int_eq(confsmoe_imputer_create(ctx, &p, &imp), CONFSMOE_OK);
-    confsmoe_tensor *h = test_tensor(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
-    confsmoe_tensor *out = test_tensor(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
-    confsmoe_tensor *slots = test_tensor(ctx, CONFSMOE_F32, 4, IM, IB, 2, D);
-    confsmoe_tensor *avail = test_tensor(ctx, CONFSMOE_U8, 2, IB, IM, 0, 0);
-    confsmoe_tensor *dh = test_tensor(ctx, CONFSMOE_F32, 3, IB, IM, D, 0);
-    confsmoe_tensor *dslots = test_tensor(ctx, CONFSMOE_F32, 4, IM, IB, 2, D);
-    trng t = {4};
-    fill_uniform(h, &t, -1, 1);
-    fill_uniform(slots, &t, -1, 1);
-    memset(u8(avail), 1, IB * IM);
-    u8(avail)[0 * IM + 0] = 0;  /* sample 0 misses modality 0 */
+    irig r;
+    irig_open(&r, 120, 0, 1, 4);
     /* A bad value in the slots of a present modality of sample 0: its attention scores are
      * non-finite. The top-T choice still picks valid tokens; sample 1 is untouched. */
-    f32(slots)[(1 * IB + 0) * 2 * D + 3] = bad;
+    f32(r.slots)[(1 * IB + 0) * 2 * D + 3] = bad;
     confsmoe_saved *s = NULL;
-    ck_assert_int_eq(confsmoe_imputer_forward(imp, h, slots, avail, out, &s), CONFSMOE_OK);
-    ck_assert(rows_finite(out, IM, 2 * IM, D));
-    ck_assert_int_eq(confsmoe_imputer_backward(imp, s, out, dh, dslots), CONFSMOE_OK);
+    ck_assert_int_eq(confsmoe_imputer_forward(r.imp, r.h, r.slots, r.avail, r.out, &s), CONFSMOE_OK);
+    ck_assert(rows_finite(r.out, IM, 2 * IM, D));
+    ck_assert_int_eq(confsmoe_imputer_backward(r.imp, s, r.out, r.dh, r.dslots), CONFSMOE_OK);
     confsmoe_saved_destroy(s);
-    confsmoe_tensor *ts[] = {h, out, slots, avail, dh, dslots};
-    for (size_t i = 0; i < 6; i++)
-        confsmoe_tensor_destroy(ts[i]);
-    confsmoe_imputer_destroy(imp);
-    confsmoe_ctx_destroy(ctx);
+    irig_close(&r);
 }
 END_TEST
 
