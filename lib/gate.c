@@ -22,8 +22,9 @@ struct confsmoe_gate {
     confsmoe_ctx *ctx;
     confsmoe_gate_params p;
     int32_t n_experts;
-    confsmoe_expert **experts;    /* borrowed */
-    int64_t max_h;                /* the widest expert's h */
+    confsmoe_expert **experts;    /* borrowed; NULL with an exchange */
+    confsmoe_gate_exchange exchange; /* the experts run elsewhere when exchange.forward is set */
+    int64_t shard_first, shard_total; /* the next calls' tokens in their global batch (total 0: not a shard) */
     csm_router router;
     csm_confnet *confnets;        /* [E] under CONFIDENCE, views of the parameters */
     confsmoe_tensor *target_w, *target_b, *target_dw, *target_db;
@@ -107,6 +108,7 @@ typedef struct {
     float *pre_block;            /* the experts' pre-activations, a second block (training only) */
     csm_arena *arena;            /* the arena lent when the blocks were allocated, or NULL */
     size_t *pre_at;              /* [E + 1] offset of expert e's pre in pre_block, in floats */
+    void *call;                  /* the exchange's state for backward, or NULL */
 } gate_saved;
 
 static void gate_defaults(confsmoe_gate_params *p)
@@ -137,17 +139,15 @@ size_t confsmoe_sizeof_gate_stats(void) { return sizeof(confsmoe_gate_stats); }
 
 static bool is_flag(int32_t v) { return v == 0 || v == 1; }
 
-static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_gate_params *p, confsmoe_expert *const *experts,
-                                    int32_t n_experts)
+/* experts == NULL: a gate whose experts run behind an exchange. */
+static confsmoe_status check_params(confsmoe_ctx *ctx, const char *fn, const confsmoe_gate_params *p,
+                                    confsmoe_expert *const *experts, int32_t n_experts)
 {
-    static const char fn[] = "gate_create";
-    if (!experts)
-        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: experts is NULL", fn);
     if (n_experts < 1)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: n_experts is %" PRId32 ", must be >= 1", fn, n_experts);
     if (p->d < 1)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: d is %" PRId64 ", must be >= 1", fn, p->d);
-    for (int32_t e = 0; e < n_experts; e++) {
+    for (int32_t e = 0; experts && e < n_experts; e++) {
         if (!experts[e])
             return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: experts[%" PRId32 "] is NULL", fn, e);
         if (confsmoe_expert_d(experts[e]) != p->d)
@@ -266,44 +266,87 @@ static confsmoe_status build(confsmoe_gate *g)
     return CONFSMOE_OK;
 }
 
-confsmoe_status confsmoe_gate_create(confsmoe_ctx *ctx, const confsmoe_gate_params *p, confsmoe_expert *const *experts,
-                                     int32_t n_experts, confsmoe_gate **out)
+/* A gate over borrowed experts, or (experts == NULL) over an exchange. */
+static confsmoe_status create(confsmoe_ctx *ctx, const char *fn, const confsmoe_gate_params *p,
+                              confsmoe_expert *const *experts, const confsmoe_gate_exchange *exchange, int32_t n_experts,
+                              confsmoe_gate **out)
 {
     if (out)
         *out = NULL;
     if (!ctx || !out || !p)
-        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "gate_create: %s is NULL",
-                        !ctx ? "ctx" : !out ? "out" : "params");
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: %s is NULL", fn, !ctx ? "ctx" : !out ? "out" : "params");
+    if (!experts && !exchange)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: %s is NULL", fn, "experts");
+    if (exchange && (!exchange->forward || !exchange->backward || !exchange->release))
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: the exchange needs forward, backward and release", fn);
     /* The caller's struct, of any accepted size, over the defaults (docs/API.md, "Struct versioning"). */
     confsmoe_gate_params full;
     gate_defaults(&full);
-    confsmoe_status s =
-        csm_sized_read(ctx, "gate_create", "confsmoe_gate_params", p, &full, sizeof full, CSM_GATE_PARAMS_MIN);
+    confsmoe_status s = csm_sized_read(ctx, fn, "confsmoe_gate_params", p, &full, sizeof full, CSM_GATE_PARAMS_MIN);
     p = &full;
     if (s == CONFSMOE_OK)
-        s = check_params(ctx, p, experts, n_experts);
+        s = check_params(ctx, fn, p, experts, n_experts);
     if (s != CONFSMOE_OK)
         return s;
     confsmoe_gate *g = csm_calloc(ctx, 1, sizeof *g);
     if (!g)
-        return csm_fail(ctx, CONFSMOE_E_NOMEM, "gate_create: out of memory");
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory", fn);
     g->ctx = ctx;
     g->p = *p;
     g->n_experts = n_experts;
-    g->experts = csm_calloc(ctx, (size_t)n_experts, sizeof *g->experts);
-    if (g->experts)
-        memcpy(g->experts, experts, (size_t)n_experts * sizeof *experts);
-    for (int32_t e = 0; e < n_experts; e++)
-        g->max_h = confsmoe_expert_h(experts[e]) > g->max_h ? confsmoe_expert_h(experts[e]) : g->max_h;
+    bool ok = true;
+    if (exchange) {
+        g->exchange = *exchange;
+    } else {
+        g->experts = csm_calloc(ctx, (size_t)n_experts, sizeof *g->experts);
+        ok = g->experts != NULL;
+        if (ok)
+            memcpy(g->experts, experts, (size_t)n_experts * sizeof *experts);
+    }
     const uint64_t rng_at_entry = ctx->rng_counter;
-    s = g->experts ? build(g) : CONFSMOE_E_NOMEM;
+    s = ok ? build(g) : CONFSMOE_E_NOMEM;
     if (s != CONFSMOE_OK) {
         ctx->rng_counter = rng_at_entry;
         confsmoe_gate_destroy(g);
-        return csm_fail(ctx, s, "gate_create: out of memory for E=%" PRId32 ", d=%" PRId64, n_experts, p->d);
+        return csm_fail(ctx, s, "%s: out of memory for E=%" PRId32 ", d=%" PRId64, fn, n_experts, p->d);
     }
     *out = g;
     return CONFSMOE_OK;
+}
+
+confsmoe_status confsmoe_gate_create(confsmoe_ctx *ctx, const confsmoe_gate_params *p, confsmoe_expert *const *experts,
+                                     int32_t n_experts, confsmoe_gate **out)
+{
+    return create(ctx, "gate_create", p, experts, NULL, n_experts, out);
+}
+
+confsmoe_status confsmoe_gate_create_exchange(confsmoe_ctx *ctx, const confsmoe_gate_params *p, int32_t n_experts,
+                                              const confsmoe_gate_exchange *exchange, confsmoe_gate **out)
+{
+    if (!exchange) {
+        if (out)
+            *out = NULL;
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "gate_create_exchange: exchange is NULL");
+    }
+    return create(ctx, "gate_create_exchange", p, NULL, exchange, n_experts, out);
+}
+
+confsmoe_status confsmoe_gate_set_shard(confsmoe_gate *g, int64_t first, int64_t total)
+{
+    if (!g)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    if (first < 0 || total < 0 || first > total)
+        return csm_fail(g->ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                        "gate_set_shard: first=%" PRId64 " and total=%" PRId64 " must satisfy 0 <= first <= total", first,
+                        total);
+    g->shard_first = total ? first : 0;
+    g->shard_total = total;
+    return CONFSMOE_OK;
+}
+
+int64_t csm_gate_noise_draws(const confsmoe_gate *g, int64_t tokens)
+{
+    return g->p.noisy ? tokens * g->n_experts * CSM_NORMAL_DRAWS : 0;
 }
 
 int32_t confsmoe_gate_n_experts(const confsmoe_gate *g) { return g ? g->n_experts : -1; }
@@ -320,6 +363,9 @@ static bool router_learns(const confsmoe_gate *g)
 static void release_saved(confsmoe_saved *base)
 {
     gate_saved *s = (gate_saved *)base;
+    const confsmoe_gate *g = base->owner;
+    if (s->call)
+        g->exchange.release(g->exchange.user, s->call);
     csm_arena *arena = s->arena;
     if (s->pre_block)
         gate_free(base->ctx, arena, s->pre_block);
@@ -492,13 +538,14 @@ static void gather_rows(const confsmoe_gate *g, const gate_saved *s, int32_t e, 
     }
 }
 
-/* Rows of the largest expert batch, and the largest rows * h; false if that overflows. */
+/* Rows of the largest expert batch, and the largest rows * h (0 with an exchange); false if
+ * that overflows. */
 static bool expert_sizes(const confsmoe_gate *g, const gate_saved *s, size_t *rows_max, size_t *rows_h_max)
 {
     *rows_max = *rows_h_max = 0;
     for (int32_t e = 0; e < g->n_experts; e++) {
         size_t rows = (size_t)(s->offset[e + 1] - s->offset[e]), rows_h;
-        if (!csm_mul_size(rows, (size_t)confsmoe_expert_h(g->experts[e]), &rows_h))
+        if (!csm_mul_size(rows, g->experts ? (size_t)confsmoe_expert_h(g->experts[e]) : 0, &rows_h))
             return false;
         *rows_max = rows > *rows_max ? rows : *rows_max;
         *rows_h_max = rows_h > *rows_h_max ? rows_h : *rows_h_max;
@@ -549,12 +596,39 @@ static void expert_forward_task(void *arg, int64_t first, int64_t last, int work
         const int64_t begin = s->offset[e], rows = s->offset[e + 1] - begin;
         if (rows == 0)
             continue;
-        gather_rows(g, s, (int32_t)e, t->x, xs);
-        csm_expert_forward_rows(g->experts[e], xs, rows, s->yb + begin * d,
-                                s->pre_block ? s->pre_block + s->pre_at[e] : NULL, act);
+        if (g->experts) { /* with an exchange, yb holds the experts' outputs already */
+            gather_rows(g, s, (int32_t)e, t->x, xs);
+            csm_expert_forward_rows(g->experts[e], xs, rows, s->yb + begin * d,
+                                    s->pre_block ? s->pre_block + s->pre_at[e] : NULL, act);
+        }
         if (g->p.combine == CONFSMOE_COMBINE_CONFIDENCE)
             confidence_block(g, s, (int32_t)e, net);
     }
+}
+
+#define EXCHANGE_ERROR_CAP 256
+
+/* The experts of a forward call behind the exchange: every slot's input row, in block order,
+ * goes out in one call and the experts' outputs come back into yb. */
+static confsmoe_status exchange_forward(confsmoe_gate *g, gate_saved *s, const float *x, bool training)
+{
+    const int64_t rows = s->n * g->p.k, d = g->p.d;
+    size_t bytes;
+    float *block = csm_mul_size((size_t)rows * (size_t)d, sizeof(float), &bytes) ? gate_alloc(g, bytes) : NULL;
+    if (!block)
+        return csm_fail(g->ctx, CONFSMOE_E_NOMEM, "gate_forward: out of memory for the exchange (N=%" PRId64 ")", s->n);
+    for (int32_t e = 0; e < g->n_experts; e++)
+        gather_rows(g, s, e, x, block + s->offset[e] * d);
+    char error[EXCHANGE_ERROR_CAP] = "";
+    confsmoe_status st =
+        g->exchange.forward(g->exchange.user, s->offset, block, s->yb, training, &s->call, error, sizeof error);
+    gate_free_transient(g->ctx, g->arena, block, bytes);
+    if (st == CONFSMOE_OK)
+        return CONFSMOE_OK;
+    /* A failed exchange forward keeps no state. */
+    s->call = NULL;
+    return csm_fail(g->ctx, st < 0 ? st : CONFSMOE_E_INTERNAL, "gate_forward: the expert exchange failed: %s",
+                    error[0] ? error : confsmoe_status_string(st));
 }
 
 /* Tokens per task of the loops over tokens. */
@@ -655,6 +729,14 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     const int32_t E = g->n_experts, k = g->p.k;
     const int64_t n = x->dims[0], d = g->p.d;
     const bool confidence = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE;
+    const int64_t first = g->shard_first, total_tokens = g->shard_total ? g->shard_total : n;
+    if (g->shard_total && n > g->shard_total - first)
+        return csm_fail(g->ctx, CONFSMOE_E_SHAPE,
+                        "gate_forward: N=%" PRId64 " tokens from %" PRId64 " do not fit the shard's batch of %" PRId64, n,
+                        first, g->shard_total);
+    if (g->shard_total && g->p.compat && n != g->shard_total)
+        return csm_fail(g->ctx, CONFSMOE_E_UNSUPPORTED,
+                        "gate_forward: compat dispatches slots across the whole batch, which a shard of it cannot");
     const uint64_t rng_at_entry = g->ctx->rng_counter;
     gate_saved *s = alloc_saved(g, n, training);
     /* The load-loss work. */
@@ -688,8 +770,11 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     /* Route. */
     csm_router_logits(&g->router, xin, n, s->u_clean);
     if (s->eps) {
+        /* Token t's noise is that of its index in the whole batch (its shard's first + t). */
         memcpy(s->u, s->u_clean, (size_t)(n * E) * sizeof(float));
+        g->ctx->rng_counter = rng_at_entry + (uint64_t)csm_gate_noise_draws(g, first);
         csm_router_add_noise(&g->router, g->ctx, xin, n, s->u, s->h, s->eps);
+        g->ctx->rng_counter = rng_at_entry + (uint64_t)csm_gate_noise_draws(g, total_tokens);
         for (int64_t i = 0; i < n * E; i++)
             s->sigma[i] = csm_softplus(s->h[i]) + 0.01f;
     }
@@ -703,9 +788,10 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     size_t rows_max, rows_h_max, per_worker = 0, scratch_bytes = 0;
     const int workers = csm_parallel_workers(E);
     bool ok = expert_sizes(g, s, &rows_max, &rows_h_max);
-    float *pre = ok && training ? alloc_pre(g, s) : NULL, *scratch = NULL;
-    ok = ok && (!training || pre);
-    if (ok && csm_mul_size(rows_max, (size_t)d, &per_worker) && per_worker <= SIZE_MAX / 8 - rows_h_max - (size_t)d &&
+    float *pre = ok && training && g->experts ? alloc_pre(g, s) : NULL, *scratch = NULL;
+    ok = ok && (!training || !g->experts || pre);
+    const size_t gathered = g->experts ? rows_max : 0; /* rows gathered per worker */
+    if (ok && csm_mul_size(gathered, (size_t)d, &per_worker) && per_worker <= SIZE_MAX / 8 - rows_h_max - (size_t)d &&
         csm_mul_size(per_worker + rows_h_max + (size_t)d, (size_t)workers * sizeof(float), &scratch_bytes))
         scratch = gate_alloc(g, scratch_bytes);
     if (!ok || !scratch) {
@@ -718,7 +804,14 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
         return csm_fail(g->ctx, CONFSMOE_E_NOMEM, "gate_forward: out of memory for the experts' activations (N=%" PRId64 ")", n);
     }
     s->pre_block = pre;
-    forward_task task = {g, s, xin, scratch, rows_max, per_worker + rows_h_max + (size_t)d};
+    if (!g->experts && (st = exchange_forward(g, s, xin, training)) != CONFSMOE_OK) {
+        g->ctx->rng_counter = rng_at_entry;
+        gate_free_transient(g->ctx, g->arena, scratch, scratch_bytes);
+        gate_free_transient(g->ctx, g->arena, load_work, load_bytes);
+        s->base.release(&s->base);
+        return st;
+    }
+    forward_task task = {g, s, xin, scratch, gathered, per_worker + rows_h_max + (size_t)d};
     csm_parallel_for(E, 1, expert_forward_task, &task);
     gate_free_transient(g->ctx, g->arena, scratch, scratch_bytes);
 
@@ -792,7 +885,9 @@ typedef struct {
     float *dz;       /* [n k, C] dL/d(target logits) */
     float *scratch;  /* max(n E, k) for the router */
     float *dx;       /* [n, d] when the host's dx overlaps dy or dslots */
-    float *dxb;      /* [n k, d] the experts' input gradients in block order, with several workers */
+    float *dxb;      /* [n k, d] the experts' input gradients in block order, with several workers
+                        or an exchange */
+    float *dyblock;  /* [n k, d] the experts' output gradients in block order, for an exchange */
     double *work;    /* [2 E] */
     float *worker;   /* per worker: dyb, dxb, xs [rows_max, d]; expert [2 rows_h_max]; net [2 d] */
     size_t rows_max, per_worker;
@@ -828,13 +923,15 @@ static void *backward_alloc(confsmoe_gate *g, const gate_saved *s, bool own_dx, 
     if (!expert_sizes(g, s, &rows_max, &rows_h) || rows_h > SIZE_MAX / 4 || rows_max > SIZE_MAX / 4 / d ||
         3 * rows_max * d > SIZE_MAX / 2 - 2 * rows_h - 2 * d)
         return NULL;
+    if (!g->experts)
+        rows_max = 0; /* an exchange runs the experts: the workers only need the ConfNet's scratch */
     per_worker = 3 * rows_max * d + 2 * rows_h + 2 * d;
     if (!csm_mul_size(per_worker, (size_t)workers, &all_workers))
         return NULL;
-    enum { PARTS = 12 };
+    enum { PARTS = 13 };
     size_t at[PARTS], total = 0;
     const size_t count[PARTS] = {nk, nk, nk, nk, N * E, N * E, nk * C, scratch, own_dx ? N * d : 0,
-                                 block_dx ? nk * d : 0, 2 * E, all_workers};
+                                 block_dx ? nk * d : 0, g->experts ? 0 : nk * d, 2 * E, all_workers};
     for (int i = 0; i < PARTS; i++)
         if (!csm_layout_add(&total, count[i], i == PARTS - 2 ? sizeof(double) : sizeof(float), &at[i]))
             return NULL;
@@ -842,11 +939,13 @@ static void *backward_alloc(confsmoe_gate *g, const gate_saved *s, bool own_dx, 
     if (!block)
         return NULL;
     *bytes = total;
-    float **f[] = {&w->dweight, &w->dc, &w->ds, &w->dg, &w->du, &w->dsigma, &w->dz, &w->scratch, &w->dx, &w->dxb};
+    float **f[] = {&w->dweight, &w->dc, &w->ds, &w->dg, &w->du, &w->dsigma, &w->dz, &w->scratch, &w->dx, &w->dxb,
+                   &w->dyblock};
     for (size_t i = 0; i < sizeof f / sizeof *f; i++)
         *f[i] = (float *)(block + at[i]);
     w->work = (double *)(block + at[PARTS - 2]);
     w->worker = (float *)(block + at[PARTS - 1]);
+    w->dyblock = g->experts ? NULL : w->dyblock;
     w->rows_max = rows_max;
     w->per_worker = per_worker;
     /* Zero what accumulates: dg, du and dsigma are contiguous, dz comes next. */
@@ -926,11 +1025,12 @@ static void expert_block_backward(confsmoe_gate *g, gate_saved *s, int32_t e, co
     const int64_t begin = s->offset[e], end = s->offset[e + 1], rows = end - begin;
     const bool confidence = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE;
     const float *weight = confidence ? s->c : s->g;
+    float *dyb = w->dyblock ? w->dyblock + begin * d : ws->dyb; /* the expert's output gradient */
     /* The combination y_t = sum_j weight_j y_j (plus the slots output). */
     for (int64_t r = begin; r < end; r++) {
         const int64_t i = s->slot_of[r];
         const float *go = gy + (i / k) * d;
-        float *dyr = ws->dyb + (r - begin) * d;
+        float *dyr = dyb + (r - begin) * d;
         w->dweight[i] = (float)csm_dot(go, s->yb + r * d, d);
         csm_scale_copy(dyr, weight[i], go, d);
         if (gslots)
@@ -942,7 +1042,7 @@ static void expert_block_backward(confsmoe_gate *g, gate_saved *s, int32_t e, co
         if (loss_active) {
             confidence_loss_rows(g, s, loss_scale, begin, end, w);
             if (!g->p.detach_target)
-                csm_gemm(false, false, rows, d, C, 1.0f, w->dz + begin * C, csm_f32(g->target_w), 1.0f, ws->dyb);
+                csm_gemm(false, false, rows, d, C, 1.0f, w->dz + begin * C, csm_f32(g->target_w), 1.0f, dyb);
         }
         double sum = 0.0;
         for (int64_t r = begin; r < end; r++)
@@ -952,8 +1052,10 @@ static void expert_block_backward(confsmoe_gate *g, gate_saved *s, int32_t e, co
                                                                       : w->dc[s->slot_of[r]];
         const csm_confnet_cache cache = {s->cache.mean + begin, s->cache.rstd + begin, s->cache.z + begin};
         csm_confnet_backward(&g->confnets[e], s->yb + begin * d, rows, d, s->s + begin, w->ds + begin, &cache,
-                             ws->dyb, ws->net);
+                             dyb, ws->net);
     }
+    if (!g->experts)
+        return; /* the exchange runs the expert's backward */
     /* The expert, then its input gradient back to the tokens. */
     gather_rows(g, s, e, s->x, ws->xs);
     float *out = dxb ? dxb + begin * d : dx ? ws->dxb : NULL;
@@ -1033,7 +1135,9 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
      * the order one worker would have used, so the result does not depend on the threads. */
     const bool own_dx = dx && (overlaps(dx, dy) || overlaps(dx, dslots));
     const int workers = csm_parallel_workers(g->n_experts);
-    const bool block_dx = dx && workers > 1;
+    /* An exchange always returns the experts' input gradients, so that every participant of a
+     * collective exchange makes the same calls whether or not its host wants dx. */
+    const bool block_dx = !g->experts || (dx && workers > 1);
     backward_work w;
     size_t block_bytes = 0;
     void *block = backward_alloc(g, s, own_dx, block_dx, workers, &w, &block_bytes);
@@ -1049,7 +1153,16 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
     backward_task task = {g, s, csm_f32(dy), dslots ? csm_f32(dslots) : NULL, loss_scale, loss_active, gx,
                           block_dx ? w.dxb : NULL, &w};
     csm_parallel_for(g->n_experts, 1, expert_backward_task, &task);
-    if (block_dx) {
+    if (!g->experts) {
+        char error[EXCHANGE_ERROR_CAP] = "";
+        st = g->exchange.backward(g->exchange.user, s->call, s->offset, w.dyblock, w.dxb, error, sizeof error);
+        if (st != CONFSMOE_OK) {
+            gate_free_transient(g->ctx, g->arena, block, block_bytes);
+            return csm_fail(g->ctx, st < 0 ? st : CONFSMOE_E_INTERNAL, "gate_backward: the expert exchange failed: %s",
+                            error[0] ? error : confsmoe_status_string(st));
+        }
+    }
+    if (block_dx && gx) {
         if (g->p.compat) {
             for (int64_t r = 0; r < n * k; r++) {
                 const int64_t i = s->slot_of[r];

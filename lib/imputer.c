@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "imputer.h"
 #include "internal.h"
 #include "kernels.h"
 #include "sized.h"
@@ -237,12 +238,12 @@ static confsmoe_status check_avail(confsmoe_ctx *ctx, const char *fn, const conf
 /* ------------------------------------------------------------------ stage 1 */
 
 /* Uniform in [0, n), n >= 1, without modulo bias: draws in the incomplete top block are redrawn. */
-static uint64_t uniform_below(confsmoe_ctx *ctx, uint64_t n)
+static uint64_t uniform_below(csm_substream *stream, uint64_t n)
 {
     const uint64_t limit = UINT64_MAX - UINT64_MAX % n;
     uint64_t r;
     do
-        r = csm_rng_u64(ctx);
+        r = csm_substream_u64(stream);
     while (r >= limit);
     return r % n;
 }
@@ -281,16 +282,11 @@ static confsmoe_status check_fill(confsmoe_imputer *imp, int32_t m, const confsm
     return check_avail(ctx, fn, avail, x->dims[0], M);
 }
 
-confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool, int32_t draws,
-                                      const confsmoe_tensor *avail, confsmoe_tensor *x)
+confsmoe_status csm_imputer_fill_at(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool, int32_t draws,
+                                    const confsmoe_tensor *avail, confsmoe_tensor *x, uint64_t base, int64_t first)
 {
-    if (!imp)
-        return CONFSMOE_E_INVALID_ARGUMENT;
     static const char fn[] = "imputer_fill";
     confsmoe_ctx *ctx = imp->ctx;
-    confsmoe_status st = check_fill(imp, m, pool, draws, avail, x);
-    if (st != CONFSMOE_OK)
-        return st;
     const int64_t B = x->dims[0], M = imp->p.n_modalities, P = pool->dims[0];
     const int64_t row = x->numel / (B > 0 ? B : 1);  /* elements of one sample's input */
     const uint8_t *present = avail->data;
@@ -323,7 +319,6 @@ confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const co
     marks = (uint64_t *)(block + at_marks);
     memset(marks, 0, mark_words * sizeof *marks);
 
-    const uint64_t rng_at_entry = ctx->rng_counter;
     const float *src = csm_f32(pool);
     int64_t done = 0;
     for (int64_t b = 0; b < B; b++) {
@@ -335,9 +330,10 @@ confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const co
                 picked[i] = i;
         } else {
             /* Floyd's algorithm: K distinct rows, each K-subset equally likely, K draws. */
+            csm_substream stream = csm_rng_substream(ctx, base, (uint64_t)((first + b) * M + m));
             int64_t n = 0;
             for (int64_t j = P - K; j < P; j++) {
-                int64_t t = (int64_t)uniform_below(ctx, (uint64_t)j + 1);
+                int64_t t = (int64_t)uniform_below(&stream, (uint64_t)j + 1);
                 if (marks[t / 64] >> (t % 64) & 1)
                     t = j;
                 marks[t / 64] |= UINT64_C(1) << (t % 64);
@@ -361,7 +357,6 @@ confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const co
                 for (int64_t i = 0; i < K; i++)
                     if (!isfinite(src[picked[i] * row + c]))
                         bad = picked[i];
-                ctx->rng_counter = rng_at_entry;
                 csm_free(ctx, block);
                 return csm_fail(ctx, CONFSMOE_E_NUMERIC,
                                 "%s: pool row %" PRId64 " has a NaN or Inf at element %" PRId64
@@ -379,6 +374,27 @@ confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const co
             memcpy(out + b * row, means + (done++) * row, (size_t)row * sizeof(float));
     csm_free(ctx, block);
     return CONFSMOE_OK;
+}
+
+confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool, int32_t draws,
+                                      const confsmoe_tensor *avail, confsmoe_tensor *x)
+{
+    if (!imp)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    confsmoe_status st = check_fill(imp, m, pool, draws, avail, x);
+    if (st != CONFSMOE_OK)
+        return st;
+    const uint8_t *present = avail->data;
+    bool missing = false;
+    for (int64_t b = 0; b < x->dims[0] && !missing; b++)
+        missing = !present[b * imp->p.n_modalities + m];
+    if (!missing || x->numel == 0)
+        return CONFSMOE_OK;
+    /* The call's draws take one stream position; a failed call takes none. */
+    st = csm_imputer_fill_at(imp, m, pool, draws, avail, x, imp->ctx->rng_counter, 0);
+    if (st == CONFSMOE_OK)
+        imp->ctx->rng_counter++;
+    return st;
 }
 
 /* ------------------------------------------------------------------ stage 2: saved state */

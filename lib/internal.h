@@ -69,6 +69,16 @@ void csm_rng_seed(confsmoe_ctx *ctx, uint64_t seed);
 uint64_t csm_rng_u64(confsmoe_ctx *ctx);
 float csm_rng_uniform(confsmoe_ctx *ctx, float lo, float hi);  /* [lo, hi) */
 float csm_rng_normal(confsmoe_ctx *ctx);
+#define CSM_NORMAL_DRAWS 2  /* stream positions one csm_rng_normal takes */
+/* Item `index` of a batch whose draws take the one stream position `base`: a stream of its
+ * own, so that an item's draws depend on its index alone, not on how many draws the items
+ * before it took (which a shard of a batch cannot know). */
+typedef struct {
+    uint64_t key, counter;
+} csm_substream;
+csm_substream csm_rng_substream(const confsmoe_ctx *ctx, uint64_t base, uint64_t index);
+uint64_t csm_substream_u64(csm_substream *s);
+float csm_substream_uniform(csm_substream *s, float lo, float hi);  /* [lo, hi) */
 
 /* tensor.c: an f32 matrix constructor and argument checks for entry points. */
 confsmoe_status csm_tensor_new_2d(confsmoe_ctx *ctx, int64_t rows, int64_t cols, confsmoe_tensor **out);

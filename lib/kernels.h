@@ -177,5 +177,7 @@ void csm_gate_set_arena(struct confsmoe_gate *g, csm_arena *arena);
  * model call that fails after some of its gate calls leaves the statistics as they were. */
 void csm_gate_usage_mark(struct confsmoe_gate *g);
 void csm_gate_usage_rollback(struct confsmoe_gate *g);
+/* Stream positions the noise of `tokens` tokens takes in a training forward (0 unless noisy). */
+int64_t csm_gate_noise_draws(const struct confsmoe_gate *g, int64_t tokens);
 
 #endif /* CONFSMOE_KERNELS_H */

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "imputer.h"
 #include "internal.h"
 #include "kernels.h"
 #include "params.h"
@@ -421,6 +422,8 @@ typedef gradients *gradients_ptr;
  * forward recorded. */
 typedef struct {
     int64_t B;
+    int64_t first, global_B;  /* these samples' place in their global batch (0 and B unless a shard) */
+    int64_t global_present;   /* present (sample, modality) cells of the global batch */
     bool training;
     float **x;              /* [M] stage-1 imputed inputs [B S, F_m] */
     float *tok;             /* [B S, d] scratch for one modality's encoder output */
@@ -606,9 +609,10 @@ static void scatter_modality(const float *one, float *all, int64_t B, int64_t S,
 
 /* ------------------------------------------------------------------ validation */
 
+/* A batch of B >= 1 samples, or B >= 0 for a shard. */
 static confsmoe_status check_batch(confsmoe_model *model, const char *fn, const confsmoe_tensor *const *inputs,
                                    const confsmoe_tensor *avail, const confsmoe_tensor *labels,
-                                   const confsmoe_tensor *logits, bool need_labels)
+                                   const confsmoe_tensor *logits, bool need_labels, bool shard)
 {
     confsmoe_ctx *ctx = model->ctx;
     const int32_t M = model->p.n_modalities;
@@ -620,7 +624,7 @@ static confsmoe_status check_batch(confsmoe_model *model, const char *fn, const 
     if (s != CONFSMOE_OK)
         return s;
     const int64_t B = avail->dims[0];
-    if (B < 1)
+    if (B < 1 && !shard)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: the batch is empty", fn);
     const uint8_t *a = avail->data;
     for (int64_t i = 0; i < B * M; i++)
@@ -684,12 +688,22 @@ static confsmoe_status wrap(confsmoe_model *model, confsmoe_dtype dtype, int32_t
     return confsmoe_tensor_wrap(model->ctx, dtype, ndim, dims, data, out);
 }
 
+/* Stage 1 draws pool rows (or fills in the pool mean). */
+static bool stage_one_draws(const confsmoe_model *model, bool training)
+{
+    return model->p.imputation == CONFSMOE_IMPUTE_TWO_STAGE && (training || !model->p.predict_pool_mean);
+}
+
 static confsmoe_status stage_one(confsmoe_model *model, const confsmoe_tensor *const *inputs,
                                  const confsmoe_tensor *avail, workspace *w)
 {
     const int32_t M = model->p.n_modalities;
     const int64_t B = w->B, S = model->p.tokens;
     const uint8_t *a = avail->data;
+    /* The draws of every modality take one stream position (step_draws). */
+    const uint64_t base = model->ctx->rng_counter;
+    if (stage_one_draws(model, w->training))
+        model->ctx->rng_counter++;
     confsmoe_status s = CONFSMOE_OK;
     for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
         const int64_t width = S * model->features[m];
@@ -699,7 +713,7 @@ static confsmoe_status stage_one(confsmoe_model *model, const confsmoe_tensor *c
             missing = missing || !a[b * M + m];
         if (!missing)
             continue;
-        if (model->p.imputation == CONFSMOE_IMPUTE_MEAN || (!w->training && model->p.predict_pool_mean)) {
+        if (!stage_one_draws(model, w->training)) {
             for (int64_t b = 0; b < B; b++)
                 if (!a[b * M + m])
                     memcpy(w->x[m] + b * width, model->pool_mean[m], (size_t)width * sizeof(float));
@@ -710,7 +724,7 @@ static confsmoe_status stage_one(confsmoe_model *model, const confsmoe_tensor *c
         if (s == CONFSMOE_OK)
             s = wrap(model, CONFSMOE_F32, 3, model->pool_rows[m], S, model->features[m], 0, model->pool[m], &pool);
         if (s == CONFSMOE_OK)
-            s = confsmoe_imputer_fill(model->imputer, m, pool, model->p.draws, avail, x);
+            s = csm_imputer_fill_at(model->imputer, m, pool, model->p.draws, avail, x, base, w->first);
         confsmoe_tensor_destroy(x);
         confsmoe_tensor_destroy(pool);
     }
@@ -744,8 +758,8 @@ static const float *attention_weights(const confsmoe_model *model, const workspa
     if (!w->dropout)
         return a->P;
     const float kept = 1.0f / (1.0f - model->p.dropout);
-    csm_dropout_mask(model->ctx->rng_key, w->attn_counter + (uint64_t)((b * heads + h) * L * L), model->p.dropout,
-                     a->keep, L * L);
+    csm_dropout_mask(model->ctx->rng_key, w->attn_counter + (uint64_t)(((w->first + b) * heads + h) * L * L),
+                     model->p.dropout, a->keep, L * L);
     csm_mask_scale(a->P_w, a->P, a->keep, kept, L * L);
     return a->P_w;
 }
@@ -778,12 +792,13 @@ static void attention_forward(confsmoe_model *model, workspace *w)
     linear_forward(&model->q, w->Xn, B * L, w->Q);
     linear_forward(&model->k, w->Xn, B * L, w->K);
     linear_forward(&model->v, w->Xn, B * L, w->V);
-    /* The draws of head (b, h) are L L consecutive outputs of the ctx stream, in (b, h) order. */
+    /* The draws of head (b, h) are L L consecutive outputs of the ctx stream, in (b, h) order
+     * over the global batch. */
     w->attn_counter = model->ctx->rng_counter;
     attn_task task = {model, w, NULL};
     csm_parallel_for(B, 1, attention_forward_task, &task);
     if (w->dropout)
-        model->ctx->rng_counter += (uint64_t)(B * heads * L * L);
+        model->ctx->rng_counter += (uint64_t)(w->global_B * heads * L * L);
     /* A = o(ctx) lands in H2, free until the MoE layer writes it. */
     linear_forward(&model->o, w->ctx_, B * L, w->H2);
 }
@@ -809,7 +824,8 @@ static void residual_task(void *arg, int64_t first, int64_t last, int worker)
                 csm_add(dst, br, ar, d);
                 continue;
             }
-            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)(row * d), model->p.dropout, keep, d);
+            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)((w->first * L + row) * d),
+                             model->p.dropout, keep, d);
             csm_add_masked(dst, br, ar, keep, kept, d);
         }
 }
@@ -820,24 +836,23 @@ static void residual_forward(confsmoe_model *model, workspace *w)
     attn_task task = {model, w, NULL};
     csm_parallel_for(w->B, 1, residual_task, &task);
     if (w->dropout)
-        model->ctx->rng_counter += (uint64_t)(w->B * model->tokens_total * model->p.d);
+        model->ctx->rng_counter += (uint64_t)(w->global_B * model->tokens_total * model->p.d);
 }
 
 /* Each modality's gate call returns its own mean loss; weighting them by their share of the
- * present tokens makes L_conf the mean over all present slots, as in MODEL.md. */
+ * present tokens of the global batch makes L_conf the mean over all its present slots, as in
+ * MODEL.md (compat: the mean of the calls' means, each over all of its slots). */
 static void gate_weights(confsmoe_model *model, const uint8_t *avail, workspace *w)
 {
     const int32_t M = model->p.n_modalities;
-    int64_t total = 0;
     for (int32_t m = 0; m < M; m++) {
         int64_t present = 0;
         for (int64_t b = 0; b < w->B; b++)
             present += avail[b * M + m];
-        w->gate_weight[m] = (float)present;
-        total += present;
+        w->gate_weight[m] = model->p.compat ? 1.0f / (float)M * ((float)w->B / (float)w->global_B)
+                            : w->global_present > 0 ? (float)present / (float)w->global_present
+                                                    : 0.0f;
     }
-    for (int32_t m = 0; m < M; m++)
-        w->gate_weight[m] = model->p.compat ? 1.0f / (float)M : total > 0 ? w->gate_weight[m] / (float)total : 0.0f;
 }
 
 static void token_labels(confsmoe_model *model, const confsmoe_tensor *labels, workspace *w)
@@ -882,9 +897,13 @@ static confsmoe_status moe_forward(confsmoe_model *model, const confsmoe_tensor 
         if (s == CONFSMOE_OK && labels)
             s = model->p.multilabel ? wrap(model, CONFSMOE_U8, 2, rows, C, 0, 0, w->tok_multi_labels, &lab)
                                     : wrap(model, CONFSMOE_I32, 1, rows, 0, 0, 0, w->tok_labels, &lab);
+        /* The gate's noise follows the tokens' places in the global batch. */
+        if (s == CONFSMOE_OK)
+            s = confsmoe_gate_set_shard(model->gate, w->first * S, w->global_B * S);
         if (s == CONFSMOE_OK)
             s = confsmoe_gate_forward(model->gate, z, lab, present, f, NULL, slots, &loss,
                                       w->training ? &w->gate_saved[m] : NULL);
+        confsmoe_gate_set_shard(model->gate, 0, 0);
         confsmoe_tensor_destroy(z);
         confsmoe_tensor_destroy(f);
         confsmoe_tensor_destroy(slots);
@@ -957,11 +976,12 @@ static confsmoe_status forward(confsmoe_model *model, const confsmoe_tensor *con
     return CONFSMOE_OK;
 }
 
-/* Mean cross-entropy (or BCE with logits) and its gradient with respect to the logits. */
+/* Mean cross-entropy (or BCE with logits) over the global batch, this batch's share, and its
+ * gradient with respect to the logits. */
 static float task_loss(const confsmoe_model *model, const workspace *w, const confsmoe_tensor *labels,
                        float *dlogits)
 {
-    const int64_t B = w->B, C = model->p.n_classes;
+    const int64_t B = w->B, Bg = w->global_B, C = model->p.n_classes;
     double total = 0.0;
     for (int64_t b = 0; b < B; b++) {
         const float *z = w->logits + b * C;
@@ -970,7 +990,7 @@ static float task_loss(const confsmoe_model *model, const workspace *w, const co
             const uint8_t *y = (const uint8_t *)labels->data + b * C;
             for (int64_t c = 0; c < C; c++) {
                 total += fmaxf(z[c], 0.0f) - z[c] * y[c] + log1pf(expf(-fabsf(z[c])));
-                dz[c] = (csm_sigmoid(z[c]) - y[c]) / (float)(B * C);
+                dz[c] = (csm_sigmoid(z[c]) - y[c]) / (float)(Bg * C);
             }
             continue;
         }
@@ -983,9 +1003,9 @@ static float task_loss(const confsmoe_model *model, const workspace *w, const co
             sum += exp((double)(z[c] - top));
         total += log(sum) - (double)(z[y] - top);
         for (int64_t c = 0; c < C; c++)
-            dz[c] = ((float)(exp((double)(z[c] - top)) / sum) - (c == y ? 1.0f : 0.0f)) / (float)B;
+            dz[c] = ((float)(exp((double)(z[c] - top)) / sum) - (c == y ? 1.0f : 0.0f)) / (float)Bg;
     }
-    return (float)(total / (double)(model->p.multilabel ? B * C : B));
+    return (float)(total / (double)(model->p.multilabel ? Bg * C : Bg));
 }
 
 /* Gradients of one backward, all [B L, d] unless noted. Six [B L, d] buffers serve ten
@@ -1082,7 +1102,8 @@ static void residual_backward_task(void *arg, int64_t first, int64_t last, int w
         const float *dHr = g->dH + row * d;
         float *dAr = g->dA + row * d;
         if (w->dropout) {
-            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)(row * d), model->p.dropout, keep, d);
+            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)((w->first * L + row) * d),
+                             model->p.dropout, keep, d);
             csm_mask_scale(dAr, dHr, keep, kept, d);
         } else {
             memcpy(dAr, dHr, (size_t)d * sizeof *dAr);
@@ -1179,25 +1200,27 @@ static confsmoe_status backward(confsmoe_model *model, workspace *w, gradients *
 
 /* ------------------------------------------------------------------ step and predict */
 
-/* Modality dropout: a copy of avail [B, M] in `kept` in which every present cell was dropped
- * with probability p, and a sample left with none keeps one of its present modalities, chosen
- * uniformly. Draws B M uniforms (plus one per emptied sample) from the ctx stream. */
-static void drop_modalities(confsmoe_model *model, const uint8_t *avail, int64_t B, uint8_t *kept)
+/* Modality dropout over a global batch: a copy of avail [B, M] in `kept` in which every present
+ * cell was dropped with probability p, and a sample left with none keeps one of its present
+ * modalities, chosen uniformly. Sample b draws from substream b of stream position `base`: M
+ * uniforms, then one more if it was emptied. */
+static void drop_modalities(confsmoe_model *model, const uint8_t *avail, int64_t B, uint64_t base, uint8_t *kept)
 {
     const int32_t M = model->p.n_modalities;
     const float p = model->p.modality_dropout;
     for (int64_t b = 0; b < B; b++) {
         const uint8_t *a = avail + b * M;
         uint8_t *k = kept + b * M;
+        csm_substream stream = csm_rng_substream(model->ctx, base, (uint64_t)b);
         int32_t present = 0, survived = 0;
         for (int32_t m = 0; m < M; m++) {
-            const bool drop = csm_rng_uniform(model->ctx, 0.0f, 1.0f) < p;
+            const bool drop = csm_substream_uniform(&stream, 0.0f, 1.0f) < p;
             k[m] = a[m] && !drop;
             present += a[m];
             survived += k[m];
         }
         if (survived == 0 && present > 0) {
-            int32_t pick = (int32_t)csm_rng_uniform(model->ctx, 0.0f, (float)present);
+            int32_t pick = (int32_t)csm_substream_uniform(&stream, 0.0f, (float)present);
             pick = pick < present ? pick : present - 1;
             for (int32_t m = 0; m < M; m++)
                 if (a[m] && pick-- == 0)
@@ -1206,23 +1229,92 @@ static void drop_modalities(confsmoe_model *model, const uint8_t *avail, int64_t
     }
 }
 
-confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor *const *inputs,
-                                    const confsmoe_tensor *avail, const confsmoe_tensor *labels,
-                                    confsmoe_tensor *logits, float *loss, float *task)
+static int64_t count_present(const uint8_t *avail, int64_t cells)
 {
-    if (!model)
-        return CONFSMOE_E_INVALID_ARGUMENT;
-    static const char fn[] = "model_step";
-    confsmoe_status s = check_batch(model, fn, inputs, avail, labels, logits, true);
+    int64_t n = 0;
+    for (int64_t i = 0; i < cells; i++)
+        n += avail[i];
+    return n;
+}
+
+/* Stream positions one training step on a global batch of B samples takes, in the order its
+ * parts take them: modality dropout, stage 1, attention dropout, residual dropout, then the
+ * noise of each modality's gate call. A shard with no samples moves the stream by this much. */
+static uint64_t step_draws(const confsmoe_model *model, int64_t B)
+{
+    const confsmoe_model_params *p = &model->p;
+    const uint64_t L = (uint64_t)model->tokens_total, b = (uint64_t)B;
+    uint64_t n = (p->modality_dropout > 0.0f) + stage_one_draws(model, true);
+    if (p->dropout > 0.0f)
+        n += b * (uint64_t)p->heads * L * L + b * L * (uint64_t)p->d;
+    return n + (uint64_t)p->n_modalities * (uint64_t)csm_gate_noise_draws(model->gate, B * p->tokens);
+}
+
+/* The shard checks of confsmoe_model_step_shard: global_avail [B_global, M] holds avail at `first`. */
+static confsmoe_status check_shard(confsmoe_model *model, const char *fn, const confsmoe_tensor *avail,
+                                   const confsmoe_tensor *global_avail, int64_t first)
+{
+    confsmoe_ctx *ctx = model->ctx;
+    const int64_t M = model->p.n_modalities, dims[2] = {-1, M};
+    confsmoe_status s = csm_expect_tensor(ctx, fn, "global_avail", global_avail, CONFSMOE_U8, 2, dims);
     if (s != CONFSMOE_OK)
         return s;
-    const int64_t B = avail->dims[0];
+    const int64_t B = avail->dims[0], Bg = global_avail->dims[0];
+    if (Bg < 1)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: the global batch is empty", fn);
+    if (first < 0 || first > Bg - B)
+        return csm_fail(ctx, CONFSMOE_E_SHAPE,
+                        "%s: samples %" PRId64 " .. %" PRId64 " are outside the global batch of %" PRId64, fn, first,
+                        first + B - 1, Bg);
+    if (model->p.compat && B > 0 && B < Bg)
+        return csm_fail(ctx, CONFSMOE_E_UNSUPPORTED,
+                        "%s: compat reproduces defects of the reference that span the whole batch (the gate's "
+                        "dispatch, the imputer's query of sample 0): a shard of the batch cannot", fn);
+    const uint8_t *g = global_avail->data;
+    for (int64_t i = 0; i < Bg * M; i++)
+        if (g[i] > 1)
+            return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                            "%s: global_avail[%" PRId64 "][%" PRId64 "] is %d, must be 0 or 1", fn, i / M, i % M, g[i]);
+    if (B > 0 && memcmp(avail->data, g + first * M, (size_t)(B * M)) != 0)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                        "%s: avail differs from rows %" PRId64 " .. %" PRId64 " of global_avail", fn, first,
+                        first + B - 1);
+    return CONFSMOE_OK;
+}
+
+/* One training step on samples first .. first + B - 1 of a global batch (global_avail NULL:
+ * the batch is the whole batch). */
+static confsmoe_status train_step(confsmoe_model *model, const char *fn, const confsmoe_tensor *const *inputs,
+                                  const confsmoe_tensor *avail, const confsmoe_tensor *labels,
+                                  const confsmoe_tensor *global_avail, int64_t first, confsmoe_tensor *logits,
+                                  float *loss, float *task)
+{
+    const bool shard = global_avail != NULL;
+    confsmoe_status s = check_batch(model, fn, inputs, avail, labels, logits, true, shard);
+    if (s == CONFSMOE_OK && shard)
+        s = check_shard(model, fn, avail, global_avail, first);
+    if (s != CONFSMOE_OK)
+        return s;
+    if (!shard)
+        global_avail = avail;
+    const int64_t B = avail->dims[0], Bg = global_avail->dims[0], M = model->p.n_modalities;
+    if (B == 0) {
+        /* Nothing to compute; the stream moves as it does for the other shards. */
+        model->ctx->rng_counter += step_draws(model, Bg);
+        if (loss)
+            *loss = 0.0f;
+        if (task)
+            *task = 0.0f;
+        return CONFSMOE_OK;
+    }
     workspace w;
     gradients g;
     void *block = workspace_alloc(model, B, true, &w);
     void *grad_block = block ? gradients_alloc(model, B, &g) : NULL;
     if (!block || !grad_block)
         return csm_fail(model->ctx, CONFSMOE_E_NOMEM, "%s: out of memory for a batch of %" PRId64, fn, B);
+    w.first = first;
+    w.global_B = Bg;
     /* The gate's arena: as big as the previous step wanted (the first step, or a bigger batch,
      * falls back to the allocator). If growing fails, the gate just allocates. */
     csm_arena *arena = &model->gate_arena;
@@ -1250,14 +1342,17 @@ confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor
         grad_bytes += model->params.grad[i]->nbytes;
     char *grad_copy = csm_alloc(model->ctx, grad_bytes);
     s = grad_copy ? CONFSMOE_OK : csm_fail(model->ctx, CONFSMOE_E_NOMEM, "out of memory for a copy of the gradients");
+    /* Modality dropout is drawn for the whole global batch: L_conf's weights count its present cells. */
     uint8_t *kept = NULL;
     confsmoe_tensor *kept_avail = NULL;
+    w.global_present = count_present(global_avail->data, Bg * M);
     if (s == CONFSMOE_OK && model->p.modality_dropout > 0.0f) {
-        kept = csm_alloc(model->ctx, (size_t)avail->nbytes);
-        s = kept ? wrap(model, CONFSMOE_U8, 2, B, model->p.n_modalities, 0, 0, kept, &kept_avail)
+        kept = csm_alloc(model->ctx, (size_t)global_avail->nbytes);
+        s = kept ? wrap(model, CONFSMOE_U8, 2, B, M, 0, 0, kept + first * M, &kept_avail)
                  : csm_fail(model->ctx, CONFSMOE_E_NOMEM, "out of memory for the modality-dropout mask");
         if (s == CONFSMOE_OK) {
-            drop_modalities(model, avail->data, B, kept);
+            drop_modalities(model, global_avail->data, Bg, model->ctx->rng_counter++, kept);
+            w.global_present = count_present(kept, Bg * M);
             avail = kept_avail;
         }
     }
@@ -1300,6 +1395,27 @@ confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor
     return CONFSMOE_OK;
 }
 
+confsmoe_status confsmoe_model_step(confsmoe_model *model, const confsmoe_tensor *const *inputs,
+                                    const confsmoe_tensor *avail, const confsmoe_tensor *labels,
+                                    confsmoe_tensor *logits, float *loss, float *task)
+{
+    if (!model)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    return train_step(model, "model_step", inputs, avail, labels, NULL, 0, logits, loss, task);
+}
+
+confsmoe_status confsmoe_model_step_shard(confsmoe_model *model, const confsmoe_tensor *const *inputs,
+                                          const confsmoe_tensor *avail, const confsmoe_tensor *labels,
+                                          const confsmoe_tensor *global_avail, int64_t first, confsmoe_tensor *logits,
+                                          float *loss, float *task)
+{
+    if (!model)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    if (!global_avail)
+        return csm_fail(model->ctx, CONFSMOE_E_INVALID_ARGUMENT, "model_step_shard: global_avail is NULL");
+    return train_step(model, "model_step_shard", inputs, avail, labels, global_avail, first, logits, loss, task);
+}
+
 confsmoe_status confsmoe_model_predict(confsmoe_model *model, const confsmoe_tensor *const *inputs,
                                        const confsmoe_tensor *avail, confsmoe_tensor *logits)
 {
@@ -1308,7 +1424,7 @@ confsmoe_status confsmoe_model_predict(confsmoe_model *model, const confsmoe_ten
     static const char fn[] = "model_predict";
     if (!logits)
         return csm_fail(model->ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: logits is NULL", fn);
-    confsmoe_status s = check_batch(model, fn, inputs, avail, NULL, logits, false);
+    confsmoe_status s = check_batch(model, fn, inputs, avail, NULL, logits, false, false);
     if (s != CONFSMOE_OK)
         return s;
     workspace w;
@@ -1316,6 +1432,9 @@ confsmoe_status confsmoe_model_predict(confsmoe_model *model, const confsmoe_ten
     if (!block)
         return csm_fail(model->ctx, CONFSMOE_E_NOMEM, "%s: out of memory for a batch of %" PRId64, fn,
                         avail->dims[0]);
+    w.first = 0;
+    w.global_B = w.B;
+    w.global_present = count_present(avail->data, avail->nbytes);
     float aux = 0.0f;
     const uint64_t rng_at_entry = model->ctx->rng_counter;
     csm_gate_usage_mark(model->gate);

@@ -12,23 +12,23 @@ static uint64_t mix64(uint64_t z)
     return z ^ (z >> 31);
 }
 
+static uint64_t output(uint64_t key, uint64_t i) { return mix64(key + i * UINT64_C(0x9e3779b97f4a7c15)); }
+
+static float uniform_of(uint64_t r, float lo, float hi)
+{
+    float u = (float)(r >> 40) * 0x1.0p-24f;  /* 24 random bits in [0, 1) */
+    return lo + (hi - lo) * u;
+}
+
 void csm_rng_seed(confsmoe_ctx *ctx, uint64_t seed)
 {
     ctx->rng_key = mix64(seed ^ UINT64_C(0x6a09e667f3bcc909));
     ctx->rng_counter = 0;
 }
 
-uint64_t csm_rng_u64(confsmoe_ctx *ctx)
-{
-    uint64_t i = ctx->rng_counter++;
-    return mix64(ctx->rng_key + i * UINT64_C(0x9e3779b97f4a7c15));
-}
+uint64_t csm_rng_u64(confsmoe_ctx *ctx) { return output(ctx->rng_key, ctx->rng_counter++); }
 
-float csm_rng_uniform(confsmoe_ctx *ctx, float lo, float hi)
-{
-    float u = (float)(csm_rng_u64(ctx) >> 40) * 0x1.0p-24f;  /* 24 random bits in [0, 1) */
-    return lo + (hi - lo) * u;
-}
+float csm_rng_uniform(confsmoe_ctx *ctx, float lo, float hi) { return uniform_of(csm_rng_u64(ctx), lo, hi); }
 
 float csm_rng_normal(confsmoe_ctx *ctx)
 {
@@ -37,3 +37,14 @@ float csm_rng_normal(confsmoe_ctx *ctx)
     double u2 = (double)(csm_rng_u64(ctx) >> 11) * 0x1.0p-53;
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
+
+csm_substream csm_rng_substream(const confsmoe_ctx *ctx, uint64_t base, uint64_t index)
+{
+    /* The key mixes the stream's own output at `base` with the index: two (base, index)
+     * pairs share a key only by a 64-bit collision. */
+    return (csm_substream){mix64(output(ctx->rng_key, base) ^ mix64(index ^ UINT64_C(0xbb67ae8584caa73b))), 0};
+}
+
+uint64_t csm_substream_u64(csm_substream *s) { return output(s->key, s->counter++); }
+
+float csm_substream_uniform(csm_substream *s, float lo, float hi) { return uniform_of(csm_substream_u64(s), lo, hi); }

@@ -16,6 +16,7 @@ const char *confsmoe_status_string(confsmoe_status s)
     case CONFSMOE_E_INTERNAL: return "internal error";
     case CONFSMOE_E_IO: return "i/o error";
     case CONFSMOE_E_FORMAT: return "bad file format";
+    case CONFSMOE_E_COMM: return "communication error";
     default: return "unknown status";
     }
 }

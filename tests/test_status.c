@@ -22,6 +22,7 @@ static const struct {
     {CONFSMOE_E_INTERNAL, -9},
     {CONFSMOE_E_IO, -10},
     {CONFSMOE_E_FORMAT, -11},
+    {CONFSMOE_E_COMM, -12},
 };
 #define N_STATUSES ((int)(sizeof statuses / sizeof statuses[0]))
 
@@ -39,6 +40,7 @@ START_TEST(test_status_values_pinned)
     ck_assert_int_eq(CONFSMOE_E_INTERNAL, -9);
     ck_assert_int_eq(CONFSMOE_E_IO, -10);
     ck_assert_int_eq(CONFSMOE_E_FORMAT, -11);
+    ck_assert_int_eq(CONFSMOE_E_COMM, -12);
     /* The status type is a 32-bit signed integer. */
     ck_assert_uint_eq(sizeof(confsmoe_status), 4);
     ck_assert_int_lt((confsmoe_status)-1, 0);
@@ -87,7 +89,7 @@ END_TEST
 
 START_TEST(test_status_string_unknown)
 {
-    const confsmoe_status unknown[] = {1, 2, 100, -12, -13, -100, INT32_MAX, INT32_MIN};
+    const confsmoe_status unknown[] = {1, 2, 100, -13, -14, -100, INT32_MAX, INT32_MIN};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         const char *s = confsmoe_status_string(unknown[i]);
         ck_assert_ptr_nonnull(s);

@@ -226,7 +226,7 @@ class TestErrors(unittest.TestCase):
         -1: confsmoe.InvalidArgumentError, -2: confsmoe.ShapeError, -3: confsmoe.DTypeError,
         -4: confsmoe.OutOfMemoryError, -5: confsmoe.StateError, -6: confsmoe.UnsupportedError,
         -7: confsmoe.NumericError, -8: confsmoe.VersionError, -9: confsmoe.InternalError,
-        -10: confsmoe.FileIOError, -11: confsmoe.FormatError,
+        -10: confsmoe.FileIOError, -11: confsmoe.FormatError, -12: confsmoe.CommunicationError,
     }
 
     def setUp(self):

@@ -16,7 +16,7 @@ from . import _lib
 from ._layer import Param, Saved
 from ._lib import library_path, version_number, version_string
 from .context import LOG_DEBUG, LOG_ERROR, LOG_INFO, LOG_WARN, Context
-from .errors import (ClosedError, ConfSMoEError, DTypeError, FileIOError, FormatError, InternalError,
+from .errors import (ClosedError, CommunicationError, ConfSMoEError, DTypeError, FileIOError, FormatError, InternalError,
                      InvalidArgumentError, NumericError, OutOfMemoryError, ShapeError, StateError,
                      UnsupportedError, VersionError, check, error_class)
 from .expert import Expert
@@ -59,7 +59,7 @@ __all__ = [
     "GateOutput", "StepResult", "save_checkpoint", "load_checkpoint",
     "ConfSMoEError", "InvalidArgumentError", "ShapeError", "DTypeError", "OutOfMemoryError",
     "StateError", "ClosedError", "UnsupportedError", "NumericError", "VersionError", "InternalError",
-    "FileIOError", "FormatError", "check", "error_class", "status_string",
+    "FileIOError", "FormatError", "CommunicationError", "check", "error_class", "status_string",
     "version_string", "version_number", "library_path", "__version__",
     "F32", "I32", "U8", "ADAM", "SGD", "STATS_LAST_CALL", "STATS_TOTAL",
     "LOG_ERROR", "LOG_WARN", "LOG_INFO", "LOG_DEBUG",

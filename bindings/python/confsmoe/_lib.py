@@ -358,6 +358,11 @@ PROTOTYPES = {
     # checkpoints
     "confsmoe_checkpoint_save": (Status, [ModelHandle, OptimHandle, _str]),
     "confsmoe_checkpoint_load": (Status, [ModelHandle, OptimHandle, _str]),
+    # CONFSMOE_EXPERIMENTAL (unstable; prototypes only, no classes): the hooks of libconfsmoe_mpi
+    "confsmoe_model_step_shard": (Status, [ModelHandle, _P(TensorHandle), TensorHandle, TensorHandle, TensorHandle,
+                                           _i64, TensorHandle, _P(_float), _P(_float)]),
+    "confsmoe_gate_set_shard": (Status, [GateHandle, _i64, _i64]),
+    "confsmoe_gate_create_exchange": (Status, [CtxHandle, _P(GateParams), _i32, _vp, _P(GateHandle)]),
 }
 
 #: Mirrored struct -> the library's size function (checked at import).

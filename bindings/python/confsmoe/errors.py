@@ -12,9 +12,9 @@ from ._lib import api
 __all__ = [
     "ConfSMoEError", "InvalidArgumentError", "ShapeError", "DTypeError", "OutOfMemoryError",
     "StateError", "UnsupportedError", "NumericError", "VersionError", "InternalError",
-    "FileIOError", "FormatError", "ClosedError", "error_class", "check",
+    "FileIOError", "FormatError", "CommunicationError", "ClosedError", "error_class", "check",
     "OK", "E_INVALID_ARGUMENT", "E_SHAPE", "E_DTYPE", "E_NOMEM", "E_STATE", "E_UNSUPPORTED",
-    "E_NUMERIC", "E_VERSION", "E_INTERNAL", "E_IO", "E_FORMAT",
+    "E_NUMERIC", "E_VERSION", "E_INTERNAL", "E_IO", "E_FORMAT", "E_COMM",
 ]
 
 OK = 0
@@ -29,6 +29,7 @@ E_VERSION = -8
 E_INTERNAL = -9
 E_IO = -10
 E_FORMAT = -11
+E_COMM = -12
 
 
 class ConfSMoEError(Exception):
@@ -107,9 +108,14 @@ class FormatError(ConfSMoEError, ValueError):
     status = E_FORMAT
 
 
+class CommunicationError(ConfSMoEError, OSError):
+    """CONFSMOE_E_COMM: a message or collective of a distributed run failed."""
+    status = E_COMM
+
+
 _BY_STATUS = {cls.status: cls for cls in (
     InvalidArgumentError, ShapeError, DTypeError, OutOfMemoryError, StateError, UnsupportedError,
-    NumericError, VersionError, InternalError, FileIOError, FormatError)}
+    NumericError, VersionError, InternalError, FileIOError, FormatError, CommunicationError)}
 
 
 def error_class(status):
