@@ -70,6 +70,7 @@ typedef int32_t confsmoe_status;
 #define CONFSMOE_E_INTERNAL        (-9)  /* a bug in libconfsmoe: please report it */
 #define CONFSMOE_E_IO              (-10) /* a file could not be opened, read or written */
 #define CONFSMOE_E_FORMAT          (-11) /* a file is truncated, corrupted or does not match */
+#define CONFSMOE_E_COMM            (-12) /* a message or collective of a distributed run failed */
 
 /* Static text for a status, never NULL ("unknown status" for other values). */
 CONFSMOE_API const char *confsmoe_status_string(confsmoe_status s);
@@ -111,7 +112,10 @@ typedef struct confsmoe_ctx_params {
                                     (default CONFSMOE_LOG_WARN) */
     confsmoe_log_fn log_fn;      /* NULL (default): silent */
     void *log_user;
-    const confsmoe_allocator *allocator; /* NULL (default): the C library's.
+    const confsmoe_allocator *allocator; /* NULL (default): the C library's, with
+                                            up to 64 MiB of freed large blocks kept
+                                            by the ctx for reuse (freed at destroy).
+                                            A host allocator sees every allocation.
                                             Copied at create; must not be NULL
                                             in its function pointers if given. */
 } confsmoe_ctx_params;
@@ -546,6 +550,65 @@ CONFSMOE_API confsmoe_status confsmoe_checkpoint_save(confsmoe_model *model, con
  * its state, and the file's optimizer kind must match. Big-endian hosts get
  * CONFSMOE_E_UNSUPPORTED. */
 CONFSMOE_API confsmoe_status confsmoe_checkpoint_load(confsmoe_model *model, confsmoe_optim *o, const char *path);
+
+/* ---------------------------------------------------------------- experimental */
+
+#ifdef CONFSMOE_EXPERIMENTAL
+/* Unstable: defined only when the includer defines CONFSMOE_EXPERIMENTAL. These
+ * declarations may change or go in any release, and their symbols sit in their own
+ * version node (CONFSMOE_EXPERIMENTAL), outside the stable ABI. They are the hooks that
+ * libconfsmoe_mpi (confsmoe_mpi.h, docs/DISTRIBUTED.md) is built on, and they carry no
+ * communication of their own. */
+
+/* Data parallelism. One training step on a shard of a global batch: the shard's samples are
+ * first .. first + B - 1 of a batch of B_global samples whose availability mask is
+ * global_avail u8 [B_global, M]; inputs, avail and labels are the shard's rows (avail must
+ * equal rows first .. first + B - 1 of global_avail; B = 0 is allowed). Every random draw of
+ * a sample (modality dropout, stage-1 draws, attention and residual dropout, gate noise)
+ * depends on its index in the global batch, the ctx stream moves as for the global batch,
+ * and the losses are normalised over the global batch: summed over the shards, the returned
+ * losses and the accumulated gradients are those of confsmoe_model_step on the global batch
+ * (to float rounding), whatever the split. Exceptions, which are per shard, as in
+ * DeepSpeed-MoE and Tutel: the load-balancing losses and CONFIDENCE_EXPERT's per-call
+ * expert means. A compat model gives CONFSMOE_E_UNSUPPORTED for a part of its batch (its
+ * defects span the batch). loss and task_loss receive this shard's share of the global loss. */
+CONFSMOE_API confsmoe_status confsmoe_model_step_shard(confsmoe_model *model, const confsmoe_tensor *const *inputs,
+                                                       const confsmoe_tensor *avail, const confsmoe_tensor *labels,
+                                                       const confsmoe_tensor *global_avail, int64_t first,
+                                                       confsmoe_tensor *logits, float *loss, float *task_loss);
+
+/* The next forward calls of g see tokens first .. first + N - 1 of a global batch of `total`
+ * tokens (N = the rows of x): the noise of a token is that of its global index, and the ctx
+ * stream moves as for the global batch. total = 0 (the default) ends it. Under compat a call
+ * of fewer than `total` tokens gives CONFSMOE_E_UNSUPPORTED. */
+CONFSMOE_API confsmoe_status confsmoe_gate_set_shard(confsmoe_gate *g, int64_t first, int64_t total);
+
+/* Expert parallelism: a gate whose experts run elsewhere. One forward call hands the
+ * exchange every slot's input row at once, sorted by expert: rows offset[e] ..
+ * offset[e + 1] - 1 of x [offset[E], d] go to expert e, in the order of their slots. The
+ * exchange writes the experts' outputs in the same layout into y and, when training is
+ * nonzero, may keep per-call state in *call. backward gets that state and dy in the same
+ * layout, accumulates the experts' gradients, and writes their input gradients into dx.
+ * release frees the state when the gate's saved handle is destroyed. On failure a callback
+ * returns a negative status and may write a message into error (error_cap bytes); a failed
+ * forward keeps no state. A gate backward whose exchange fails may have accumulated some of
+ * the gate's own gradients. The gate owns the router, the ConfNets and the target
+ * classifier; the exchange owns the experts. */
+typedef struct confsmoe_gate_exchange {
+    confsmoe_status (*forward)(void *user, const int64_t *offset, const float *x, float *y, int32_t training,
+                               void **call, char *error, size_t error_cap);
+    confsmoe_status (*backward)(void *user, void *call, const int64_t *offset, const float *dy, float *dx,
+                                char *error, size_t error_cap);
+    void (*release)(void *user, void *call);
+    void *user;
+} confsmoe_gate_exchange;
+
+/* A gate of n_experts experts of width p->d behind `exchange` (copied; user must outlive the
+ * gate). Its parameters are confsmoe_gate_create's, drawn in the same order. */
+CONFSMOE_API confsmoe_status confsmoe_gate_create_exchange(confsmoe_ctx *ctx, const confsmoe_gate_params *p,
+                                                           int32_t n_experts, const confsmoe_gate_exchange *exchange,
+                                                           confsmoe_gate **out);
+#endif /* CONFSMOE_EXPERIMENTAL */
 
 #ifdef __cplusplus
 }
