@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages libconfsmoe needs (only those missing), then
 # configures and builds into BUILD_DIR (default: build).
-# Usage: ./bootstrap.sh [--tests] [BUILD_DIR]; --tests adds what the test suite needs.
+# Usage: ./bootstrap.sh [--tests] [BUILD_DIR]; --tests adds what the test suite needs (and
+# builds libconfsmoe_mpi: -Dmpi=enabled). Without it MPI is built in when already installed.
 set -euo pipefail
 cd "$(dirname "$0")"
 packages=(gcc g++ pkg-config meson ninja-build libblis-dev check)
+options=()
 if [ "${1:-}" = "--tests" ]; then
-    packages+=(valgrind python3-numpy python3-torch python3-venv abigail-tools clang libclang-rt-14-dev llvm-14)
+    packages+=(valgrind python3-numpy python3-torch python3-venv abigail-tools clang libclang-rt-14-dev llvm-14
+               libopenmpi-dev openmpi-bin)
+    # The test build always has libconfsmoe_mpi and its mpi suite (docs/DISTRIBUTED.md).
+    options+=(-Dmpi=enabled)
     shift
 fi
 build=${1:-build}
@@ -24,8 +29,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ -f "$build/build.ninja" ]; then
-    meson setup --reconfigure "$build" >/dev/null
+    meson setup --reconfigure "$build" ${options[@]+"${options[@]}"} >/dev/null
 else
-    meson setup "$build"
+    meson setup "$build" ${options[@]+"${options[@]}"}
 fi
 meson compile -C "$build"

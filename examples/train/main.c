@@ -4,7 +4,8 @@
  * section 6, select the model on a validation split, and report test accuracy, macro-F1,
  * macro AUROC and the experts' utilisation (stdout, and JSON with --json).
  *
- * Only the public API of libconfsmoe (confsmoe.h) is used. docs/TRAIN.md has the details.
+ * Only the public API of libconfsmoe (confsmoe.h) is used, and libconfsmoe_mpi for data
+ * parallelism under mpirun (docs/DISTRIBUTED.md). docs/TRAIN.md has the details.
  *
  * Exit status: 0 success, 1 a library or system failure, 2 bad flags or data.
  */
@@ -20,6 +21,7 @@
 #include <unistd.h>
 
 #include "dataset.h"
+#include "distributed.h"
 #include "metrics.h"
 #include "options.h"
 #include "protocol.h"
@@ -453,11 +455,26 @@ static void read_stats(confsmoe_ctx *ctx, confsmoe_gate *gate, confsmoe_gate_sta
     CHECK(confsmoe_gate_stats_get(gate, CONFSMOE_STATS_TOTAL, st, load, conf, n));
 }
 
+/* The availability of the samples idx[0..n-1], [n, M]. */
+static void batch_mask(const uint8_t *mask, int M, const int *idx, int n, uint8_t *out)
+{
+    for (int r = 0; r < n; r++)
+        memcpy(out + (size_t)r * M, mask + (size_t)idx[r] * M, (size_t)M);
+}
+
 int main(int argc, char **argv)
 {
     const double t_start = now_seconds();
+    distributed dist;
+    distributed_init(&argc, &argv, &dist);
     options opt;
     parse_flags(argc, argv, &opt);
+    /* Under mpirun every rank trains; rank 0 alone prints and writes files. */
+    const int lead = dist.rank == 0;
+    if (!lead) {
+        opt.quiet = 1;
+        opt.json = opt.checkpoint = opt.dump_masks = NULL;
+    }
     if (opt.threads > 0) {
         /* Before the first library call (both are read once). The library's own threads split
          * the experts and the samples (BLIS runs on one thread inside them); the products
@@ -482,7 +499,7 @@ int main(int argc, char **argv)
     if (opt.dump_masks)
         dump_masks(opt.dump_masks, &ds, &plan);
     dataset_standardise(&ds, plan.mask, plan.list[ROLE_TRAIN], plan.count[ROLE_TRAIN]);
-    if (plan.n_excluded)
+    if (plan.n_excluded && lead)
         warn("%d sample(s) have no modality present (avail.csv / empty rows) and are excluded", plan.n_excluded);
 
     const int M = ds.m, C = ds.n_classes;
@@ -525,6 +542,7 @@ int main(int argc, char **argv)
     free(features);
     confsmoe_gate *gate = confsmoe_model_gate(model);
     const int E = confsmoe_gate_n_experts(gate);
+    distributed_attach(&dist, model);
 
     /* Stage-1 pools: the standardised training rows in which each modality is present. */
     for (int m = 0; m < M; m++) {
@@ -533,7 +551,7 @@ int main(int argc, char **argv)
         for (int t = 0; t < plan.count[ROLE_TRAIN]; t++)
             rows += plan.mask[(size_t)plan.list[ROLE_TRAIN][t] * M + m];
         float *pool = xcalloc((size_t)(rows ? rows : 1) * w, sizeof *pool);
-        if (rows == 0)
+        if (rows == 0 && lead)
             warn("%s is present in no training sample: its pool is one row of zeros (the train mean)",
                  ds.views[m].name);
         int r = 0;
@@ -573,7 +591,8 @@ int main(int argc, char **argv)
     }
 
     epoch_record *history = xcalloc((size_t)opt.epochs + 1, sizeof *history);
-    run_report rep = {.opt = &opt, .ds = &ds, .plan = &plan, .n_params = n_weights, .history = history};
+    run_report rep = {.opt = &opt, .ds = &ds, .plan = &plan, .n_params = n_weights, .history = history,
+                      .ranks = dist.size};
     if (!opt.quiet)
         report_header(&rep);
 
@@ -584,6 +603,7 @@ int main(int argc, char **argv)
     memcpy(order, plan.list[ROLE_TRAIN], (size_t)n_train * sizeof *order);
     rng64 shuffle_rng = rng_stream(opt.seed, 4);
     int32_t *pred = xmalloc((size_t)bb.cap * sizeof *pred);
+    uint8_t *global_avail = xmalloc((size_t)bb.cap * (size_t)M);
 
     /* Model selection: the best validation accuracy (the earliest on ties). Epoch 0, the
      * initial or resumed model, is a candidate only with --resume or --epochs 0. */
@@ -606,28 +626,39 @@ int main(int argc, char **argv)
         rng_shuffle(&shuffle_rng, order, (size_t)n_train);
         confsmoe_gate_stats_reset(gate);
         double loss_sum = 0.0, task_sum = 0.0;
-        int correct = 0;
+        int64_t correct = 0;
         for (int at = 0; at < n_train; at += opt.batch) {
+            /* The global batch order[at .. at + nb - 1]; this rank's shard of it. */
             const int nb = n_train - at < opt.batch ? n_train - at : opt.batch;
+            int first, count;
+            distributed_shard(&dist, nb, &first, &count);
+            batch_mask(plan.mask, M, order + at, nb, global_avail);
+            const int64_t gd[2] = {nb, M};
+            confsmoe_tensor *ga = NULL;
+            CHECK(confsmoe_tensor_wrap(ctx, CONFSMOE_U8, 2, gd, global_avail, &ga));
             batch_tensors t;
-            batch_gather(ctx, &bb, order + at, nb, &t);
+            batch_gather(ctx, &bb, order + at + first, count, &t);
             float loss = 0.0f, task = 0.0f;
             confsmoe_model_zero_grad(model);
-            CHECK(confsmoe_model_step(model, (const confsmoe_tensor *const *)t.x, t.avail, t.label, t.logits, &loss,
-                                      &task));
+            CHECK(distributed_step(&dist, model, (const confsmoe_tensor *const *)t.x, t.avail, t.label, ga, first,
+                                   t.logits, &loss, &task));
             CHECK(confsmoe_optim_step(optim));
             if (!isfinite(loss))
                 die_system("epoch %d: the loss is %g (diverged); try a smaller --lr", epoch, (double)loss);
             loss_sum += (double)loss * nb;
             task_sum += (double)task * nb;
-            metric_softmax_argmax(bb.logits, nb, C, pred);
-            for (int r = 0; r < nb; r++)
+            metric_softmax_argmax(bb.logits, count, C, pred);
+            for (int r = 0; r < count; r++)
                 correct += pred[r] == bb.label[r];
             batch_release(&t);
+            confsmoe_tensor_destroy(ga);
         }
+        distributed_sum(&dist, &correct, 1);
         const double t_train = now_seconds() - t0;
         confsmoe_gate_stats gs;
-        read_stats(ctx, gate, &gs, NULL, NULL, 0);
+        memset(&gs, 0, sizeof gs);
+        gs.struct_size = sizeof gs;
+        CHECK(distributed_gate_stats(&dist, gate, CONFSMOE_STATS_TOTAL, &gs));
 
         epoch_record *e = &history[rep.n_history++];
         e->epoch = epoch;
@@ -654,7 +685,9 @@ int main(int argc, char **argv)
             report_epoch(e, opt.epochs, epoch_seconds_total / epoch * (opt.epochs - epoch));
     }
 
-    /* The selected model on the test split, once; its routing is the reported utilisation. */
+    /* The selected model on the test split, once; its routing is the reported utilisation.
+     * Every rank evaluates every sample (the ctx streams stay together), so the local
+     * statistics are the whole test set's. */
     params_restore(ctx, model, &best);
     if (opt.checkpoint && best_epoch == 0) /* the initial / resumed model, with the latest Adam state */
         CHECK(confsmoe_checkpoint_save(model, optim, opt.checkpoint));
@@ -672,7 +705,8 @@ int main(int argc, char **argv)
     u->load_cv2 = gs.load_cv2;
     u->max_load_fraction = gs.max_load_fraction;
     rep.seconds = now_seconds() - t_start;
-    report_final(&rep);
+    if (lead)
+        report_final(&rep);
     if (opt.json)
         report_json(&rep, opt.json);
 
@@ -680,6 +714,7 @@ int main(int argc, char **argv)
     free(u->mean_confidence);
     params_free(&best);
     free(pred);
+    free(global_avail);
     free(order);
     batch_free(&bb);
     free(history);
@@ -688,5 +723,6 @@ int main(int argc, char **argv)
     confsmoe_ctx_destroy(ctx);
     protocol_free(&plan);
     dataset_free(&ds);
+    distributed_finish(&dist);
     return 0;
 }

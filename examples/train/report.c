@@ -56,6 +56,9 @@ void report_header(const run_report *r)
            o->experts, o->k, o->hidden ? o->hidden : o->d, o->dropout, r->n_params);
     printf("  training: Adam lr %g, weight decay %g, batch %d, %d epochs, modality dropout %g, seed %" PRIu64 "\n",
            o->lr, o->weight_decay, o->batch, o->epochs, o->modality_dropout, o->seed);
+    if (r->ranks > 1)
+        printf("  data parallel: %d MPI ranks, each batch split evenly, gradients summed (libconfsmoe_mpi)\n",
+               r->ranks);
     fflush(stdout);
 }
 
@@ -262,6 +265,7 @@ void report_json(const run_report *r, const char *path)
     json_str(&w, "library_version", confsmoe_version_string());
     json_config(&w, o);
     json_int(&w, "seed", (int64_t)o->seed);
+    json_int(&w, "ranks", r->ranks);
     json_num(&w, "missing", o->missing);
     json_int(&w, "n_samples", ds->n);
     json_int(&w, "n_classes", ds->n_classes);

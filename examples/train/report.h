@@ -33,6 +33,7 @@ typedef struct {
     const dataset *ds;
     const split_plan *plan;
     int64_t n_params;
+    int ranks;                 /* data-parallel processes (1 without mpirun) */
     const epoch_record *history;
     int n_history;
     int best_epoch;            /* 0 = the initial (or resumed) model */

@@ -2,9 +2,12 @@
 # Installs the build into a temporary destdir, then builds a C and a C++ consumer against
 # the INSTALLED tree with nothing but `pkg-config --cflags --libs confsmoe`, and runs them.
 # Also links the C consumer against the static library through `pkg-config --static`.
+# With "mpi" as the third argument (a build with libconfsmoe_mpi), also builds an MPI host with
+# `pkg-config --cflags --libs confsmoe-mpi` and runs it on 2 ranks with mpirun.
 set -euo pipefail
 build=$1
 src=$2
+mpi=${3:-}
 dest=$(mktemp -d)
 trap 'rm -rf "$dest"' EXIT
 
@@ -32,4 +35,23 @@ if ldd "$dest/consumer_static" | grep -q libconfsmoe; then
     exit 1
 fi
 "$dest/consumer_static"
-echo "installed-tree consumers: C, C++ and static C all built with pkg-config and ran"
+if [ "$mpi" = mpi ]; then
+    [ -f "$(dirname "$pc")/confsmoe-mpi.pc" ] || { echo "FAIL: confsmoe-mpi.pc was not installed"; exit 1; }
+    # confsmoe-mpi.pc requires the system's MPI module (ompi-c), which a sysroot would
+    # misplace: here the installed .pc files get their prefix pointed at the destdir instead,
+    # and pkg-config searches its default folders too.
+    pcdir=$dest/pc-mpi
+    mkdir -p "$pcdir"
+    for f in confsmoe.pc confsmoe-mpi.pc; do
+        prefix=$(sed -n 's/^prefix=//p' "$(dirname "$pc")/$f")
+        sed "s|^prefix=.*|prefix=$dest$prefix|" "$(dirname "$pc")/$f" >"$pcdir/$f"
+    done
+    mflags=$(env -u PKG_CONFIG_SYSROOT_DIR -u PKG_CONFIG_LIBDIR PKG_CONFIG_PATH="$pcdir" \
+        pkg-config --cflags --libs confsmoe-mpi)
+    echo "pkg-config --cflags --libs confsmoe-mpi: $mflags"
+    cc -std=c11 -Wall -Werror "$src/consumer_mpi.c" -o "$dest/consumer_mpi" $mflags
+    mpirun --allow-run-as-root --oversubscribe --bind-to none -np 2 -x LD_LIBRARY_PATH "$dest/consumer_mpi"
+    echo "installed-tree consumers: C, C++, static C and the MPI host (2 ranks) built with pkg-config and ran"
+else
+    echo "installed-tree consumers: C, C++ and static C all built with pkg-config and ran"
+fi

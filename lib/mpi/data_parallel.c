@@ -1,0 +1,91 @@
+/* Data parallelism: a shard step on every rank, then the gradients summed in buckets. */
+#include <stdlib.h>
+
+#include "mpi_internal.h"
+
+struct confsmoe_mpi_dp {
+    cmpi_comm comm;
+    confsmoe_model *model;
+    int32_t n;
+    confsmoe_tensor **params, **grads;  /* the model's, in its order */
+    float *before;                      /* the gradients before a step, packed */
+    cmpi_stage stage;
+};
+
+void confsmoe_mpi_dp_destroy(confsmoe_mpi_dp *dp)
+{
+    if (!dp)
+        return;
+    cmpi_comm_free(&dp->comm);
+    free(dp->params);
+    free(dp->grads);
+    free(dp->before);
+    free(dp->stage.stage);
+    free(dp);
+}
+
+confsmoe_status confsmoe_mpi_dp_create(MPI_Comm comm, confsmoe_model *model, size_t bucket_bytes,
+                                       confsmoe_mpi_dp **out)
+{
+    static const char fn[] = "mpi_dp_create";
+    if (!out || !model)
+        return cmpi_fail(CONFSMOE_E_INVALID_ARGUMENT, "%s: %s is NULL", fn, !out ? "out" : "model");
+    *out = NULL;
+    confsmoe_mpi_dp *dp = calloc(1, sizeof *dp);
+    if (!dp)
+        return cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
+    dp->comm.comm = MPI_COMM_NULL;
+    dp->model = model;
+    dp->n = confsmoe_model_n_params(model);
+    dp->params = calloc((size_t)dp->n + 1, sizeof *dp->params);
+    dp->grads = calloc((size_t)dp->n + 1, sizeof *dp->grads);
+    confsmoe_status s = dp->params && dp->grads ? CONFSMOE_OK : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
+    for (int32_t i = 0; s == CONFSMOE_OK && i < dp->n; i++) {
+        dp->params[i] = confsmoe_model_param(model, i);
+        dp->grads[i] = confsmoe_model_grad(model, i);
+    }
+    const size_t floats = cmpi_numel(dp->grads, dp->n);
+    if (s == CONFSMOE_OK) {
+        dp->before = malloc((floats ? floats : 1) * sizeof(float));
+        s = dp->before ? cmpi_stage_alloc(bucket_bytes, floats, fn, &dp->stage)
+                       : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory for %zu gradients", fn, floats);
+    }
+    if (s == CONFSMOE_OK)
+        s = cmpi_comm_dup(comm, fn, &dp->comm);
+    /* Every copy starts from rank 0's parameters. */
+    if (s == CONFSMOE_OK)
+        s = cmpi_buckets(&dp->comm, CMPI_BROADCAST, dp->params, dp->n, NULL, &dp->stage, NULL);
+    if (s != CONFSMOE_OK) {
+        confsmoe_mpi_dp_destroy(dp);
+        return s;
+    }
+    *out = dp;
+    return CONFSMOE_OK;
+}
+
+confsmoe_status confsmoe_mpi_dp_step(confsmoe_mpi_dp *dp, const confsmoe_tensor *const *inputs,
+                                     const confsmoe_tensor *avail, const confsmoe_tensor *labels,
+                                     const confsmoe_tensor *global_avail, int64_t first, confsmoe_tensor *logits,
+                                     float *loss, float *task_loss)
+{
+    if (!dp)
+        return cmpi_fail(CONFSMOE_E_INVALID_ARGUMENT, "mpi_dp_step: dp is NULL");
+    cmpi_pack(dp->grads, dp->n, dp->before);
+    float losses[2] = {0.0f, 0.0f};
+    confsmoe_status s = confsmoe_model_step_shard(dp->model, inputs, avail, labels, global_avail, first, logits,
+                                                  &losses[0], &losses[1]);
+    if (s != CONFSMOE_OK) /* the step changed nothing; the model's ctx has the detail */
+        return cmpi_fail(s, "mpi_dp_step: confsmoe_model_step_shard failed: %s (the model's ctx has the detail)",
+                         confsmoe_status_string(s));
+    s = cmpi_buckets(&dp->comm, CMPI_SUM_DELTA, dp->grads, dp->n, dp->before, &dp->stage, NULL);
+    if (s == CONFSMOE_OK)
+        s = cmpi_check(MPI_Allreduce(MPI_IN_PLACE, losses, 2, MPI_FLOAT, MPI_SUM, dp->comm.comm),
+                       "MPI_Allreduce of the losses");
+    if (s != CONFSMOE_OK)
+        return s;
+    if (loss)
+        *loss = losses[0];
+    if (task_loss)
+        *task_loss = losses[1];
+    return CONFSMOE_OK;
+}
