@@ -21,7 +21,8 @@ fi
 
 # 1. Every suite of the normal build: unit (Check), abi (abidiff against abi/, exported symbols,
 #    header hygiene, an old consumer), parity and reference checks against PyTorch, interop,
-#    the installed-tree pkg-config consumers, the trainer, the Python bindings, bench smoke.
+#    the installed-tree pkg-config consumers, the trainer, the Python bindings, bench smoke, and
+#    mpi (libconfsmoe_mpi and the trainer through mpirun on localhost, docs/DISTRIBUTED.md).
 meson test -C "$build" -v --print-errorlogs
 # 2. The C test programs under valgrind (memcheck, leaks), ASan + UBSan, and ThreadSanitizer.
 BUILD_DIR="$build" tests/sanitize/run valgrind

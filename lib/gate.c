@@ -23,7 +23,7 @@ struct confsmoe_gate {
     confsmoe_gate_params p;
     int32_t n_experts;
     confsmoe_expert **experts;    /* borrowed; NULL with an exchange */
-    confsmoe_gate_exchange exchange; /* the experts run elsewhere when exchange.forward is set */
+    confsmoe_gate_exchange exchange; /* where the experts run when experts is NULL */
     int64_t shard_first, shard_total; /* the next calls' tokens in their global batch (total 0: not a shard) */
     csm_router router;
     csm_confnet *confnets;        /* [E] under CONFIDENCE, views of the parameters */
@@ -276,7 +276,7 @@ static confsmoe_status create(confsmoe_ctx *ctx, const char *fn, const confsmoe_
     if (!ctx || !out || !p)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: %s is NULL", fn, !ctx ? "ctx" : !out ? "out" : "params");
     if (!experts && !exchange)
-        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: %s is NULL", fn, "experts");
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: experts is NULL", fn);
     if (exchange && (!exchange->forward || !exchange->backward || !exchange->release))
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: the exchange needs forward, backward and release", fn);
     /* The caller's struct, of any accepted size, over the defaults (docs/API.md, "Struct versioning"). */
