@@ -6,6 +6,8 @@
 #include <pthread.h>
 #include <stdbool.h>
 
+/* The library implements the experimental declarations too (docs/API.md, "Experimental API"). */
+#define CONFSMOE_EXPERIMENTAL
 #include "confsmoe.h"
 
 #define CSM_ALIGN 64

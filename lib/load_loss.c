@@ -2,7 +2,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "confsmoe.h"
+#include "internal.h"
 #include "kernels.h"
 #include "load_loss.h"
 
