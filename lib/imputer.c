@@ -592,15 +592,45 @@ static void gather(const confsmoe_imputer *imp, imputer_saved *s, const uint8_t 
 
 /* Total order for the top-T selection: larger weight first, ties to the lower candidate index;
  * NaN (possible only with finite checks off) ranks last so that the order stays consistent. */
-static int by_weight_desc(const void *pa, const void *pb)
+static inline bool ranks_before(const ranked *a, const ranked *b)
 {
-    const ranked *a = pa, *b = pb;
     const bool a_nan = isnan(a->weight), b_nan = isnan(b->weight);
     if (a_nan != b_nan)
-        return a_nan ? 1 : -1;
+        return b_nan;
     if (!a_nan && a->weight != b->weight)
-        return a->weight > b->weight ? -1 : 1;
-    return (a->index > b->index) - (a->index < b->index);
+        return a->weight > b->weight;
+    return a->index < b->index;
+}
+
+static inline void swap_ranked(ranked *a, ranked *b)
+{
+    const ranked t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Moves the first `kept` (0 < kept < n) of rank[0..n-1] in that order to its front, in no
+ * particular order among themselves: quickselect, linear on average. The order is total (no
+ * two candidates tie), so the set is the one a full sort would keep; only the set is used. */
+static void select_top(ranked *rank, int64_t n, int64_t kept)
+{
+    const int64_t last = kept - 1; /* the position of the last kept candidate */
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        swap_ranked(&rank[lo + (hi - lo) / 2], &rank[hi]);
+        int64_t at = lo;
+        for (int64_t i = lo; i < hi; i++)
+            if (ranks_before(&rank[i], &rank[hi]))
+                swap_ranked(&rank[i], &rank[at++]);
+        swap_ranked(&rank[at], &rank[hi]);
+        /* rank[lo .. at - 1] come before rank[at], rank[at + 1 .. hi] after it. */
+        if (at == last)
+            return;
+        if (at < last)
+            lo = at + 1;
+        else
+            hi = at - 1;
+    }
 }
 
 /* Marks the top `kept` of one softmax row p[L] and writes their weights (others 0). */
@@ -611,7 +641,7 @@ static void keep_top(const float *p, int64_t L, int64_t kept, bool renormalize, 
         keep[c] = kept >= L;
     }
     if (kept < L) {
-        qsort(rank, (size_t)L, sizeof *rank, by_weight_desc);
+        select_top(rank, L, kept);
         for (int64_t i = 0; i < kept; i++)
             keep[rank[i].index] = 1;
     }
