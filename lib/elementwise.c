@@ -157,7 +157,7 @@ void csm_gelu_backward(const float *restrict a, const float *dout, float *da, in
 }
 
 CSM_SIMD_CLONES
-static void bias_gelu_keep(float *restrict buf, const float *restrict bias, float *restrict act, int64_t rows,
+static void bias_gelu_grad(float *restrict buf, const float *restrict bias, float *restrict act, int64_t rows,
                            int64_t cols)
 {
     for (int64_t r = 0; r < rows; r++) {
@@ -167,14 +167,14 @@ static void bias_gelu_keep(float *restrict buf, const float *restrict bias, floa
             for (int l = 0; l < CSM_CHUNK; l++) {
                 float cdf, pdf, v = b[c + l] + bias[c + l];
                 phi_both(v, &cdf, &pdf);
-                b[c + l] = v;
                 o[c + l] = v * cdf;
+                b[c + l] = cdf + v * pdf;
             }
         for (; c < cols; c++) {
             float cdf, pdf, v = b[c] + bias[c];
             phi_both(v, &cdf, &pdf);
-            b[c] = v;
             o[c] = v * cdf;
+            b[c] = cdf + v * pdf;
         }
     }
 }
@@ -199,33 +199,14 @@ static void bias_gelu_inplace(float *restrict buf, const float *restrict bias, i
     }
 }
 
-void csm_bias_gelu(float *buf, const float *bias, float *act, int64_t rows, int64_t cols, bool keep_pre)
+void csm_bias_gelu(float *buf, const float *bias, float *act, int64_t rows, int64_t cols, bool keep_grad)
 {
-    if (keep_pre)
-        bias_gelu_keep(buf, bias, act, rows, cols);
+    if (keep_grad)
+        bias_gelu_grad(buf, bias, act, rows, cols);
     else {
         bias_gelu_inplace(buf, bias, rows, cols);
         if (act != buf)
             memcpy(act, buf, (size_t)(rows * cols) * sizeof *act);
-    }
-}
-
-CSM_SIMD_CLONES
-void csm_gelu_act_grad(float *restrict pre, float *restrict act, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + CSM_CHUNK <= n; i += CSM_CHUNK)
-        for (int l = 0; l < CSM_CHUNK; l++) {
-            float cdf, pdf, v = pre[i + l];
-            phi_both(v, &cdf, &pdf);
-            act[i + l] = v * cdf;
-            pre[i + l] = cdf + v * pdf;
-        }
-    for (; i < n; i++) {
-        float cdf, pdf, v = pre[i];
-        phi_both(v, &cdf, &pdf);
-        act[i] = v * cdf;
-        pre[i] = cdf + v * pdf;
     }
 }
 

@@ -18,13 +18,13 @@ struct confsmoe_expert {
     confsmoe_tensor *grad[N_PARAMS];
 };
 
-/* What backward needs from one forward: the input and the pre-activation (backward
- * recomputes GELU and GELU' from it in one pass). */
+/* What backward needs from one forward: the input, and GELU and GELU' of the pre-activation
+ * (computed together in forward, from one evaluation of Phi and phi). */
 typedef struct {
     confsmoe_saved base;
     int64_t n;
-    float *x;    /* [n, d] */
-    float *pre;  /* [n, h] = x W1^T + b1 */
+    float *x;     /* [n, d] */
+    float *kept;  /* [n, CSM_EXPERT_KEPT(h)]: GELU(pre), then GELU'(pre) */
 } expert_saved;
 
 void confsmoe_expert_destroy(confsmoe_expert *e)
@@ -83,13 +83,13 @@ static void release_saved(confsmoe_saved *s)
     csm_free(s->ctx, s);
 }
 
-/* One block: the header, then x and pre. */
+/* One block: the header, then x and what backward needs of the activation. */
 static expert_saved *alloc_saved(confsmoe_expert *e, int64_t n)
 {
-    size_t total = 0, at_header, at_x, at_pre;
+    size_t total = 0, at_header, at_x, at_kept;
     if (!csm_layout_add(&total, 1, sizeof(expert_saved), &at_header) ||
         !csm_layout_add(&total, (size_t)n, (size_t)e->d * sizeof(float), &at_x) ||
-        !csm_layout_add(&total, (size_t)n, (size_t)e->h * sizeof(float), &at_pre))
+        !csm_layout_add(&total, (size_t)n, (size_t)CSM_EXPERT_KEPT(e->h) * sizeof(float), &at_kept))
         return NULL;
     char *block = csm_alloc(e->ctx, total);
     if (!block)
@@ -101,7 +101,7 @@ static expert_saved *alloc_saved(confsmoe_expert *e, int64_t n)
     s->base.release = release_saved;
     s->n = n;
     s->x = (float *)(block + at_x);
-    s->pre = (float *)(block + at_pre);
+    s->kept = (float *)(block + at_kept);
     return s;
 }
 
@@ -123,36 +123,36 @@ confsmoe_status confsmoe_expert_forward(confsmoe_expert *e, const confsmoe_tenso
         (s = csm_expect_finite(ctx, fn, "x", x)) != CONFSMOE_OK)
         return s;
 
-    expert_saved *keep = NULL;
-    /* The activation: n * h floats, freed before returning. */
-    float *act = csm_alloc(ctx, (size_t)n * (size_t)e->h * sizeof(float));
-    if (!act)
-        return csm_fail(ctx, CONFSMOE_E_NOMEM, "expert_forward: out of memory for N=%" PRId64, n);
-    if (saved) {
-        keep = alloc_saved(e, n);
-        if (!keep) {
-            csm_free(ctx, act);
-            return csm_fail(ctx, CONFSMOE_E_NOMEM, "expert_forward: out of memory saving N=%" PRId64, n);
-        }
-        if (x->nbytes > 0)
-            memcpy(keep->x, x->data, x->nbytes);
+    if (!saved) {
+        /* The activation: n * h floats, freed before returning. */
+        float *act = csm_alloc(ctx, (size_t)n * (size_t)e->h * sizeof(float));
+        if (!act)
+            return csm_fail(ctx, CONFSMOE_E_NOMEM, "expert_forward: out of memory for N=%" PRId64, n);
+        csm_expert_forward_rows(e, csm_f32(x), n, csm_f32(y), NULL, act);
+        csm_free(ctx, act);
+        return CONFSMOE_OK;
     }
-    csm_expert_forward_rows(e, csm_f32(x), n, csm_f32(y), keep ? keep->pre : NULL, act);
-    csm_free(ctx, act);
-    if (keep)
-        *saved = &keep->base;
+    expert_saved *keep = alloc_saved(e, n);
+    if (!keep)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "expert_forward: out of memory saving N=%" PRId64, n);
+    if (x->nbytes > 0)
+        memcpy(keep->x, x->data, x->nbytes);
+    csm_expert_forward_rows(e, csm_f32(x), n, csm_f32(y), keep->kept, NULL);
+    *saved = &keep->base;
     return CONFSMOE_OK;
 }
 
-void csm_expert_forward_rows(const confsmoe_expert *e, const float *x, int64_t n, float *y, float *pre, float *act)
+void csm_expert_forward_rows(const confsmoe_expert *e, const float *x, int64_t n, float *y, float *kept, float *act)
 {
     if (n == 0)
         return;
-    /* x W1^T lands in pre (training) or act (inference); one pass adds b1 (keeping pre)
-     * and applies GELU. */
-    float *buf = pre ? pre : act;
+    /* x W1^T lands in the GELU' half of kept (training) or in act (inference); one pass adds
+     * b1 and writes GELU (into the first half of kept when training) and GELU'. */
+    if (kept)
+        act = kept;
+    float *buf = kept ? kept + n * e->h : act;
     csm_gemm(false, true, n, e->h, e->d, 1.0f, x, csm_f32(e->param[W1]), 0.0f, buf);
-    csm_bias_gelu(buf, csm_f32(e->param[B1]), act, n, e->h, pre != NULL);
+    csm_bias_gelu(buf, csm_f32(e->param[B1]), act, n, e->h, kept != NULL);
     csm_broadcast_rows(y, csm_f32(e->param[B2]), n, e->d);
     csm_gemm(false, true, n, e->d, e->h, 1.0f, act, csm_f32(e->param[W2]), 1.0f, y);
 }
@@ -180,29 +180,28 @@ confsmoe_status confsmoe_expert_backward(confsmoe_expert *e, confsmoe_saved *sav
     if (s != CONFSMOE_OK)
         return s;
 
-    float *scratch = csm_alloc(ctx, 2 * (size_t)n * (size_t)e->h * sizeof(float));
+    float *scratch = csm_alloc(ctx, (size_t)n * (size_t)e->h * sizeof(float));
     if (!scratch)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for N=%" PRId64, fn, n);
-    csm_expert_backward_rows(e, keep->x, keep->pre, n, csm_f32(dy), dx ? csm_f32(dx) : NULL, scratch);
+    csm_expert_backward_rows(e, keep->x, keep->kept, n, csm_f32(dy), dx ? csm_f32(dx) : NULL, scratch);
     saved->consumed = true;
     csm_free(ctx, scratch);
     return CONFSMOE_OK;
 }
 
-void csm_expert_backward_rows(confsmoe_expert *e, const float *x, float *pre, int64_t n, const float *dy, float *dx,
-                              float *scratch)
+void csm_expert_backward_rows(confsmoe_expert *e, const float *x, const float *kept, int64_t n, const float *dy,
+                              float *dx, float *scratch)
 {
     if (n == 0)
         return;
     const int64_t h = e->h;
-    float *act = scratch, *dpre = scratch + n * h;
-    /* act = GELU(pre) again, and pre becomes GELU'(pre). */
-    csm_gelu_act_grad(pre, act, n * h);
+    const float *act = kept, *gelu_grad = kept + n * h;
+    float *dpre = scratch;
     /* d(act) = dy W2, then through GELU: dpre = d(act) GELU'(pre), with db1 in the same pass. */
     csm_gemm(false, false, n, h, e->d, 1.0f, dy, csm_f32(e->param[W2]), 0.0f, dpre);
     csm_gemm(true, false, e->d, h, n, 1.0f, dy, act, 1.0f, csm_f32(e->grad[W2]));
     csm_add_column_sums(csm_f32(e->grad[B2]), dy, n, e->d);
-    csm_mul_colsum(dpre, pre, csm_f32(e->grad[B1]), n, h);
+    csm_mul_colsum(dpre, gelu_grad, csm_f32(e->grad[B1]), n, h);
     csm_gemm(true, false, h, e->d, n, 1.0f, dpre, x, 1.0f, csm_f32(e->grad[W1]));
     if (dx)
         csm_gemm(false, false, n, e->d, h, 1.0f, dpre, csm_f32(e->param[W1]), 0.0f, dx);

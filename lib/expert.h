@@ -4,15 +4,17 @@
 
 #include "internal.h"
 
-/* Forward of n rows x [n, d] -> y [n, d] (written) with the caller's buffers: pre [n, h]
- * receives x W1^T + b1 for backward (or is NULL: inference), act [n, h] is scratch for
- * GELU(pre). y must not overlap pre or act. Never fails. */
-void csm_expert_forward_rows(const confsmoe_expert *e, const float *x, int64_t n, float *y, float *pre, float *act);
-/* Backward of such a forward, from x and pre as it left them; pre is consumed (it holds
- * GELU'(pre) afterwards). dy [n, d] accumulates the expert's gradients and writes dx [n, d]
- * (may be NULL; may alias dy). scratch holds 2 n h floats. Never fails, so a caller can run
- * it after it has started to change gradients. */
-void csm_expert_backward_rows(confsmoe_expert *e, const float *x, float *pre, int64_t n, const float *dy, float *dx,
-                              float *scratch);
+/* Floats per row that a training forward keeps for backward: GELU(pre) and GELU'(pre), h each. */
+#define CSM_EXPERT_KEPT(h) (2 * (h))
+
+/* Forward of n rows x [n, d] -> y [n, d] (written) with the caller's buffers. Training: kept
+ * [n, CSM_EXPERT_KEPT(h)] receives what backward needs (act unused). Inference: kept is NULL
+ * and act [n, h] is scratch. y must not overlap kept or act. Never fails. */
+void csm_expert_forward_rows(const confsmoe_expert *e, const float *x, int64_t n, float *y, float *kept, float *act);
+/* Backward of such a forward, from x and what it kept. dy [n, d] accumulates the expert's
+ * gradients and writes dx [n, d] (may be NULL; may alias dy). scratch holds n h floats. Never
+ * fails, so a caller can run it after it has started to change gradients. */
+void csm_expert_backward_rows(confsmoe_expert *e, const float *x, const float *kept, int64_t n, const float *dy,
+                              float *dx, float *scratch);
 
 #endif /* CONFSMOE_EXPERT_H */

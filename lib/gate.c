@@ -105,9 +105,9 @@ typedef struct {
     int32_t *labels;             /* [n] single-label */
     uint8_t *multi_labels;       /* [n, C] multi-label */
     uint8_t *present;            /* [n] */
-    float *pre_block;            /* the experts' pre-activations, a second block (training only) */
+    float *kept_block;           /* what the experts keep for backward, a second block (training only) */
     csm_arena *arena;            /* the arena lent when the blocks were allocated, or NULL */
-    size_t *pre_at;              /* [E + 1] offset of expert e's pre in pre_block, in floats */
+    size_t *kept_at;             /* [E + 1] offset of expert e's part of kept_block, in floats */
     void *call;                  /* the exchange's state for backward, or NULL */
 } gate_saved;
 
@@ -367,13 +367,13 @@ static void release_saved(confsmoe_saved *base)
     if (s->call)
         g->exchange.release(g->exchange.user, s->call);
     csm_arena *arena = s->arena;
-    if (s->pre_block)
-        gate_free(base->ctx, arena, s->pre_block);
+    if (s->kept_block)
+        gate_free(base->ctx, arena, s->kept_block);
     gate_free(base->ctx, arena, base);
 }
 
-/* One block for the header and every array; sizes follow the gate's options. The expert
- * pre-activations, whose size depends on the routing, get a second block later. */
+/* One block for the header and every array; sizes follow the gate's options. What the experts
+ * keep for backward, whose size depends on the routing, gets a second block later. */
 static gate_saved *alloc_saved(confsmoe_gate *g, int64_t n, bool training)
 {
     const size_t E = (size_t)g->n_experts, k = (size_t)g->p.k, d = (size_t)g->p.d, N = (size_t)n;
@@ -406,7 +406,7 @@ static gate_saved *alloc_saved(confsmoe_gate *g, int64_t n, bool training)
         {0, conf_loss ? nk : 0, C * sizeof(float)},       /* probs */
         {0, conf_loss ? N : 0, C * sizeof(uint8_t) + sizeof(int32_t)}, /* labels */
         {0, N, sizeof(uint8_t)},                          /* present */
-        {0, E + 1, sizeof(size_t)},                       /* pre_at */
+        {0, E + 1, sizeof(size_t)},                       /* kept_at */
     };
     /* N * E and N * d fit: x and the router output exist. Products by k, d and C are checked by layout. */
     size_t total = 0;
@@ -441,7 +441,7 @@ static gate_saved *alloc_saved(confsmoe_gate *g, int64_t n, bool training)
     s->labels = AT(17, int32_t);
     s->multi_labels = (uint8_t *)(s->labels + (conf_loss ? N : 0));
     s->present = AT(18, uint8_t);
-    s->pre_at = AT(19, size_t);
+    s->kept_at = AT(19, size_t);
 #undef AT
     s->base.ctx = g->ctx;
     s->base.owner = g;
@@ -553,21 +553,21 @@ static bool expert_sizes(const confsmoe_gate *g, const gate_saved *s, size_t *ro
     return true;
 }
 
-/* The expert pre-activations that backward needs (training): one block of n k h floats
- * at most, expert e's at pre_at[e]. */
-static float *alloc_pre(confsmoe_gate *g, gate_saved *s)
+/* What the experts keep for backward (training): one block of n k CSM_EXPERT_KEPT(h) floats at
+ * most, expert e's at kept_at[e]. */
+static float *alloc_kept(confsmoe_gate *g, gate_saved *s)
 {
     size_t total = 0, bytes;
     for (int32_t e = 0; e < g->n_experts; e++) {
-        size_t rows_h;
-        s->pre_at[e] = total;
-        if (!csm_mul_size((size_t)(s->offset[e + 1] - s->offset[e]), (size_t)confsmoe_expert_h(g->experts[e]),
-                          &rows_h) ||
-            total > SIZE_MAX - rows_h)
+        size_t rows_kept;
+        s->kept_at[e] = total;
+        if (!csm_mul_size((size_t)(s->offset[e + 1] - s->offset[e]),
+                          (size_t)CSM_EXPERT_KEPT(confsmoe_expert_h(g->experts[e])), &rows_kept) ||
+            total > SIZE_MAX - rows_kept)
             return NULL;
-        total += rows_h;
+        total += rows_kept;
     }
-    s->pre_at[g->n_experts] = total;
+    s->kept_at[g->n_experts] = total;
     return csm_mul_size(total, sizeof(float), &bytes) ? gate_alloc(g, bytes) : NULL;
 }
 
@@ -599,7 +599,7 @@ static void expert_forward_task(void *arg, int64_t first, int64_t last, int work
         if (g->experts) { /* with an exchange, yb holds the experts' outputs already */
             gather_rows(g, s, (int32_t)e, t->x, xs);
             csm_expert_forward_rows(g->experts[e], xs, rows, s->yb + begin * d,
-                                    s->pre_block ? s->pre_block + s->pre_at[e] : NULL, act);
+                                    s->kept_block ? s->kept_block + s->kept_at[e] : NULL, act);
         }
         if (g->p.combine == CONFSMOE_COMBINE_CONFIDENCE)
             confidence_block(g, s, (int32_t)e, net);
@@ -788,8 +788,8 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     size_t rows_max, rows_h_max, per_worker = 0, scratch_bytes = 0;
     const int workers = csm_parallel_workers(E);
     bool ok = expert_sizes(g, s, &rows_max, &rows_h_max);
-    float *pre = ok && training && g->experts ? alloc_pre(g, s) : NULL, *scratch = NULL;
-    ok = ok && (!training || !g->experts || pre);
+    float *kept = ok && training && g->experts ? alloc_kept(g, s) : NULL, *scratch = NULL;
+    ok = ok && (!training || !g->experts || kept);
     const size_t gathered = g->experts ? rows_max : 0; /* rows gathered per worker */
     if (ok && csm_mul_size(gathered, (size_t)d, &per_worker) && per_worker <= SIZE_MAX / 8 - rows_h_max - (size_t)d &&
         csm_mul_size(per_worker + rows_h_max + (size_t)d, (size_t)workers * sizeof(float), &scratch_bytes))
@@ -797,13 +797,13 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     if (!ok || !scratch) {
         /* A failed call leaves the RNG stream where it was, so a retry draws the same noise. */
         g->ctx->rng_counter = rng_at_entry;
-        if (pre)
-            gate_free(g->ctx, g->arena, pre);
+        if (kept)
+            gate_free(g->ctx, g->arena, kept);
         gate_free_transient(g->ctx, g->arena, load_work, load_bytes);
         s->base.release(&s->base);
         return csm_fail(g->ctx, CONFSMOE_E_NOMEM, "gate_forward: out of memory for the experts' activations (N=%" PRId64 ")", n);
     }
-    s->pre_block = pre;
+    s->kept_block = kept;
     if (!g->experts && (st = exchange_forward(g, s, xin, training)) != CONFSMOE_OK) {
         g->ctx->rng_counter = rng_at_entry;
         gate_free_transient(g->ctx, g->arena, scratch, scratch_bytes);
@@ -889,7 +889,7 @@ typedef struct {
                         or an exchange */
     float *dyblock;  /* [n k, d] the experts' output gradients in block order, for an exchange */
     double *work;    /* [2 E] */
-    float *worker;   /* per worker: dyb, dxb, xs [rows_max, d]; expert [2 rows_h_max]; net [2 d] */
+    float *worker;   /* per worker: dyb, dxb, xs [rows_max, d]; expert [rows_h_max]; net [2 d] */
     size_t rows_max, per_worker;
 } backward_work;
 
@@ -921,11 +921,11 @@ static void *backward_alloc(confsmoe_gate *g, const gate_saved *s, bool own_dx, 
     const size_t nk = N * k, scratch = N * E > k ? N * E : k;
     size_t rows_h, rows_max, per_worker, all_workers;
     if (!expert_sizes(g, s, &rows_max, &rows_h) || rows_h > SIZE_MAX / 4 || rows_max > SIZE_MAX / 4 / d ||
-        3 * rows_max * d > SIZE_MAX / 2 - 2 * rows_h - 2 * d)
+        3 * rows_max * d > SIZE_MAX / 2 - rows_h - 2 * d)
         return NULL;
     if (!g->experts)
         rows_max = 0; /* an exchange runs the experts: the workers only need the ConfNet's scratch */
-    per_worker = 3 * rows_max * d + 2 * rows_h + 2 * d;
+    per_worker = 3 * rows_max * d + rows_h + 2 * d;
     if (!csm_mul_size(per_worker, (size_t)workers, &all_workers))
         return NULL;
     enum { PARTS = 13 };
@@ -1059,7 +1059,7 @@ static void expert_block_backward(confsmoe_gate *g, gate_saved *s, int32_t e, co
     /* The expert, then its input gradient back to the tokens. */
     gather_rows(g, s, e, s->x, ws->xs);
     float *out = dxb ? dxb + begin * d : dx ? ws->dxb : NULL;
-    csm_expert_backward_rows(g->experts[e], ws->xs, s->pre_block + s->pre_at[e], rows, ws->dyb, out, ws->expert);
+    csm_expert_backward_rows(g->experts[e], ws->xs, s->kept_block + s->kept_at[e], rows, ws->dyb, out, ws->expert);
     if (dxb || !dx)
         return;
     for (int64_t r = begin; r < end; r++) {

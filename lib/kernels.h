@@ -55,10 +55,9 @@ void csm_gelu_forward(const float *a, float *out, int64_t n);
 /* da = dout * GELU'(a), GELU'(a) = Phi(a) + a phi(a). */
 void csm_gelu_backward(const float *a, const float *dout, float *da, int64_t n);
 /* One pass over buf[rows, cols] holding x W^T (no bias): with a = buf + bias (per column),
- * act = GELU(a), and buf becomes a when keep_pre; otherwise act may be buf itself (in place). */
-void csm_bias_gelu(float *buf, const float *bias, float *act, int64_t rows, int64_t cols, bool keep_pre);
-/* act = GELU(pre), then pre = GELU'(pre), in one pass over n elements. */
-void csm_gelu_act_grad(float *pre, float *act, int64_t n);
+ * act = GELU(a), and buf becomes GELU'(a) when keep_grad (for backward: both from one
+ * evaluation of Phi and phi); otherwise act may be buf itself (in place). */
+void csm_bias_gelu(float *buf, const float *bias, float *act, int64_t rows, int64_t cols, bool keep_grad);
 /* d[rows, cols] *= g[rows, cols], and acc[cols] += the column sums of the product. */
 void csm_mul_colsum(float *d, const float *g, float *acc, int64_t rows, int64_t cols);
 
