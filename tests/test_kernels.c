@@ -1,0 +1,103 @@
+/* Private elementwise kernels (lib/elementwise.c, compiled into this test) against
+ * independent references: the dropout mask's statistics and stream layout, and the fused
+ * bias + GELU + GELU' pass against the exact GELU in double. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "../lib/kernels.h"
+#include "testutil.h"
+
+enum { N = 1 << 20 };
+
+static uint8_t *mask(uint64_t counter, float p, int64_t n)
+{
+    uint8_t *keep = xcalloc((size_t)n, 1);
+    csm_dropout_mask(UINT64_C(0x1234567887654321), counter, p, keep, n);
+    return keep;
+}
+
+START_TEST(test_dropout_rates)
+{
+    const float ps[] = {0.1f, 0.5f, 0.9f};
+    for (size_t t = 0; t < sizeof ps / sizeof *ps; t++) {
+        const double p = ps[t], q = 1.0 - p;
+        uint8_t *keep = mask(77, ps[t], N);
+        int64_t kept = 0, both = 0;
+        for (int64_t i = 0; i < N; i++) {
+            kept += keep[i];
+            both += i > 0 && keep[i] && keep[i - 1];
+        }
+        /* Binomial counts: 6 standard deviations. */
+        const double sd = sqrt(N * q * (1 - q)), sd2 = sqrt(N * q * q * (1 - q * q));
+        ck_assert_msg(fabs(kept - N * q) < 6 * sd, "p=%g: %lld of %d kept", p, (long long)kept, N);
+        /* Neighbours are independent: both kept with probability q^2. */
+        ck_assert_msg(fabs(both - (N - 1) * q * q) < 6 * sd2 + 1, "p=%g: neighbours both kept %lld, want %g", p,
+                      (long long)both, (N - 1) * q * q);
+        free(keep);
+    }
+}
+END_TEST
+
+START_TEST(test_dropout_layout)
+{
+    /* Element i is draw counter + i: a mask starting j later is the suffix, a shorter one a prefix. */
+    uint8_t *whole = mask(1000, 0.5f, 4099);
+    for (int64_t j = 0; j < 40; j += 7) {
+        uint8_t *later = mask(1000 + (uint64_t)j, 0.5f, 4099 - j);
+        ck_assert_int_eq(memcmp(later, whole + j, (size_t)(4099 - j)), 0);
+        free(later);
+    }
+    for (int64_t n = 1; n < 40; n++) {
+        uint8_t *prefix = mask(1000, 0.5f, n);
+        ck_assert_int_eq(memcmp(prefix, whole, (size_t)n), 0);
+        free(prefix);
+    }
+    uint8_t *other = mask(1000 + 4099, 0.5f, 4099);
+    ck_assert_int_ne(memcmp(other, whole, 4099), 0);
+    free(other);
+    free(whole);
+    /* p = 0 keeps everything; p = 1 keeps nothing. */
+    uint8_t *all = mask(5, 0.0f, 1000), *none = mask(5, 1.0f, 1000);
+    for (int i = 0; i < 1000; i++) {
+        ck_assert_int_eq(all[i], 1);
+        ck_assert_int_eq(none[i], 0);
+    }
+    free(all);
+    free(none);
+}
+END_TEST
+
+START_TEST(test_bias_gelu_keeps_gelu_and_its_derivative)
+{
+    enum { ROWS = 7, COLS = 37 }; /* a tail past the 16-element chunks */
+    float buf[ROWS * COLS], bias[COLS], act[ROWS * COLS], in_place[ROWS * COLS];
+    trng r = {3};
+    for (int c = 0; c < COLS; c++)
+        bias[c] = (float)trng_uniform(&r, -1, 1);
+    for (int i = 0; i < ROWS * COLS; i++)
+        buf[i] = in_place[i] = (float)trng_uniform(&r, -6, 6);
+    float x[ROWS * COLS];
+    memcpy(x, buf, sizeof x);
+    csm_bias_gelu(buf, bias, act, ROWS, COLS, true);
+    csm_bias_gelu(in_place, bias, in_place, ROWS, COLS, false);
+    for (int i = 0; i < ROWS * COLS; i++) {
+        const double a = (double)x[i] + bias[i % COLS], cdf = 0.5 * erfc(-a / sqrt(2.0));
+        const double pdf = exp(-0.5 * a * a) / sqrt(2.0 * 3.14159265358979323846);
+        ck_assert_msg(fabs(act[i] - a * cdf) <= 1e-6 * (1 + fabs(a)), "GELU(%g) = %g, want %g", a, act[i], a * cdf);
+        ck_assert_msg(fabs(buf[i] - (cdf + a * pdf)) <= 1e-6, "GELU'(%g) = %g, want %g", a, buf[i], cdf + a * pdf);
+        ck_assert_msg(in_place[i] == act[i], "in place GELU(%g) = %g, kept %g", a, in_place[i], act[i]);
+    }
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("kernels");
+    TCase *tc = tcase_create("kernels");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_dropout_rates);
+    tcase_add_test(tc, test_dropout_layout);
+    tcase_add_test(tc, test_bias_gelu_keeps_gelu_and_its_derivative);
+    suite_add_tcase(s, tc);
+    return test_run(s);
+}
