@@ -1,6 +1,6 @@
 /* Private elementwise kernels (lib/elementwise.c, compiled into this test) against
- * independent references: the dropout mask's statistics and stream layout, and the fused
- * bias + GELU + GELU' pass against the exact GELU in double. */
+ * independent references: the dropout mask's statistics and stream layout, the fused
+ * bias + GELU + GELU' pass against the exact GELU in double, and the row softmax. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -90,6 +90,36 @@ START_TEST(test_bias_gelu_keeps_gelu_and_its_derivative)
 }
 END_TEST
 
+/* Row softmax against double, for rows shorter than a chunk, exactly chunks, and with tails. */
+START_TEST(test_softmax_rows)
+{
+    const int64_t widths[] = {2, 15, 16, 17, 31, 48, 150};
+    trng r = {9};
+    for (size_t w = 0; w < sizeof widths / sizeof *widths; w++) {
+        const int64_t cols = widths[w], rows = 5;
+        float *x = xcalloc((size_t)(rows * cols), sizeof *x);
+        double *want = xcalloc((size_t)(rows * cols), sizeof *want);
+        for (int64_t i = 0; i < rows * cols; i++)
+            x[i] = (float)trng_uniform(&r, -30, 30);
+        for (int64_t row = 0; row < rows; row++) {
+            double top = -INFINITY, sum = 0.0;
+            for (int64_t c = 0; c < cols; c++)
+                top = fmax(top, x[row * cols + c]);
+            for (int64_t c = 0; c < cols; c++)
+                sum += want[row * cols + c] = exp((double)x[row * cols + c] - top);
+            for (int64_t c = 0; c < cols; c++)
+                want[row * cols + c] /= sum;
+        }
+        csm_softmax_rows(x, rows, cols);
+        for (int64_t i = 0; i < rows * cols; i++)
+            ck_assert_msg(fabs(x[i] - want[i]) <= 1e-6 * want[i] + 1e-12, "cols %lld, [%lld]: %.9g, want %.9g",
+                          (long long)cols, (long long)i, (double)x[i], want[i]);
+        free(x);
+        free(want);
+    }
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("kernels");
@@ -98,6 +128,7 @@ int main(void)
     tcase_add_test(tc, test_dropout_rates);
     tcase_add_test(tc, test_dropout_layout);
     tcase_add_test(tc, test_bias_gelu_keeps_gelu_and_its_derivative);
+    tcase_add_test(tc, test_softmax_rows);
     suite_add_tcase(s, tc);
     return test_run(s);
 }
