@@ -403,15 +403,27 @@ void csm_add_masked(float *restrict y, const float *restrict base, const float *
 CSM_SIMD_CLONES
 void csm_dropout_mask(uint64_t key, uint64_t counter, float p, uint8_t *restrict keep, int64_t n)
 {
-    /* u = (draw >> 40) 2^-24 is exact, and so is p 2^24: u >= p iff (draw >> 40) >= ceil(p 2^24). */
+    /* u = bits 2^-24 is exact, and so is p 2^24: u >= p iff bits >= ceil(p 2^24). */
     const uint32_t threshold = (uint32_t)ceilf(p * 16777216.0f);
     const uint64_t golden = UINT64_C(0x9e3779b97f4a7c15);
+    enum { DRAWS = CSM_CHUNK / 2 };
     int64_t i = 0;
     for (; i + CSM_CHUNK <= n; i += CSM_CHUNK) {
-        const uint64_t at = counter + (uint64_t)i;
-        for (uint64_t l = 0; l < CSM_CHUNK; l++)
-            keep[i + (int64_t)l] = (uint8_t)((uint32_t)(csm_mix64(key + (at + l) * golden) >> 40) >= threshold);
+        /* Both halves of 8 draws, then one store of 16 keeps in element order. */
+        const uint64_t at = counter + (uint64_t)i / 2;
+        uint8_t hi[DRAWS], lo[DRAWS];
+        for (uint64_t l = 0; l < DRAWS; l++) {
+            const uint64_t r = csm_mix64(key + (at + l) * golden);
+            hi[l] = (uint8_t)((uint32_t)(r >> 40) >= threshold);
+            lo[l] = (uint8_t)((uint32_t)(r >> 16 & 0xFFFFFF) >= threshold);
+        }
+        for (int l = 0; l < DRAWS; l++) {
+            keep[i + 2 * l] = hi[l];
+            keep[i + 2 * l + 1] = lo[l];
+        }
     }
-    for (; i < n; i++)
-        keep[i] = (uint8_t)((uint32_t)(csm_mix64(key + (counter + (uint64_t)i) * golden) >> 40) >= threshold);
+    for (; i < n; i++) {
+        const uint64_t r = csm_mix64(key + (counter + (uint64_t)i / 2) * golden);
+        keep[i] = (uint8_t)((uint32_t)(i % 2 ? r >> 16 & 0xFFFFFF : r >> 40) >= threshold);
+    }
 }

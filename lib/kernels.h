@@ -105,9 +105,11 @@ void csm_mask_scale(float *y, const float *x, const uint8_t *keep, float scale, 
 void csm_mask_scale_inplace(float *y, const uint8_t *keep, float scale, int64_t n);
 void csm_add_masked(float *y, const float *base, const float *x, const uint8_t *keep, float scale, int64_t n);
 
-/* keep[i] = 1 when draw (counter + i) of the stream is >= p (the same test as
- * csm_rng_uniform(ctx, 0, 1) >= p), else 0, for i < n. */
+/* keep[i] = 1 when a 24-bit uniform u of the stream is >= p (u = bits 2^-24, the precision of
+ * csm_rng_uniform), else 0, for i < n. Each draw holds two: keep[2 j] takes bits 40..63 of draw
+ * (counter + j), keep[2 j + 1] its bits 16..39; n elements take csm_dropout_draws(n) draws. */
 void csm_dropout_mask(uint64_t key, uint64_t counter, float p, uint8_t *keep, int64_t n);
+static inline uint64_t csm_dropout_draws(int64_t n) { return ((uint64_t)n + 1) / 2; }
 
 /* ------------------------------------------------------------------ scratch arena
  *

@@ -758,7 +758,8 @@ static const float *attention_weights(const confsmoe_model *model, const workspa
     if (!w->dropout)
         return a->P;
     const float kept = 1.0f / (1.0f - model->p.dropout);
-    csm_dropout_mask(model->ctx->rng_key, w->attn_counter + (uint64_t)(((w->first + b) * heads + h) * L * L),
+    csm_dropout_mask(model->ctx->rng_key,
+                     w->attn_counter + (uint64_t)((w->first + b) * heads + h) * csm_dropout_draws(L * L),
                      model->p.dropout, a->keep, L * L);
     csm_mask_scale(a->P_w, a->P, a->keep, kept, L * L);
     return a->P_w;
@@ -792,20 +793,20 @@ static void attention_forward(confsmoe_model *model, workspace *w)
     linear_forward(&model->q, w->Xn, B * L, w->Q);
     linear_forward(&model->k, w->Xn, B * L, w->K);
     linear_forward(&model->v, w->Xn, B * L, w->V);
-    /* The draws of head (b, h) are L L consecutive outputs of the ctx stream, in (b, h) order
-     * over the global batch. */
+    /* The draws of head (b, h) are csm_dropout_draws(L L) consecutive outputs of the ctx stream,
+     * in (b, h) order over the global batch. */
     w->attn_counter = model->ctx->rng_counter;
     attn_task task = {model, w, NULL};
     csm_parallel_for(B, 1, attention_forward_task, &task);
     if (w->dropout)
-        model->ctx->rng_counter += (uint64_t)(w->global_B * heads * L * L);
+        model->ctx->rng_counter += (uint64_t)(w->global_B * heads) * csm_dropout_draws(L * L);
     /* A = o(ctx) lands in H2, free until the MoE layer writes it. */
     linear_forward(&model->o, w->ctx_, B * L, w->H2);
 }
 
 /* The attention output joins the residual: H = X + Dropout(A), or A + Dropout(A) under compat,
- * written straight into the per-modality layout Hm. The draws are one per element of A, in
- * row-major order, from w->resid_counter on. */
+ * written straight into the per-modality layout Hm. Row (b, l) of A takes csm_dropout_draws(d) draws, in
+ * row-major order over the global batch, from w->resid_counter on. */
 static void residual_task(void *arg, int64_t first, int64_t last, int worker)
 {
     const attn_task *t = arg;
@@ -824,7 +825,7 @@ static void residual_task(void *arg, int64_t first, int64_t last, int worker)
                 csm_add(dst, br, ar, d);
                 continue;
             }
-            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)((w->first * L + row) * d),
+            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)(w->first * L + row) * csm_dropout_draws(d),
                              model->p.dropout, keep, d);
             csm_add_masked(dst, br, ar, keep, kept, d);
         }
@@ -836,7 +837,7 @@ static void residual_forward(confsmoe_model *model, workspace *w)
     attn_task task = {model, w, NULL};
     csm_parallel_for(w->B, 1, residual_task, &task);
     if (w->dropout)
-        model->ctx->rng_counter += (uint64_t)(w->global_B * model->tokens_total * model->p.d);
+        model->ctx->rng_counter += (uint64_t)(w->global_B * model->tokens_total) * csm_dropout_draws(model->p.d);
 }
 
 /* Each modality's gate call returns its own mean loss; weighting them by their share of the
@@ -1102,7 +1103,7 @@ static void residual_backward_task(void *arg, int64_t first, int64_t last, int w
         const float *dHr = g->dH + row * d;
         float *dAr = g->dA + row * d;
         if (w->dropout) {
-            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)((w->first * L + row) * d),
+            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)(w->first * L + row) * csm_dropout_draws(d),
                              model->p.dropout, keep, d);
             csm_mask_scale(dAr, dHr, keep, kept, d);
         } else {
@@ -1246,7 +1247,7 @@ static uint64_t step_draws(const confsmoe_model *model, int64_t B)
     const uint64_t L = (uint64_t)model->tokens_total, b = (uint64_t)B;
     uint64_t n = (p->modality_dropout > 0.0f) + stage_one_draws(model, true);
     if (p->dropout > 0.0f)
-        n += b * (uint64_t)p->heads * L * L + b * L * (uint64_t)p->d;
+        n += b * (uint64_t)p->heads * csm_dropout_draws((int64_t)(L * L)) + b * L * csm_dropout_draws(p->d);
     return n + (uint64_t)p->n_modalities * (uint64_t)csm_gate_noise_draws(model->gate, B * p->tokens);
 }
 

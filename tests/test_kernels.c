@@ -16,23 +16,28 @@ static uint8_t *mask(uint64_t counter, float p, int64_t n)
     return keep;
 }
 
-START_TEST(test_dropout_rates)
+START_TEST(test_dropout_rates_and_pairs)
 {
     const float ps[] = {0.1f, 0.5f, 0.9f};
     for (size_t t = 0; t < sizeof ps / sizeof *ps; t++) {
         const double p = ps[t], q = 1.0 - p;
         uint8_t *keep = mask(77, ps[t], N);
-        int64_t kept = 0, both = 0;
-        for (int64_t i = 0; i < N; i++) {
-            kept += keep[i];
-            both += i > 0 && keep[i] && keep[i - 1];
+        int64_t even = 0, odd = 0, both = 0, across = 0;
+        for (int64_t j = 0; j < N / 2; j++) {
+            even += keep[2 * j];
+            odd += keep[2 * j + 1];
+            both += keep[2 * j] & keep[2 * j + 1];
+            across += j > 0 && keep[2 * j] && keep[2 * j - 1];
         }
-        /* Binomial counts: 6 standard deviations. */
-        const double sd = sqrt(N * q * (1 - q)), sd2 = sqrt(N * q * q * (1 - q * q));
-        ck_assert_msg(fabs(kept - N * q) < 6 * sd, "p=%g: %lld of %d kept", p, (long long)kept, N);
-        /* Neighbours are independent: both kept with probability q^2. */
-        ck_assert_msg(fabs(both - (N - 1) * q * q) < 6 * sd2 + 1, "p=%g: neighbours both kept %lld, want %g", p,
-                      (long long)both, (N - 1) * q * q);
+        /* Binomial counts over N/2 elements: 6 standard deviations. */
+        const double n = N / 2, sd = sqrt(n * q * (1 - q)), sd2 = sqrt(n * q * q * (1 - q * q));
+        ck_assert_msg(fabs(even - n * q) < 6 * sd, "p=%g: %lld of %g even elements kept", p, (long long)even, n);
+        ck_assert_msg(fabs(odd - n * q) < 6 * sd, "p=%g: %lld of %g odd elements kept", p, (long long)odd, n);
+        /* The two halves of a draw, and neighbours across draws, are independent: q^2. */
+        ck_assert_msg(fabs(both - n * q * q) < 6 * sd2, "p=%g: a draw's halves both kept %lld, want %g", p,
+                      (long long)both, n * q * q);
+        ck_assert_msg(fabs(across - (n - 1) * q * q) < 6 * sd2 + 1, "p=%g: neighbours across draws %lld, want %g",
+                      p, (long long)across, (n - 1) * q * q);
         free(keep);
     }
 }
@@ -40,11 +45,16 @@ END_TEST
 
 START_TEST(test_dropout_layout)
 {
-    /* Element i is draw counter + i: a mask starting j later is the suffix, a shorter one a prefix. */
+    /* n elements take ceil(n / 2) draws from counter on: a mask starting 2 j elements later is
+     * the mask starting j draws later, and a shorter mask is a prefix. The model's per-head and
+     * per-row offsets rely on both. */
+    ck_assert_uint_eq(csm_dropout_draws(0), 0);
+    ck_assert_uint_eq(csm_dropout_draws(5), 3);
+    ck_assert_uint_eq(csm_dropout_draws(6), 3);
     uint8_t *whole = mask(1000, 0.5f, 4099);
     for (int64_t j = 0; j < 40; j += 7) {
-        uint8_t *later = mask(1000 + (uint64_t)j, 0.5f, 4099 - j);
-        ck_assert_int_eq(memcmp(later, whole + j, (size_t)(4099 - j)), 0);
+        uint8_t *later = mask(1000 + (uint64_t)j, 0.5f, 4099 - 2 * j);
+        ck_assert_int_eq(memcmp(later, whole + 2 * j, (size_t)(4099 - 2 * j)), 0);
         free(later);
     }
     for (int64_t n = 1; n < 40; n++) {
@@ -52,7 +62,8 @@ START_TEST(test_dropout_layout)
         ck_assert_int_eq(memcmp(prefix, whole, (size_t)n), 0);
         free(prefix);
     }
-    uint8_t *other = mask(1000 + 4099, 0.5f, 4099);
+    /* The next region of draws is another mask. */
+    uint8_t *other = mask(1000 + csm_dropout_draws(4099), 0.5f, 4099);
     ck_assert_int_ne(memcmp(other, whole, 4099), 0);
     free(other);
     free(whole);
@@ -125,7 +136,7 @@ int main(void)
     Suite *s = suite_create("kernels");
     TCase *tc = tcase_create("kernels");
     tcase_set_timeout(tc, 60);
-    tcase_add_test(tc, test_dropout_rates);
+    tcase_add_test(tc, test_dropout_rates_and_pairs);
     tcase_add_test(tc, test_dropout_layout);
     tcase_add_test(tc, test_bias_gelu_keeps_gelu_and_its_derivative);
     tcase_add_test(tc, test_softmax_rows);
