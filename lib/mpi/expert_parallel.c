@@ -89,7 +89,8 @@ static confsmoe_status plan(confsmoe_mpi_gate *g, const int64_t *offset, const i
     if (got_known) {
         memcpy(g->got, got_known, (size_t)P * (size_t)C * sizeof *g->got);
     } else {
-        /* Each rank tells each owner how many rows it sends to each of its experts. */
+        /* Each rank tells each owner how many rows it sends to each of its experts. The count
+         * arrays of the rows' plan serve as this message's counts; they are filled below. */
         int *sc = g->expert_counts, *sd = g->expert_at, *rc = g->recv_rows, *rd = g->recv_at;
         for (int e = 0; e < E; e++)
             g->sent[e] = offset[e + 1] - offset[e];
