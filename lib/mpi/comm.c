@@ -130,10 +130,9 @@ static void move_span(confsmoe_tensor *const *t, int32_t count, size_t at, size_
 }
 
 confsmoe_status cmpi_buckets(const cmpi_comm *c, cmpi_op op, confsmoe_tensor *const *t, int32_t n,
-                             const float *before, const cmpi_stage *stage, int64_t *calls)
+                             const float *before, const cmpi_stage *stage)
 {
     const size_t total = cmpi_numel(t, n);
-    int64_t made = 0;
     confsmoe_status s = CONFSMOE_OK;
     for (size_t at = 0; at < total && s == CONFSMOE_OK; at += stage->floats) {
         const size_t len = total - at < stage->floats ? total - at : stage->floats;
@@ -147,7 +146,6 @@ confsmoe_status cmpi_buckets(const cmpi_comm *c, cmpi_op op, confsmoe_tensor *co
         else
             s = cmpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, (int)len, MPI_FLOAT, MPI_SUM, c->comm),
                            "MPI_Allreduce of the gradients");
-        made++;
         if (s != CONFSMOE_OK)
             break;
         if (op == CMPI_SUM_DELTA)
@@ -155,7 +153,5 @@ confsmoe_status cmpi_buckets(const cmpi_comm *c, cmpi_op op, confsmoe_tensor *co
                 buf[i] += before[at + i];
         move_span(t, n, at, len, buf, true);
     }
-    if (calls)
-        *calls = made;
     return s;
 }

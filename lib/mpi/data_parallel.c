@@ -54,7 +54,7 @@ confsmoe_status confsmoe_mpi_dp_create(MPI_Comm comm, confsmoe_model *model, siz
         s = cmpi_comm_dup(comm, fn, &dp->comm);
     /* Every copy starts from rank 0's parameters. */
     if (s == CONFSMOE_OK)
-        s = cmpi_buckets(&dp->comm, CMPI_BROADCAST, dp->params, dp->n, NULL, &dp->stage, NULL);
+        s = cmpi_buckets(&dp->comm, CMPI_BROADCAST, dp->params, dp->n, NULL, &dp->stage);
     if (s != CONFSMOE_OK) {
         confsmoe_mpi_dp_destroy(dp);
         return s;
@@ -77,7 +77,7 @@ confsmoe_status confsmoe_mpi_dp_step(confsmoe_mpi_dp *dp, const confsmoe_tensor 
     if (s != CONFSMOE_OK) /* the step changed nothing; the model's ctx has the detail */
         return cmpi_fail(s, "mpi_dp_step: confsmoe_model_step_shard failed: %s (the model's ctx has the detail)",
                          confsmoe_status_string(s));
-    s = cmpi_buckets(&dp->comm, CMPI_SUM_DELTA, dp->grads, dp->n, dp->before, &dp->stage, NULL);
+    s = cmpi_buckets(&dp->comm, CMPI_SUM_DELTA, dp->grads, dp->n, dp->before, &dp->stage);
     if (s == CONFSMOE_OK)
         s = cmpi_check(MPI_Allreduce(MPI_IN_PLACE, losses, 2, MPI_FLOAT, MPI_SUM, dp->comm.comm),
                        "MPI_Allreduce of the losses");

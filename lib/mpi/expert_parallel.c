@@ -44,7 +44,7 @@ typedef struct {
 
 /* ------------------------------------------------------------------ the exchange */
 
-static int fail_text(char *error, size_t cap, confsmoe_status s)
+static confsmoe_status fail_text(char *error, size_t cap, confsmoe_status s)
 {
     snprintf(error, cap, "%s", confsmoe_mpi_last_error());
     return s;
@@ -479,5 +479,5 @@ confsmoe_status confsmoe_mpi_gate_allreduce_grads(confsmoe_mpi_gate *g)
 {
     if (!g)
         return cmpi_fail(CONFSMOE_E_INVALID_ARGUMENT, "mpi_gate_allreduce_grads: the gate is NULL");
-    return cmpi_buckets(&g->comm, CMPI_SUM, g->grads, g->n_grads, NULL, &g->stage, NULL);
+    return cmpi_buckets(&g->comm, CMPI_SUM, g->grads, g->n_grads, NULL, &g->stage);
 }

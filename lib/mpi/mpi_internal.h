@@ -38,10 +38,9 @@ typedef struct {
 
 /* Runs op over t[0..n-1] through the stage, one MPI call per stage-full: the tensors are
  * packed back to back, so that few large calls carry many small tensors. before (SUM_DELTA
- * only) holds the list's values before the step, packed the same way. calls (if not NULL)
- * receives the number of MPI calls made. */
+ * only) holds the list's values before the step, packed the same way. */
 confsmoe_status cmpi_buckets(const cmpi_comm *c, cmpi_op op, confsmoe_tensor *const *t, int32_t n,
-                             const float *before, const cmpi_stage *stage, int64_t *calls);
+                             const float *before, const cmpi_stage *stage);
 /* The list's values packed back to back into out (the layout `before` needs). */
 void cmpi_pack(confsmoe_tensor *const *t, int32_t n, float *out);
 /* Total elements of the list. */
