@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "kernels.h"
 #include "sized.h"
 
 static void ctx_defaults(confsmoe_ctx_params *p)
@@ -218,6 +219,23 @@ void *csm_alloc(confsmoe_ctx *ctx, size_t size)
         return NULL;
     size = (size + CSM_ALIGN - 1) & ~(size_t)(CSM_ALIGN - 1);
     return ctx->has_allocator ? raw_alloc(&ctx->allocator, size) : default_alloc(ctx, size);
+}
+
+void *csm_lent_alloc(confsmoe_ctx *ctx, csm_arena *arena, size_t bytes)
+{
+    void *p = arena ? csm_arena_alloc(arena, bytes) : NULL;
+    return p ? p : csm_alloc(ctx, bytes);
+}
+
+void csm_lent_free(confsmoe_ctx *ctx, csm_arena *arena, void *p, size_t transient)
+{
+    if (csm_arena_owns(arena, p)) {
+        csm_arena_free(arena, p);
+        return;
+    }
+    if (arena && transient)
+        csm_arena_forget(arena, transient);
+    csm_free(ctx, p);
 }
 
 void *csm_calloc(confsmoe_ctx *ctx, size_t count, size_t size)

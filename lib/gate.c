@@ -59,28 +59,7 @@ void csm_gate_usage_rollback(confsmoe_gate *g)
 }
 
 /* Per-call blocks come from the lent arena when there is one and they fit. */
-static void *gate_alloc(const confsmoe_gate *g, size_t bytes)
-{
-    void *p = g->arena ? csm_arena_alloc(g->arena, bytes) : NULL;
-    return p ? p : csm_alloc(g->ctx, bytes);
-}
-
-static void gate_free(confsmoe_ctx *ctx, csm_arena *arena, void *p)
-{
-    if (csm_arena_owns(arena, p))
-        csm_arena_free(arena, p);
-    else
-        csm_free(ctx, p);
-}
-
-/* The same for a block that lives only within the call, of known size: when it missed the
- * arena, the arena's estimate of its need no longer counts it. */
-static void gate_free_transient(confsmoe_ctx *ctx, csm_arena *arena, void *p, size_t bytes)
-{
-    if (arena && !csm_arena_owns(arena, p))
-        csm_arena_forget(arena, bytes);
-    gate_free(ctx, arena, p);
-}
+static void *gate_alloc(const confsmoe_gate *g, size_t bytes) { return csm_lent_alloc(g->ctx, g->arena, bytes); }
 
 /* Everything one forward keeps. Rows of the "block" arrays are the n*k slots sorted
  * by expert, so that each expert sees one contiguous batch. */
@@ -368,8 +347,8 @@ static void release_saved(confsmoe_saved *base)
         g->exchange.release(g->exchange.user, s->call);
     csm_arena *arena = s->arena;
     if (s->kept_block)
-        gate_free(base->ctx, arena, s->kept_block);
-    gate_free(base->ctx, arena, base);
+        csm_lent_free(base->ctx, arena, s->kept_block, 0);
+    csm_lent_free(base->ctx, arena, base, 0);
 }
 
 /* One block for the header and every array; sizes follow the gate's options. What the experts
@@ -622,7 +601,7 @@ static confsmoe_status exchange_forward(confsmoe_gate *g, gate_saved *s, const f
     char error[EXCHANGE_ERROR_CAP] = "";
     confsmoe_status st =
         g->exchange.forward(g->exchange.user, s->offset, block, s->yb, training, &s->call, error, sizeof error);
-    gate_free_transient(g->ctx, g->arena, block, bytes);
+    csm_lent_free(g->ctx, g->arena, block, bytes);
     if (st == CONFSMOE_OK)
         return CONFSMOE_OK;
     /* A failed exchange forward keeps no state. */
@@ -744,7 +723,7 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     double *load_work = gate_alloc(g, load_bytes);
     if (!s || !load_work) {
         if (load_work)
-            gate_free_transient(g->ctx, g->arena, load_work, load_bytes);
+            csm_lent_free(g->ctx, g->arena, load_work, load_bytes);
         if (s)
             s->base.release(&s->base);
         return csm_fail(g->ctx, CONFSMOE_E_NOMEM, "gate_forward: out of memory for N=%" PRId64, n);
@@ -798,22 +777,22 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
         /* A failed call leaves the RNG stream where it was, so a retry draws the same noise. */
         g->ctx->rng_counter = rng_at_entry;
         if (kept)
-            gate_free(g->ctx, g->arena, kept);
-        gate_free_transient(g->ctx, g->arena, load_work, load_bytes);
+            csm_lent_free(g->ctx, g->arena, kept, 0);
+        csm_lent_free(g->ctx, g->arena, load_work, load_bytes);
         s->base.release(&s->base);
         return csm_fail(g->ctx, CONFSMOE_E_NOMEM, "gate_forward: out of memory for the experts' activations (N=%" PRId64 ")", n);
     }
     s->kept_block = kept;
     if (!g->experts && (st = exchange_forward(g, s, xin, training)) != CONFSMOE_OK) {
         g->ctx->rng_counter = rng_at_entry;
-        gate_free_transient(g->ctx, g->arena, scratch, scratch_bytes);
-        gate_free_transient(g->ctx, g->arena, load_work, load_bytes);
+        csm_lent_free(g->ctx, g->arena, scratch, scratch_bytes);
+        csm_lent_free(g->ctx, g->arena, load_work, load_bytes);
         s->base.release(&s->base);
         return st;
     }
     forward_task task = {g, s, xin, scratch, gathered, per_worker + rows_h_max + (size_t)d};
     csm_parallel_for(E, 1, expert_forward_task, &task);
-    gate_free_transient(g->ctx, g->arena, scratch, scratch_bytes);
+    csm_lent_free(g->ctx, g->arena, scratch, scratch_bytes);
 
     /* Combine: y_t = sum_j weight_tj y_tj, each output row written once. */
     combine_task ct = {g, s, confidence ? s->c : s->g, csm_f32(y)};
@@ -825,7 +804,7 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
         csm_load_input in = load_input(g, s);
         total += g->p.load_loss_weight * csm_load_loss_forward(g->p.load_loss, &in, load_work);
     }
-    gate_free_transient(g->ctx, g->arena, load_work, load_bytes);
+    csm_lent_free(g->ctx, g->arena, load_work, load_bytes);
     if (loss)
         *loss = total;
     if (topk && topk->nbytes > 0)
@@ -1157,7 +1136,7 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
         char error[EXCHANGE_ERROR_CAP] = "";
         st = g->exchange.backward(g->exchange.user, s->call, s->offset, w.dyblock, w.dxb, error, sizeof error);
         if (st != CONFSMOE_OK) {
-            gate_free_transient(g->ctx, g->arena, block, block_bytes);
+            csm_lent_free(g->ctx, g->arena, block, block_bytes);
             return csm_fail(g->ctx, st < 0 ? st : CONFSMOE_E_INTERNAL, "gate_backward: the expert exchange failed: %s",
                             error[0] ? error : confsmoe_status_string(st));
         }
@@ -1195,7 +1174,7 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
     }
     if (own_dx)
         memcpy(dx->data, w.dx, dx->nbytes);
-    gate_free_transient(g->ctx, g->arena, block, block_bytes);
+    csm_lent_free(g->ctx, g->arena, block, block_bytes);
     return CONFSMOE_OK;
 }
 

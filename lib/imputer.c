@@ -33,7 +33,10 @@ struct confsmoe_imputer {
     int32_t role_of[N_ROLES];          /* view index -> role */
     confsmoe_tensor *param[N_ROLES];   /* by role; NULL when absent */
     confsmoe_tensor *grad[N_ROLES];
+    csm_arena *arena;                  /* lent for backward's work block (NULL: none) */
 };
+
+void csm_imputer_set_arena(confsmoe_imputer *imp, csm_arena *arena) { imp->arena = arena; }
 
 /* One missing (sample, modality): its S query tokens are rows pair * S .. pair * S + S - 1 of
  * the per-query arrays. */
@@ -778,7 +781,7 @@ typedef struct {
     float *dw, *dz;    /* [max_block] gradient of the weights, then of the logits */
 } backward_work;
 
-static void *backward_alloc(const confsmoe_imputer *imp, const imputer_saved *s, backward_work *w)
+static void *backward_alloc(const confsmoe_imputer *imp, const imputer_saved *s, backward_work *w, size_t *bytes)
 {
     const size_t d = (size_t)imp->p.d, nq = (size_t)s->nq, nk = (size_t)s->nk, mb = (size_t)s->max_block;
     const size_t count[8] = {nq * d, nq * d, nq * d, nk * d, imp->p.separate_value ? nk * d : 0, nk * d, mb, mb};
@@ -786,9 +789,11 @@ static void *backward_alloc(const confsmoe_imputer *imp, const imputer_saved *s,
     for (int i = 0; i < 8; i++)
         if (!csm_layout_add(&total, count[i], sizeof(float), &at[i]))
             return NULL;
-    char *block = csm_calloc(imp->ctx, 1, total);
+    char *block = csm_lent_alloc(imp->ctx, imp->arena, total);
     if (!block)
         return NULL;
+    memset(block, 0, total);
+    *bytes = total;
     float **f[8] = {&w->d_a, &w->d_b, &w->dq, &w->dkv, &w->dv, &w->dg, &w->dw, &w->dz};
     for (int i = 0; i < 8; i++)
         *f[i] = (float *)(block + at[i]);
@@ -856,7 +861,8 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
     imputer_saved *s = (imputer_saved *)saved;
     const int64_t M = imp->p.n_modalities, S = imp->p.tokens, k = imp->p.k, d = imp->p.d, B = s->B;
     backward_work w;
-    void *block = backward_alloc(imp, s, &w);
+    size_t block_bytes = 0;
+    void *block = backward_alloc(imp, s, &w, &block_bytes);
     if (!block)
         return csm_fail(imp->ctx, CONFSMOE_E_NOMEM, "imputer_backward: out of memory for %" PRId64 " missing tokens",
                         s->nq);
@@ -930,6 +936,6 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
             memcpy(csm_f32(dh) + (s->pairs[i].b * M + s->pairs[i].m) * S * d, dihat + i * S * d,
                    (size_t)(S * d) * sizeof(float));
     }
-    csm_free(imp->ctx, block);
+    csm_lent_free(imp->ctx, imp->arena, block, block_bytes);
     return CONFSMOE_OK;
 }

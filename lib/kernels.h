@@ -170,10 +170,21 @@ static inline void csm_arena_reset(csm_arena *a)
     a->used = a->last = a->missed = a->wanted = 0;
 }
 
-/* Private hook: the arena the gate allocates its per-call blocks from (NULL: none). Every
- * saved handle made while it is set must be destroyed before the arena is reset. */
+/* A per-call block from the lent arena when there is one (may be NULL) and it fits, else from
+ * the ctx. csm_lent_free releases it; `transient` is its size when it lives only within the
+ * call (when it missed the arena, the arena's estimate of its need then stops counting it), or
+ * 0 for a block kept beyond the call. */
+struct confsmoe_ctx;
+void *csm_lent_alloc(struct confsmoe_ctx *ctx, csm_arena *arena, size_t bytes);
+void csm_lent_free(struct confsmoe_ctx *ctx, csm_arena *arena, void *p, size_t transient);
+
+/* Private hooks: the arena the gate and the imputer allocate their per-call blocks from
+ * (NULL: none). Every saved handle made while it is set must be destroyed before the arena
+ * is reset. */
 struct confsmoe_gate;
 void csm_gate_set_arena(struct confsmoe_gate *g, csm_arena *arena);
+struct confsmoe_imputer;
+void csm_imputer_set_arena(struct confsmoe_imputer *imp, csm_arena *arena);
 /* Private hook: keep a copy of the gate's utilisation counters, and put it back, so that a
  * model call that fails after some of its gate calls leaves the statistics as they were. */
 void csm_gate_usage_mark(struct confsmoe_gate *g);

@@ -43,9 +43,10 @@ struct confsmoe_model {
      * on its first step. */
     void *ws_cache, *grad_cache;
     size_t ws_cache_size, grad_cache_size;
-    /* Lent to the gate during a step for its per-call blocks; sized from the previous step. */
-    csm_arena gate_arena;
-    size_t gate_arena_target;
+    /* Lent to the gate and the imputer during a step for their per-call blocks; sized from the
+     * previous step. */
+    csm_arena arena;
+    size_t arena_need; /* what the gate and the imputer wanted of it in the last step */
 };
 
 /* ------------------------------------------------------------------ parameters */
@@ -180,7 +181,7 @@ void confsmoe_model_destroy(confsmoe_model *model)
     csm_free(ctx, model->enc);
     csm_free(ctx, model->ws_cache);
     csm_free(ctx, model->grad_cache);
-    csm_free(ctx, model->gate_arena.base);
+    csm_free(ctx, model->arena.base);
     csm_free(ctx, model->features);
     csm_free(ctx, model);
 }
@@ -1316,13 +1317,16 @@ static confsmoe_status train_step(confsmoe_model *model, const char *fn, const c
         return csm_fail(model->ctx, CONFSMOE_E_NOMEM, "%s: out of memory for a batch of %" PRId64, fn, B);
     w.first = first;
     w.global_B = Bg;
-    /* The gate's arena: as big as the previous step wanted (the first step, or a bigger batch,
-     * falls back to the allocator). If growing fails, the gate just allocates. */
-    csm_arena *arena = &model->gate_arena;
-    const size_t target = model->gate_arena_target;
-    if (target > arena->size || target < arena->size / 4 * 3) {
-        /* Grown after a step that did not fit (whose estimate counts freed blocks too), and
-         * shrunk to the measured need after one that fitted with room to spare. */
+    /* The arena of the gate and the imputer: as big as the previous step wanted, with some slack
+     * (the first step, or a bigger batch, falls back to the allocator). If growing fails, they
+     * just allocate. */
+    csm_arena *arena = &model->arena;
+    const size_t need = model->arena_need, target = need + need / 8;
+    if (need > arena->size || target < arena->size / 2) {
+        /* Grown only after a step that did not fit (whose estimate counts freed blocks too):
+         * the routing, hence the size of the gate's blocks, moves a little from step to step,
+         * and a new block is fresh pages to fault in. Shrunk after a step that needed less
+         * than half of it. */
         void *block = target ? csm_alloc(model->ctx, target) : NULL;
         if (block || !target) {
             csm_free(model->ctx, arena->base);
@@ -1332,6 +1336,8 @@ static confsmoe_status train_step(confsmoe_model *model, const char *fn, const c
     }
     csm_arena_reset(arena);
     csm_gate_set_arena(model->gate, arena);
+    if (model->imputer)
+        csm_imputer_set_arena(model->imputer, arena);
     float aux = 0.0f, task_value = 0.0f;
     const uint64_t rng_at_entry = model->ctx->rng_counter;
     csm_gate_usage_mark(model->gate);
@@ -1383,8 +1389,9 @@ static confsmoe_status train_step(confsmoe_model *model, const char *fn, const c
     }
     workspace_release(model, &w);
     csm_gate_set_arena(model->gate, NULL);
-    /* Some slack: the routing, hence the size of the gate's blocks, moves from step to step. */
-    model->gate_arena_target = arena->wanted + arena->wanted / 8;
+    if (model->imputer)
+        csm_imputer_set_arena(model->imputer, NULL);
+    model->arena_need = arena->wanted;
     csm_arena_reset(arena);
     if (s != CONFSMOE_OK) {
         model->ctx->rng_counter = rng_at_entry;  /* a failed step draws nothing */
