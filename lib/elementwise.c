@@ -57,6 +57,16 @@ static inline float select_bits(uint32_t mask, float if_set, float if_clear)
     return out;
 }
 
+/* Polynomial steps as fused multiply-adds: one rounding instead of two, and one instruction in
+ * the AVX2 and AVX-512 versions (fmaf is exact, so every version still computes the same
+ * values). A build without those versions, for a target without FMA, would call the C
+ * library per element: plain arithmetic there. */
+#if defined(CSM_HAVE_SIMD_CLONES) || defined(__FMA__) || defined(__aarch64__)
+#define POLY_STEP(p, x, c) fmaf(p, x, c)
+#else
+#define POLY_STEP(p, x, c) ((p) * (x) + (c))
+#endif
+
 /* exp: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite, ln2 split in two so n ln2_hi is
  * exact), e^r by its degree-7 Taylor polynomial (error < 5e-9 relative), 2^n built in the
  * exponent bits. x is clamped to [-87, 88] (e^-87 is just above FLT_MIN); NaN stays NaN. */
@@ -70,13 +80,13 @@ static inline float exp_approx(float x)
     float r = x - n * 0.693145751953125f;
     r = r - n * 1.428606765330187e-06f;
     float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    p = POLY_STEP(p, r, 1.0f / 720.0f);
+    p = POLY_STEP(p, r, 1.0f / 120.0f);
+    p = POLY_STEP(p, r, 1.0f / 24.0f);
+    p = POLY_STEP(p, r, 1.0f / 6.0f);
+    p = POLY_STEP(p, r, 0.5f);
+    p = POLY_STEP(p, r, 1.0f);
+    p = POLY_STEP(p, r, 1.0f);
     /* Unsigned: for a NaN x (check_finite off) z's bits are arbitrary, and the signed form of
      * this overflowed (undefined behaviour, caught by UBSan); p is NaN then anyway. */
     uint32_t zi;
@@ -93,15 +103,15 @@ static inline float phi_tail_ratio(float t)
 {
     float s = 1.0f / (1.0f + 0.235f * t);
     float p = 0.028065271186112253f;
-    p = p * s - 0.14880747190176433f;
-    p = p * s + 0.27679731282827474f;
-    p = p * s - 0.23190489539408793f;
-    p = p * s + 0.21093708561441554f;
-    p = p * s - 0.005488086143086697f;
-    p = p * s + 0.09738100940848701f;
-    p = p * s + 0.08518734533976123f;
-    p = p * s + 0.09409638788238034f;
-    p = p * s + 0.09373604011550343f;
+    p = POLY_STEP(p, s, -0.14880747190176433f);
+    p = POLY_STEP(p, s, 0.27679731282827474f);
+    p = POLY_STEP(p, s, -0.23190489539408793f);
+    p = POLY_STEP(p, s, 0.21093708561441554f);
+    p = POLY_STEP(p, s, -0.005488086143086697f);
+    p = POLY_STEP(p, s, 0.09738100940848701f);
+    p = POLY_STEP(p, s, 0.08518734533976123f);
+    p = POLY_STEP(p, s, 0.09409638788238034f);
+    p = POLY_STEP(p, s, 0.09373604011550343f);
     return p * s;
 }
 
@@ -237,16 +247,27 @@ CSM_SIMD_CLONES
 void csm_softmax_rows(float *restrict x, int64_t rows, int64_t cols)
 {
     if (cols < CSM_CHUNK) {
-        /* Short rows (the k kept logits of a router): no lanes. */
+        /* Short rows (a router's k kept logits, a classifier's C): the exponentials run in
+         * lanes over the whole array, between per-row passes for the maximum and the sum. */
         for (int64_t r = 0; r < rows; r++) {
             float *row = x + r * cols, top = row[0];
             for (int64_t c = 1; c < cols; c++)
                 top = row[c] > top ? row[c] : top;
+            for (int64_t c = 0; c < cols; c++)
+                row[c] -= top;
+        }
+        const int64_t n = rows * cols;
+        int64_t i = 0;
+        for (; i + CSM_CHUNK <= n; i += CSM_CHUNK)
+            for (int l = 0; l < CSM_CHUNK; l++)
+                x[i + l] = exp_approx(x[i + l]);
+        for (; i < n; i++)
+            x[i] = exp_approx(x[i]);
+        for (int64_t r = 0; r < rows; r++) {
+            float *row = x + r * cols;
             double sum = 0.0;
-            for (int64_t c = 0; c < cols; c++) {
-                row[c] = exp_approx(row[c] - top);
+            for (int64_t c = 0; c < cols; c++)
                 sum += row[c];
-            }
             float inv = (float)(1.0 / sum);
             for (int64_t c = 0; c < cols; c++)
                 row[c] *= inv;

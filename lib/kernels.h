@@ -12,13 +12,15 @@
  * of the vector length), then a scalar tail. With GCC on x86-64 Linux the hot ones are
  * also compiled for AVX2+FMA (x86-64-v3) and AVX-512 (x86-64-v4) and picked at load time
  * from the CPU (an ifunc); the arithmetic is the same, element for element, in every
- * version (no contraction into FMA in ISO C mode, no reassociation). */
+ * version (no contraction into FMA in ISO C mode, no reassociation; the fused multiply-adds
+ * that a kernel writes as fmaf are exact in every version). */
 #define CSM_CHUNK 16
 /* Not under ThreadSanitizer: gcc instruments the generated ifunc resolvers, which the loader
  * runs before the TSan runtime is up (a crash at load time; tests/sanitize/run tsan). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11 && \
     !defined(__SANITIZE_THREAD__)
 #define CSM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define CSM_HAVE_SIMD_CLONES 1
 #else
 #define CSM_SIMD_CLONES
 #endif
