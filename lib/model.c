@@ -431,10 +431,11 @@ typedef struct {
     float *X, *Xn, *ln1_stats;          /* [B L, d], [B L, d], [2 B L] */
     float *Q, *K, *V, *ctx_;            /* [B L, d] */
     int workers;                        /* of the model's own threads (CONFSMOE_NUM_THREADS) */
-    float *scratch;                     /* per worker: P, dropped P, dP [L, L] each, then the
-                                           dropout draws [max(L L, d)] (bytes) */
+    float *scratch;                     /* per worker: P, dropped P, dP [L, L] each, then one
+                                           row's residual dropout draws [d] (bytes) */
     size_t scratch_stride;              /* floats per worker */
     bool dropout;                       /* training with dropout > 0 */
+    uint8_t *attn_keep;                 /* [B, heads, L, L] the attention dropout draws (with dropout) */
     uint64_t attn_counter, resid_counter; /* ctx RNG counter of the first attention / residual draw */
     float *Hm, *sum_, *ln2_stats, *ln3_stats;  /* [M, B S, d], [M, B S, d], [M, 2 B S] x 2 */
     float *Z, *F;                       /* [B S, d] scratch of one gate call */
@@ -469,10 +470,12 @@ static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, wo
     const confsmoe_model_params *p = &model->p;
     const size_t M = (size_t)p->n_modalities, S = (size_t)p->tokens, d = (size_t)p->d, L = M * S;
     const size_t k = (size_t)p->k, C = (size_t)p->n_classes, b = (size_t)B;
-    const size_t keep = L * L > d ? L * L : d;
     const int workers = csm_parallel_workers(B);
-    const size_t stride = 3 * L * L + (keep + 3) / 4;
-    size_t total = 0, at[19], n = 0;
+    const size_t stride = 3 * L * L + (d + 3) / 4;
+    /* Backward reads forward's attention draws rather than drawing them again: 1 byte per
+     * weight (23 MB at the paper's batch) against the draws' share of a step. */
+    const bool dropout = training && p->dropout > 0.0f;
+    size_t total = 0, at[20], n = 0;
     size_t x_total = 0;
     for (size_t m = 0; m < M; m++)
         x_total += b * S * (size_t)model->features[m];
@@ -500,6 +503,7 @@ static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, wo
     RESERVE(M, sizeof(float));                     /* 16 gate_weight */
     RESERVE(M, sizeof(confsmoe_saved *));          /* 17 gate_saved */
     RESERVE(M, sizeof(float *));                   /* 18 x */
+    RESERVE(dropout ? b * (size_t)p->heads * L * L : 0, sizeof(uint8_t)); /* 19 attn_keep */
 #undef RESERVE
     char *block = cached_block(model, &model->ws_cache, &model->ws_cache_size, total);
     if (!block)
@@ -507,9 +511,10 @@ static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, wo
     memset(w, 0, sizeof *w);
     w->B = B;
     w->training = training;
-    w->dropout = training && p->dropout > 0.0f;
+    w->dropout = dropout;
 #define AT(i, type) ((type *)(block + at[i]))
     w->x = AT(18, float *);
+    w->attn_keep = dropout ? AT(19, uint8_t) : NULL;
     float *x = AT(0, float);
     for (size_t m = 0; m < M; m++) {
         w->x[m] = x;
@@ -735,7 +740,7 @@ static confsmoe_status stage_one(confsmoe_model *model, const confsmoe_tensor *c
 /* One worker's attention scratch. */
 typedef struct {
     float *P, *P_w, *dP;  /* [L, L] */
-    uint8_t *keep;        /* [max(L L, d)] */
+    uint8_t *keep;        /* [d] */
 } attn_scratch;
 
 static attn_scratch scratch_of(const confsmoe_model *model, const workspace *w, int worker)
@@ -745,11 +750,18 @@ static attn_scratch scratch_of(const confsmoe_model *model, const workspace *w, 
     return (attn_scratch){base, base + L * L, base + 2 * L * L, (uint8_t *)(base + 3 * L * L)};
 }
 
+/* The dropout draws of head h of sample b (with dropout). */
+static uint8_t *attention_keep(const confsmoe_model *model, const workspace *w, int64_t b, int64_t h)
+{
+    const int64_t L = model->tokens_total;
+    return w->attn_keep + (size_t)(b * model->p.heads + h) * (size_t)(L * L);
+}
+
 /* The weights of head h of sample b: P = softmax(scale Q K^T) into a->P, and into a->P_w the
- * dropped weights P keep / (1 - p) with the draws of this head (when dropout is on).
- * Forward and backward call it alike, so backward sees exactly forward's weights. */
+ * dropped weights P keep / (1 - p) with the draws of this head (when dropout is on), which
+ * forward draws and backward reads back: backward sees exactly forward's weights. */
 static const float *attention_weights(const confsmoe_model *model, const workspace *w, const attn_scratch *a,
-                                      int64_t b, int64_t h)
+                                      int64_t b, int64_t h, bool backward)
 {
     const int64_t L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
     const float scale = 1.0f / sqrtf((float)dh);
@@ -759,10 +771,12 @@ static const float *attention_weights(const confsmoe_model *model, const workspa
     if (!w->dropout)
         return a->P;
     const float kept = 1.0f / (1.0f - model->p.dropout);
-    csm_dropout_mask(model->ctx->rng_key,
-                     w->attn_counter + (uint64_t)((w->first + b) * heads + h) * csm_dropout_draws(L * L),
-                     model->p.dropout, a->keep, L * L);
-    csm_mask_scale(a->P_w, a->P, a->keep, kept, L * L);
+    uint8_t *keep = attention_keep(model, w, b, h);
+    if (!backward)
+        csm_dropout_mask(model->ctx->rng_key,
+                         w->attn_counter + (uint64_t)((w->first + b) * heads + h) * csm_dropout_draws(L * L),
+                         model->p.dropout, keep, L * L);
+    csm_mask_scale(a->P_w, a->P, keep, kept, L * L);
     return a->P_w;
 }
 
@@ -783,7 +797,7 @@ static void attention_forward_task(void *arg, int64_t first, int64_t last, int w
         for (int64_t h = 0; h < heads; h++) {
             /* Head h of sample b: columns h dh .. h dh + dh - 1 of rows b L .. b L + L - 1. */
             const int64_t off = b * L * d + h * dh;
-            const float *weights = attention_weights(model, w, &a, b, h);
+            const float *weights = attention_weights(model, w, &a, b, h, false);
             csm_gemm_ld(false, false, L, dh, L, 1.0f, weights, L, w->V + off, d, 0.0f, w->ctx_ + off, d);
         }
 }
@@ -1063,13 +1077,13 @@ static void attention_backward_task(void *arg, int64_t first, int64_t last, int 
     for (int64_t b = first; b < last; b++)
         for (int64_t h = 0; h < heads; h++) {
             const int64_t off = b * L * d + h * dh;
-            /* Forward's weights again (and its draws in a.keep). */
-            const float *weights = attention_weights(model, w, &a, b, h), *P = a.P;
+            /* Forward's weights again. */
+            const float *weights = attention_weights(model, w, &a, b, h, true), *P = a.P;
             /* ctx = weights V: d(weights) = dctx V^T and dV = weights^T dctx. */
             csm_gemm_ld(false, true, L, L, dh, 1.0f, g->dctx + off, d, w->V + off, d, 0.0f, a.dP, L);
             csm_gemm_ld(true, false, L, dh, L, 1.0f, weights, L, g->dctx + off, d, 0.0f, g->dV + off, d);
             if (w->dropout)
-                csm_mask_scale_inplace(a.dP, a.keep, kept, L * L);
+                csm_mask_scale_inplace(a.dP, attention_keep(model, w, b, h), kept, L * L);
             for (int64_t i = 0; i < L; i++)
                 csm_softmax_backward_row(P + i * L, a.dP + i * L, a.dP + i * L, L);
             /* scores = scale Q K^T. */
