@@ -437,14 +437,8 @@ static bool count_plan(const confsmoe_imputer *imp, const uint8_t *avail, int64_
     return true;
 }
 
-/* The candidates ranked by weight in the top-T selection. */
-typedef struct {
-    float weight;
-    int64_t index;
-} ranked;
-
 /* One block for the header and every array (the inference path uses it as scratch). */
-static imputer_saved *alloc_saved(const confsmoe_imputer *imp, const plan_sizes *z, ranked **rank)
+static imputer_saved *alloc_saved(const confsmoe_imputer *imp, const plan_sizes *z, uint64_t **rank)
 {
     const size_t d = (size_t)imp->p.d, nq = (size_t)(z->n_pairs * imp->p.tokens), nk = (size_t)z->nk;
     const size_t na = (size_t)z->na;
@@ -470,7 +464,7 @@ static imputer_saved *alloc_saved(const confsmoe_imputer *imp, const plan_sizes 
         {0, compat ? nq : 0, d * sizeof(float)},   /* y1 */
         {0, compat ? nq : 0, sizeof(float)},       /* mean2 */
         {0, compat ? nq : 0, sizeof(float)},       /* rstd2 */
-        {0, (size_t)z->max_cand, sizeof(ranked)},  /* ranking scratch */
+        {0, 2 * (size_t)z->max_cand, sizeof(uint64_t)}, /* ranking scratch */
     };
     size_t total = 0;
     for (size_t i = 0; i < sizeof part / sizeof *part; i++)
@@ -499,7 +493,7 @@ static imputer_saved *alloc_saved(const confsmoe_imputer *imp, const plan_sizes 
     s->y1 = compat ? AT(15, float) : NULL;
     s->mean2 = compat ? AT(16, float) : NULL;
     s->rstd2 = compat ? AT(17, float) : NULL;
-    *rank = AT(18, ranked);
+    *rank = AT(18, uint64_t);
 #undef AT
     s->base.ctx = imp->ctx;
     s->base.owner = imp;
@@ -593,60 +587,64 @@ static void gather(const confsmoe_imputer *imp, imputer_saved *s, const uint8_t 
     }
 }
 
-/* Total order for the top-T selection: larger weight first, ties to the lower candidate index;
- * NaN (possible only with finite checks off) ranks last so that the order stays consistent. */
-static inline bool ranks_before(const ranked *a, const ranked *b)
+/* The top-T selection's total order as one integer per candidate, larger first: the weight's
+ * bits made monotonic (-0 counted as +0; NaN, possible only with finite checks off, lowest),
+ * then the index inverted, so that of two equal weights the lower index ranks first. No two
+ * candidates tie, so the kept set is the one a full sort would keep. */
+static inline uint64_t rank_key(float weight, int64_t index)
 {
-    const bool a_nan = isnan(a->weight), b_nan = isnan(b->weight);
-    if (a_nan != b_nan)
-        return b_nan;
-    if (!a_nan && a->weight != b->weight)
-        return a->weight > b->weight;
-    return a->index < b->index;
+    weight += 0.0f; /* -0 -> +0 */
+    uint32_t bits;
+    memcpy(&bits, &weight, sizeof bits);
+    const uint32_t order = (bits & 0x7FFFFFFFu) > 0x7F800000u ? 0u : bits >> 31 ? ~bits : bits | 0x80000000u;
+    return (uint64_t)order << 32 | (uint32_t)~(uint32_t)index;
 }
 
-static inline void swap_ranked(ranked *a, ranked *b)
+/* The kept-th largest of the n distinct values a[0..n-1] (0 < kept <= n), which it reorders:
+ * quickselect with a branch-free partition (the comparisons are data-dependent, so a branch
+ * would be mispredicted half the time). */
+static uint64_t kth_largest(uint64_t *a, int64_t n, int64_t kept)
 {
-    const ranked t = *a;
-    *a = *b;
-    *b = t;
-}
-
-/* Moves the first `kept` (0 < kept < n) of rank[0..n-1] in that order to its front, in no
- * particular order among themselves: quickselect, linear on average. The order is total (no
- * two candidates tie), so the set is the one a full sort would keep; only the set is used. */
-static void select_top(ranked *rank, int64_t n, int64_t kept)
-{
-    const int64_t last = kept - 1; /* the position of the last kept candidate */
+    const int64_t target = kept - 1;
     int64_t lo = 0, hi = n - 1;
     while (lo < hi) {
-        swap_ranked(&rank[lo + (hi - lo) / 2], &rank[hi]);
+        const int64_t mid = lo + (hi - lo) / 2;
+        const uint64_t pivot = a[mid];
+        a[mid] = a[hi];
+        a[hi] = pivot;
         int64_t at = lo;
-        for (int64_t i = lo; i < hi; i++)
-            if (ranks_before(&rank[i], &rank[hi]))
-                swap_ranked(&rank[i], &rank[at++]);
-        swap_ranked(&rank[at], &rank[hi]);
-        /* rank[lo .. at - 1] come before rank[at], rank[at + 1 .. hi] after it. */
-        if (at == last)
-            return;
-        if (at < last)
+        for (int64_t i = lo; i < hi; i++) {
+            /* a[lo .. at - 1] are larger than the pivot, a[at .. i - 1] smaller. */
+            const uint64_t v = a[i];
+            a[i] = a[at];
+            a[at] = v;
+            at += v > pivot;
+        }
+        a[hi] = a[at];
+        a[at] = pivot;
+        if (at == target)
+            return pivot;
+        if (at < target)
             lo = at + 1;
         else
             hi = at - 1;
     }
+    return a[lo];
 }
 
-/* Marks the top `kept` of one softmax row p[L] and writes their weights (others 0). */
-static void keep_top(const float *p, int64_t L, int64_t kept, bool renormalize, ranked *rank, uint8_t *keep, float *w)
+/* Marks the top `kept` of one softmax row p[L] and writes their weights (others 0). rank holds
+ * 2 L keys. */
+static void keep_top(const float *p, int64_t L, int64_t kept, bool renormalize, uint64_t *rank, uint8_t *keep, float *w)
 {
-    for (int64_t c = 0; c < L; c++) {
-        rank[c] = (ranked){p[c], c};
-        keep[c] = kept >= L;
-    }
-    if (kept < L) {
-        select_top(rank, L, kept);
-        for (int64_t i = 0; i < kept; i++)
-            keep[rank[i].index] = 1;
+    if (kept >= L) {
+        memset(keep, 1, (size_t)L);
+    } else {
+        uint64_t *key = rank, *work = rank + L;
+        for (int64_t c = 0; c < L; c++)
+            key[c] = work[c] = rank_key(p[c], c);
+        const uint64_t threshold = kth_largest(work, L, kept);
+        for (int64_t c = 0; c < L; c++)
+            keep[c] = key[c] >= threshold;
     }
     double sum = 0.0;
     for (int64_t c = 0; c < L; c++)
@@ -657,7 +655,7 @@ static void keep_top(const float *p, int64_t L, int64_t kept, bool renormalize, 
 }
 
 /* Queries, keys, values, attention and the residual x_pre = h + Ihat, for every missing token. */
-static void attend(const confsmoe_imputer *imp, imputer_saved *s, ranked *rank)
+static void attend(const confsmoe_imputer *imp, imputer_saved *s, uint64_t *rank)
 {
     const int64_t k = imp->p.k, d = imp->p.d, S = imp->p.tokens;
     const float scale = 1.0f / sqrtf((float)d);
@@ -710,7 +708,7 @@ confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_t
     const int64_t B = h->dims[0], S = imp->p.tokens, d = imp->p.d;
     plan_sizes z;
     imputer_saved *s = NULL;
-    ranked *rank = NULL;
+    uint64_t *rank = NULL;
     if (count_plan(imp, avail->data, B, &z))
         s = alloc_saved(imp, &z, &rank);
     if (!s)
