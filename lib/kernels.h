@@ -135,7 +135,7 @@ static inline void *csm_arena_alloc(csm_arena *a, size_t bytes)
     const size_t rounded = (bytes + 63) & ~(size_t)63;
     if (rounded < bytes)
         return NULL;
-    if (a->size - a->used < rounded) {
+    if (!a->base || a->size - a->used < rounded) { /* no block yet: not even 0 bytes fit */
         a->missed = a->missed + rounded < a->missed ? SIZE_MAX : a->missed + rounded;
         a->wanted = a->used + a->missed > a->wanted ? a->used + a->missed : a->wanted;
         return NULL;
