@@ -464,7 +464,7 @@ static imputer_saved *alloc_saved(const confsmoe_imputer *imp, const plan_sizes 
         {0, compat ? nq : 0, d * sizeof(float)},   /* y1 */
         {0, compat ? nq : 0, sizeof(float)},       /* mean2 */
         {0, compat ? nq : 0, sizeof(float)},       /* rstd2 */
-        {0, 2 * (size_t)z->max_cand, sizeof(uint64_t)}, /* ranking scratch */
+        {0, (size_t)z->max_cand, sizeof(uint64_t)}, /* ranking scratch */
     };
     size_t total = 0;
     for (size_t i = 0; i < sizeof part / sizeof *part; i++)
@@ -633,18 +633,17 @@ static uint64_t kth_largest(uint64_t *a, int64_t n, int64_t kept)
 }
 
 /* Marks the top `kept` of one softmax row p[L] and writes their weights (others 0). rank holds
- * 2 L keys. */
+ * L keys. */
 static void keep_top(const float *p, int64_t L, int64_t kept, bool renormalize, uint64_t *rank, uint8_t *keep, float *w)
 {
     if (kept >= L) {
         memset(keep, 1, (size_t)L);
     } else {
-        uint64_t *key = rank, *work = rank + L;
         for (int64_t c = 0; c < L; c++)
-            key[c] = work[c] = rank_key(p[c], c);
-        const uint64_t threshold = kth_largest(work, L, kept);
+            rank[c] = rank_key(p[c], c);
+        const uint64_t threshold = kth_largest(rank, L, kept);
         for (int64_t c = 0; c < L; c++)
-            keep[c] = key[c] >= threshold;
+            keep[c] = rank_key(p[c], c) >= threshold;
     }
     double sum = 0.0;
     for (int64_t c = 0; c < L; c++)
