@@ -497,11 +497,14 @@ static void dispatch(const confsmoe_gate *g, gate_saved *s)
         s->offset[s->idx[i] + 1]++;
     for (int32_t e = 0; e < E; e++)
         s->offset[e + 1] += s->offset[e];
-    int64_t *next = s->row_of; /* reused as a cursor, then overwritten below */
-    for (int32_t e = 0; e < E; e++)
-        next[e] = s->offset[e];
+    /* offset[e] serves as expert e's cursor (it then holds e's end, the next one's start) and
+     * is shifted back after: no E-sized scratch (row_of, which served before, holds only n k,
+     * fewer than E when a batch is small). */
     for (int64_t i = 0; i < n * k; i++)
-        s->slot_of[next[s->idx[i]]++] = i;
+        s->slot_of[s->offset[s->idx[i]]++] = i;
+    for (int32_t e = E; e > 0; e--)
+        s->offset[e] = s->offset[e - 1];
+    s->offset[0] = 0;
     for (int64_t r = 0; r < n * k; r++)
         s->row_of[s->slot_of[r]] = r;
 }

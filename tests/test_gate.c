@@ -12,7 +12,7 @@
 
 #include "testutil.h"
 
-#define MAXE 8
+#define MAXE 12
 /* Forward outputs are compared with a norm-wise relative error; float32 rounding of
  * sums of a few dozen O(1) terms is ~1e-7 relative, a real bug is O(1) off. */
 #define TOL 1e-5
@@ -1526,7 +1526,10 @@ END_TEST
 /* N = 1 with k = 1 and k = E: y is the weighted sum of the experts on the one token. */
 START_TEST(test_single_token)
 {
-    const int32_t E = 3, k = _i ? E : 1;
+    /* _i 2: more experts than the token has slots (12 > k = 2), the top two 3 and then 8: the
+     * dispatch once kept its E cursors in an array of n k entries, where expert 8's cursor
+     * (past the alignment padding) was the first slot's entry, clobbered by expert 3's write. */
+    const int32_t E = _i < 2 ? 3 : MAXE, k = _i == 0 ? 1 : _i == 1 ? E : 2;
     const int64_t d = 4;
     fx f;
     fx_init(&f, 90 + (uint64_t)_i, E, d, 5);
@@ -1540,12 +1543,21 @@ START_TEST(test_single_token)
     confsmoe_tensor *topk = mk(f.ctx, CONFSMOE_I32, 2, 1, k, 0);
     fill_uniform(x, &r, -1, 1);
     fill_uniform(dy, &r, -1, 1);
+    if (_i == 2) {
+        /* Logits a_e sum |x_c| with a_3 > a_8 > every other a_e. */
+        float *w = f32(confsmoe_gate_param(f.g, 0));
+        for (int64_t c = 0; c < d; c++)
+            for (int32_t e = 0; e < E; e++)
+                w[c * E + e] = (f32(x)[c] < 0 ? -1.0f : 1.0f) * (e == 3 ? 0.3f : e == 8 ? 0.2f : 0.01f * (float)e);
+    }
     double u[MAXE], yref[8] = {0}, g[MAXE], z = 0.0, mx = -INFINITY;
     ref_logits(CONFSMOE_ROUTER_SOFTMAX, f32(x), f32(confsmoe_gate_param(f.g, 0)), 1, d, E, u);
     double *eo = expert_outputs(&f, x);
     confsmoe_saved *sv = NULL;
     ck_assert_int_eq(confsmoe_gate_forward(f.g, x, NULL, NULL, y, topk, NULL, NULL, &sv), CONFSMOE_OK);
     check_topk(i32(topk), u, 1, E, k);
+    if (_i == 2)
+        ck_assert(i32(topk)[0] == 3 && i32(topk)[1] == 8);
     for (int32_t j = 0; j < k; j++)
         mx = fmax(mx, u[i32(topk)[j]]);
     for (int32_t j = 0; j < k; j++)
@@ -2065,7 +2077,7 @@ static Suite *gate_suite(void)
     suite_add_tcase(s, tc);
 
     tc = tcase_create("edges");
-    tcase_add_loop_test(tc, test_single_token, 0, 2);
+    tcase_add_loop_test(tc, test_single_token, 0, 3);
     tcase_add_loop_test(tc, test_empty_batch, 0, 2);
     tcase_add_loop_test(tc, test_idle_expert, 0, 3);
     suite_add_tcase(s, tc);
