@@ -113,8 +113,10 @@ typedef struct confsmoe_ctx_params {
     confsmoe_log_fn log_fn;      /* NULL (default): silent */
     void *log_user;
     const confsmoe_allocator *allocator; /* NULL (default): the C library's, with
-                                            up to 64 MiB of freed large blocks kept
-                                            by the ctx for reuse (freed at destroy).
+                                            freed large blocks kept by the ctx for
+                                            reuse, up to 64 MiB or up to its own
+                                            peak in use (docs/API.md, "Memory";
+                                            freed at destroy).
                                             A host allocator sees every allocation.
                                             Copied at create; must not be NULL
                                             in its function pointers if given. */

@@ -38,10 +38,12 @@ static void *raw_alloc(const confsmoe_allocator *a, size_t size)
  *
  * A layer call allocates its work and saved buffers and frees them again; with the C library's
  * malloc, large blocks go back to the system on free and come back as fresh zero pages, whose
- * page faults were 18% of a small gate call. So the default path keeps freed blocks of at least
- * CACHE_MIN bytes (CACHE_BYTES in all, oldest evicted first) and hands them out again for
- * requests of at least half their size. Each default block carries its capacity in a header. A
- * host allocator sees every allocation: nothing is cached for it. */
+ * page faults were 18% of a small gate call and 10% of a large one. So the default path keeps
+ * freed blocks of at least CACHE_MIN bytes and hands them out again for requests of at least
+ * a quarter of their size. What it keeps is at most CACHE_BYTES, or, when more, the most it ever
+ * had in use at once less what is in use now: kept and in-use blocks together never exceed the
+ * larger of the ctx's own peak and what is in use plus CACHE_BYTES. Each default block carries
+ * its capacity in a header. A host allocator sees every allocation: nothing is kept. */
 
 #define HEADER ((size_t)CSM_ALIGN)
 #define CACHE_MIN ((size_t)64 << 10)
@@ -49,44 +51,40 @@ static void *raw_alloc(const confsmoe_allocator *a, size_t size)
 
 static size_t capacity_of(void *base) { return *(size_t *)base; }
 
-/* A cached block of capacity in [size, 2 size], the smallest such, or NULL. */
-static void *cache_take(csm_block_cache *c, size_t size)
+static size_t budget(const csm_block_cache *c)
 {
-    pthread_mutex_lock(&c->lock);
-    int best = -1;
-    for (int i = 0; i < c->count; i++) {
-        const size_t cap = capacity_of(c->block[i]);
-        if (cap >= size && cap / 2 <= size && (best < 0 || cap < capacity_of(c->block[best])))
-            best = i;
-    }
-    void *base = NULL;
-    if (best >= 0) {
-        base = c->block[best];
-        c->bytes -= capacity_of(base);
-        memmove(&c->block[best], &c->block[best + 1], (size_t)(c->count - best - 1) * sizeof c->block[0]);
-        c->count--;
-    }
-    pthread_mutex_unlock(&c->lock);
-    return base;
+    const size_t unused_peak = c->peak - c->live;
+    return unused_peak > CACHE_BYTES ? unused_peak : CACHE_BYTES;
 }
 
-/* Keeps base, evicting the oldest blocks to make room; false when it does not fit at all. */
-static bool cache_put(csm_block_cache *c, void *base)
+/* Gives back the oldest kept blocks until `bytes` more in `blocks` more blocks (0 or 1) fit. */
+static void evict_for(csm_block_cache *c, size_t bytes, int blocks)
 {
-    const size_t cap = capacity_of(base);
-    if (cap < CACHE_MIN || cap > CACHE_BYTES)
-        return false;
-    pthread_mutex_lock(&c->lock);
-    while (c->count > 0 && (c->count == CSM_CACHE_SLOTS || c->bytes + cap > CACHE_BYTES)) {
+    while (c->count > 0 && (c->count + blocks > CSM_CACHE_SLOTS || c->bytes + bytes > budget(c))) {
         c->bytes -= capacity_of(c->block[0]);
         free(c->block[0]);
         memmove(&c->block[0], &c->block[1], (size_t)(c->count - 1) * sizeof c->block[0]);
         c->count--;
     }
-    c->block[c->count++] = base;
-    c->bytes += cap;
-    pthread_mutex_unlock(&c->lock);
-    return true;
+}
+
+/* A kept block of capacity in [size, 4 size], the smallest such, or NULL. (A layer's forward and
+ * backward work blocks, 2.2x apart at the large gate shape, take turns in one block.) */
+static void *cache_take(csm_block_cache *c, size_t size)
+{
+    int best = -1;
+    for (int i = 0; i < c->count; i++) {
+        const size_t cap = capacity_of(c->block[i]);
+        if (cap >= size && cap / 4 <= size && (best < 0 || cap < capacity_of(c->block[best])))
+            best = i;
+    }
+    if (best < 0)
+        return NULL;
+    void *base = c->block[best];
+    c->bytes -= capacity_of(base);
+    memmove(&c->block[best], &c->block[best + 1], (size_t)(c->count - best - 1) * sizeof c->block[0]);
+    c->count--;
+    return base;
 }
 
 static void cache_flush(csm_block_cache *c)
@@ -99,11 +97,37 @@ static void cache_flush(csm_block_cache *c)
 
 static void *default_alloc(confsmoe_ctx *ctx, size_t size)
 {
-    void *base = size >= CACHE_MIN ? cache_take(&ctx->cache, size) : NULL;
+    if (size > SIZE_MAX - HEADER)
+        return NULL;
+    csm_block_cache *c = &ctx->cache;
+    void *base = NULL;
+    if (size >= CACHE_MIN) {
+        pthread_mutex_lock(&c->lock);
+        base = cache_take(c, size);
+        if (base)
+            c->live += capacity_of(base);
+        pthread_mutex_unlock(&c->lock);
+    }
     if (!base) {
-        if (size > SIZE_MAX - HEADER || posix_memalign(&base, CSM_ALIGN, size + HEADER) != 0)
-            return NULL;
+        if (posix_memalign(&base, CSM_ALIGN, size + HEADER) != 0) {
+            /* Out of memory: what is kept goes back to the system before giving up. */
+            pthread_mutex_lock(&c->lock);
+            const bool had = c->count > 0;
+            cache_flush(c);
+            pthread_mutex_unlock(&c->lock);
+            if (!had || posix_memalign(&base, CSM_ALIGN, size + HEADER) != 0)
+                return NULL;
+        }
         *(size_t *)base = size;
+        if (size >= CACHE_MIN) {
+            /* A new peak leaves less unused peak to keep: the bound above holds again. */
+            pthread_mutex_lock(&c->lock);
+            c->live += size;
+            if (c->live > c->peak)
+                c->peak = c->live;
+            evict_for(c, 0, 0);
+            pthread_mutex_unlock(&c->lock);
+        }
     }
     return (char *)base + HEADER;
 }
@@ -111,7 +135,22 @@ static void *default_alloc(confsmoe_ctx *ctx, size_t size)
 static void default_free(confsmoe_ctx *ctx, void *ptr)
 {
     void *base = (char *)ptr - HEADER;
-    if (!cache_put(&ctx->cache, base))
+    const size_t cap = capacity_of(base);
+    if (cap < CACHE_MIN) {
+        free(base);
+        return;
+    }
+    csm_block_cache *c = &ctx->cache;
+    pthread_mutex_lock(&c->lock);
+    c->live -= cap;
+    evict_for(c, cap, 1);
+    const bool kept = c->bytes + cap <= budget(c) && c->count < CSM_CACHE_SLOTS;
+    if (kept) {
+        c->block[c->count++] = base;
+        c->bytes += cap;
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (!kept)
         free(base);
 }
 

@@ -18,7 +18,8 @@
 typedef struct {
     pthread_mutex_t lock;    /* the library's own threads may allocate concurrently */
     int count;
-    size_t bytes;
+    size_t bytes;            /* kept */
+    size_t live, peak;       /* large blocks handed out now, and the most at once */
     void *block[CSM_CACHE_SLOTS]; /* oldest first */
 } csm_block_cache;
 

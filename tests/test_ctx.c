@@ -2,10 +2,17 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "confsmoe.h"
 #include "testutil.h"
+
+#ifdef HAVE_VALGRIND_H
+#include <valgrind/valgrind.h>
+#else
+#define RUNNING_ON_VALGRIND 0
+#endif
 
 /* A pointer value the library never hands out: out-pointers must be overwritten with NULL. */
 #define SENTINEL_CTX ((confsmoe_ctx *)(uintptr_t)0x1234)
@@ -26,14 +33,68 @@ START_TEST(test_default_allocator_reuses_large_blocks)
     confsmoe_tensor *a, *b, *c;
     void *first = tensor_data_of_new(ctx, 1 << 18, &a);
     confsmoe_tensor_destroy(a);
-    /* A quarter of the size is not served from the freed block, and takes an allocation of its
+    /* An eighth of the size is not served from the freed block, and takes an allocation of its
      * own in between (so that the C library's malloc would not hand `first` back by chance). */
-    ck_assert_ptr_ne(tensor_data_of_new(ctx, 1 << 16, &c), first);
+    ck_assert_ptr_ne(tensor_data_of_new(ctx, 1 << 15, &c), first);
     ck_assert_ptr_eq(tensor_data_of_new(ctx, (1 << 18) - 100, &b), first);
     float *v = confsmoe_tensor_data(b);
     v[(1 << 18) - 101] = 1.0f; /* the whole request is usable (valgrind / ASan check it) */
     confsmoe_tensor_destroy(b);
     confsmoe_tensor_destroy(c);
+    confsmoe_ctx_destroy(ctx);
+}
+END_TEST
+
+/* Page faults of this process so far (minor: a fresh zero page, or a page mapped again). */
+static long page_faults(void)
+{
+    struct rusage u;
+    ck_assert_int_eq(getrusage(RUSAGE_SELF, &u), 0);
+    return u.ru_minflt;
+}
+
+/* A new f32 tensor of `mib` MiB with one store per page; the page faults that took. */
+static long faults_to_fill(confsmoe_ctx *ctx, int64_t mib, confsmoe_tensor **out)
+{
+    const long before = page_faults();
+    char *data = tensor_data_of_new(ctx, mib << 18, out);
+    const long page = sysconf(_SC_PAGESIZE);
+    for (int64_t at = 0; at < mib << 20; at += page)
+        data[at] = 1;
+    return page_faults() - before;
+}
+
+/* Blocks past 64 MiB are kept too (a large layer's saved and work buffers): calling it again
+ * takes no fresh pages. */
+START_TEST(test_default_allocator_keeps_blocks_past_64_mib)
+{
+    confsmoe_ctx *ctx = test_ctx(1);
+    const long pages = (96L << 20) / sysconf(_SC_PAGESIZE);
+    confsmoe_tensor *t;
+    ck_assert_int_ge(faults_to_fill(ctx, 96, &t), pages / 2);
+    confsmoe_tensor_destroy(t);
+    const long again = faults_to_fill(ctx, 96, &t);
+    ck_assert_msg(again < pages / 16, "a freed 96 MiB block should be reused, yet filling it again took %ld page faults (%ld pages)", again, pages);
+    confsmoe_tensor_destroy(t);
+    confsmoe_ctx_destroy(ctx);
+}
+END_TEST
+
+/* What is kept never takes the ctx past its own peak: a larger block in use at a new peak
+ * gives the kept one back, and the next request of its size takes fresh pages again. */
+START_TEST(test_default_allocator_keeps_no_more_than_its_peak)
+{
+    confsmoe_ctx *ctx = test_ctx(1);
+    const long pages = (96L << 20) / sysconf(_SC_PAGESIZE);
+    confsmoe_tensor *a, *b;
+    faults_to_fill(ctx, 96, &a);
+    confsmoe_tensor_destroy(a);
+    faults_to_fill(ctx, 400, &b); /* too large for the kept block: fresh, a new peak */
+    const long again = faults_to_fill(ctx, 96, &a);
+    /* valgrind's own allocator hands the given-back block out again: the faults say nothing there. */
+    ck_assert_msg(RUNNING_ON_VALGRIND || again >= pages / 2, "the kept 96 MiB block should be given back at the 400 MiB peak, yet refilling took only %ld page faults", again);
+    confsmoe_tensor_destroy(a);
+    confsmoe_tensor_destroy(b);
     confsmoe_ctx_destroy(ctx);
 }
 END_TEST
@@ -708,6 +769,8 @@ static Suite *ctx_suite(void)
 
     TCase *tb = tcase_create("block_reuse");
     tcase_add_test(tb, test_default_allocator_reuses_large_blocks);
+    tcase_add_test(tb, test_default_allocator_keeps_blocks_past_64_mib);
+    tcase_add_test(tb, test_default_allocator_keeps_no_more_than_its_peak);
     tcase_add_test(tb, test_host_allocator_sees_every_block);
     suite_add_tcase(s, tb);
 
