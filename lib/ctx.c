@@ -51,6 +51,14 @@ static void *raw_alloc(const confsmoe_allocator *a, size_t size)
 
 static size_t capacity_of(void *base) { return *(size_t *)base; }
 
+/* A block of `cap` bytes handed out; a new peak leaves less unused peak to keep. */
+static void count_live(csm_block_cache *c, size_t cap)
+{
+    c->live += cap;
+    if (c->live > c->peak)
+        c->peak = c->live;
+}
+
 static size_t budget(const csm_block_cache *c)
 {
     const size_t unused_peak = c->peak - c->live;
@@ -105,7 +113,7 @@ static void *default_alloc(confsmoe_ctx *ctx, size_t size)
         pthread_mutex_lock(&c->lock);
         base = cache_take(c, size);
         if (base)
-            c->live += capacity_of(base);
+            count_live(c, capacity_of(base));
         pthread_mutex_unlock(&c->lock);
     }
     if (!base) {
@@ -120,11 +128,8 @@ static void *default_alloc(confsmoe_ctx *ctx, size_t size)
         }
         *(size_t *)base = size;
         if (size >= CACHE_MIN) {
-            /* A new peak leaves less unused peak to keep: the bound above holds again. */
             pthread_mutex_lock(&c->lock);
-            c->live += size;
-            if (c->live > c->peak)
-                c->peak = c->live;
+            count_live(c, size);
             evict_for(c, 0, 0);
             pthread_mutex_unlock(&c->lock);
         }
@@ -143,15 +148,11 @@ static void default_free(confsmoe_ctx *ctx, void *ptr)
     csm_block_cache *c = &ctx->cache;
     pthread_mutex_lock(&c->lock);
     c->live -= cap;
+    /* The peak held this block as well: the unused peak, and so the budget, is at least cap. */
     evict_for(c, cap, 1);
-    const bool kept = c->bytes + cap <= budget(c) && c->count < CSM_CACHE_SLOTS;
-    if (kept) {
-        c->block[c->count++] = base;
-        c->bytes += cap;
-    }
+    c->block[c->count++] = base;
+    c->bytes += cap;
     pthread_mutex_unlock(&c->lock);
-    if (!kept)
-        free(base);
 }
 
 confsmoe_status confsmoe_ctx_create(const confsmoe_ctx_params *p, confsmoe_ctx **out)
