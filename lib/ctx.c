@@ -65,15 +65,21 @@ static size_t budget(const csm_block_cache *c)
     return unused_peak > CACHE_BYTES ? unused_peak : CACHE_BYTES;
 }
 
+/* Takes kept block i out of the list (the others keep their order). */
+static void *remove_kept(csm_block_cache *c, int i)
+{
+    void *base = c->block[i];
+    c->bytes -= capacity_of(base);
+    memmove(&c->block[i], &c->block[i + 1], (size_t)(c->count - i - 1) * sizeof c->block[0]);
+    c->count--;
+    return base;
+}
+
 /* Gives back the oldest kept blocks until `bytes` more in `blocks` more blocks (0 or 1) fit. */
 static void evict_for(csm_block_cache *c, size_t bytes, int blocks)
 {
-    while (c->count > 0 && (c->count + blocks > CSM_CACHE_SLOTS || c->bytes + bytes > budget(c))) {
-        c->bytes -= capacity_of(c->block[0]);
-        free(c->block[0]);
-        memmove(&c->block[0], &c->block[1], (size_t)(c->count - 1) * sizeof c->block[0]);
-        c->count--;
-    }
+    while (c->count > 0 && (c->count + blocks > CSM_CACHE_SLOTS || c->bytes + bytes > budget(c)))
+        free(remove_kept(c, 0));
 }
 
 /* A kept block of capacity in [size, 4 size], the smallest such, or NULL. (A layer's forward and
@@ -86,13 +92,7 @@ static void *cache_take(csm_block_cache *c, size_t size)
         if (cap >= size && cap / 4 <= size && (best < 0 || cap < capacity_of(c->block[best])))
             best = i;
     }
-    if (best < 0)
-        return NULL;
-    void *base = c->block[best];
-    c->bytes -= capacity_of(base);
-    memmove(&c->block[best], &c->block[best + 1], (size_t)(c->count - best - 1) * sizeof c->block[0]);
-    c->count--;
-    return base;
+    return best < 0 ? NULL : remove_kept(c, best);
 }
 
 static void cache_flush(csm_block_cache *c)
