@@ -134,6 +134,12 @@ CONFSMOE_API void confsmoe_ctx_destroy(confsmoe_ctx *ctx);
 CONFSMOE_API const char *confsmoe_ctx_last_error(const confsmoe_ctx *ctx);
 /* Restart the RNG stream: the same seed gives the same weights, noise and draws. */
 CONFSMOE_API confsmoe_status confsmoe_ctx_set_seed(confsmoe_ctx *ctx, uint64_t seed);
+/* Gives the freed blocks that the default allocator keeps for reuse back to the C library,
+ * and forgets the ctx's peak, so that from then on it keeps only what later calls need
+ * (docs/API.md, "Memory"). Blocks in use (tensors, handles, a model's step arena) stay.
+ * Returns the bytes given back: 0 with a host allocator (it keeps nothing), or for NULL.
+ * Since 0.2.0. */
+CONFSMOE_API size_t confsmoe_ctx_trim(confsmoe_ctx *ctx);
 
 /* ---------------------------------------------------------------- tensors */
 

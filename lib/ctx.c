@@ -95,12 +95,15 @@ static void *cache_take(csm_block_cache *c, size_t size)
     return best < 0 ? NULL : remove_kept(c, best);
 }
 
-static void cache_flush(csm_block_cache *c)
+/* Gives every kept block back; returns their bytes. */
+static size_t cache_flush(csm_block_cache *c)
 {
+    const size_t bytes = c->bytes;
     for (int i = 0; i < c->count; i++)
         free(c->block[i]);
     c->count = 0;
     c->bytes = 0;
+    return bytes;
 }
 
 static void *default_alloc(confsmoe_ctx *ctx, size_t size)
@@ -120,8 +123,7 @@ static void *default_alloc(confsmoe_ctx *ctx, size_t size)
         if (posix_memalign(&base, CSM_ALIGN, size + HEADER) != 0) {
             /* Out of memory: what is kept goes back to the system before giving up. */
             pthread_mutex_lock(&c->lock);
-            const bool had = c->count > 0;
-            cache_flush(c);
+            const bool had = cache_flush(c) > 0;
             pthread_mutex_unlock(&c->lock);
             if (!had || posix_memalign(&base, CSM_ALIGN, size + HEADER) != 0)
                 return NULL;
@@ -153,6 +155,19 @@ static void default_free(confsmoe_ctx *ctx, void *ptr)
     c->block[c->count++] = base;
     c->bytes += cap;
     pthread_mutex_unlock(&c->lock);
+}
+
+size_t confsmoe_ctx_trim(confsmoe_ctx *ctx)
+{
+    if (!ctx || ctx->has_allocator)
+        return 0;
+    csm_block_cache *c = &ctx->cache;
+    pthread_mutex_lock(&c->lock);
+    const size_t released = cache_flush(c);
+    /* The old peak would let the ctx fill up to it again; from here on only later needs count. */
+    c->peak = c->live;
+    pthread_mutex_unlock(&c->lock);
+    return released;
 }
 
 confsmoe_status confsmoe_ctx_create(const confsmoe_ctx_params *p, confsmoe_ctx **out)

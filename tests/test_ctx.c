@@ -100,6 +100,65 @@ START_TEST(test_default_allocator_keeps_no_more_than_its_peak)
 }
 END_TEST
 
+/* Trim gives the kept blocks back (the next fill takes fresh pages) and leaves blocks in use alone. */
+START_TEST(test_trim_gives_kept_blocks_back)
+{
+    confsmoe_ctx *ctx = test_ctx(1);
+    const long pages = (72L << 20) / sysconf(_SC_PAGESIZE);
+    confsmoe_tensor *kept, *in_use;
+    float *v = tensor_data_of_new(ctx, 1 << 18, &in_use);
+    for (int i = 0; i < 1 << 18; i++)
+        v[i] = (float)i;
+    faults_to_fill(ctx, 72, &kept);
+    confsmoe_tensor_destroy(kept);
+    const size_t released = confsmoe_ctx_trim(ctx);
+    ck_assert_msg(released >= (size_t)72 << 20 && released < (size_t)73 << 20, "trim released %zu bytes, not the kept 72 MiB", released);
+    ck_assert_uint_eq(confsmoe_ctx_trim(ctx), 0);
+    const long again = faults_to_fill(ctx, 72, &kept);
+    ck_assert_msg(RUNNING_ON_VALGRIND || again >= pages / 2, "after trim, filling 72 MiB again took only %ld page faults", again);
+    for (int i = 0; i < 1 << 18; i++)
+        ck_assert_float_eq(v[i], (float)i);
+    confsmoe_tensor_destroy(kept);
+    confsmoe_tensor_destroy(in_use);
+    confsmoe_ctx_destroy(ctx);
+}
+END_TEST
+
+/* Trim forgets the peak: with 100 MiB as the old peak, a freed 70 MiB block would stay kept
+ * beside 16 MiB in use; measured against the new peak (70 MiB) only 64 MiB may be kept. */
+START_TEST(test_trim_forgets_the_peak)
+{
+    confsmoe_ctx *ctx = test_ctx(1);
+    confsmoe_tensor *t, *small;
+    tensor_data_of_new(ctx, 25L << 20, &t); /* 100 MiB */
+    confsmoe_tensor_destroy(t);
+    ck_assert_uint_ge(confsmoe_ctx_trim(ctx), (size_t)100 << 20);
+    tensor_data_of_new(ctx, 70L << 18, &t);
+    confsmoe_tensor_destroy(t);
+    tensor_data_of_new(ctx, 16L << 18, &small);
+    ck_assert_uint_eq(confsmoe_ctx_trim(ctx), 0);
+    confsmoe_tensor_destroy(small);
+    confsmoe_ctx_destroy(ctx);
+}
+END_TEST
+
+/* Nothing to give back with a host allocator, or without a ctx. */
+START_TEST(test_trim_host_allocator_and_null)
+{
+    test_alloc counts = {0};
+    confsmoe_allocator holder;
+    confsmoe_ctx *ctx = test_ctx_counted(&counts, &holder, 1);
+    confsmoe_tensor *t;
+    tensor_data_of_new(ctx, 1 << 18, &t);
+    confsmoe_tensor_destroy(t);
+    const long live = counts.live;
+    ck_assert_uint_eq(confsmoe_ctx_trim(ctx), 0);
+    ck_assert_int_eq(counts.live, live);
+    ck_assert_uint_eq(confsmoe_ctx_trim(NULL), 0);
+    confsmoe_ctx_destroy(ctx);
+}
+END_TEST
+
 /* A host allocator sees every allocation and every free: nothing is kept back. */
 START_TEST(test_host_allocator_sees_every_block)
 {
@@ -773,6 +832,9 @@ static Suite *ctx_suite(void)
     tcase_add_test(tb, test_default_allocator_keeps_blocks_past_64_mib);
     tcase_add_test(tb, test_default_allocator_keeps_no_more_than_its_peak);
     tcase_add_test(tb, test_host_allocator_sees_every_block);
+    tcase_add_test(tb, test_trim_gives_kept_blocks_back);
+    tcase_add_test(tb, test_trim_forgets_the_peak);
+    tcase_add_test(tb, test_trim_host_allocator_and_null);
     suite_add_tcase(s, tb);
 
     TCase *tl = tcase_create("log");

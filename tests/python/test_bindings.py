@@ -390,6 +390,16 @@ class TestContext(unittest.TestCase):
             for x, y in zip(wa, weights(a)):
                 np.testing.assert_array_equal(x, y)
 
+    def test_trim_gives_kept_blocks_back(self):
+        with confsmoe.Context() as ctx:
+            t = ctx.tensor((1 << 20,))  # 4 MiB: kept by the ctx once freed
+            t.close()
+            self.assertGreaterEqual(ctx.trim(), 4 << 20)
+            self.assertEqual(ctx.trim(), 0)
+        with confsmoe.Context(allocator=CountingAllocator()) as ctx:
+            ctx.tensor((1 << 20,)).close()
+            self.assertEqual(ctx.trim(), 0)
+
     def test_log_fn_receives_errors(self):
         messages = []
         with confsmoe.Context(log_fn=lambda level, msg: messages.append((level, msg)), log_level="debug") as ctx:

@@ -272,6 +272,7 @@ PROTOTYPES = {
     "confsmoe_ctx_destroy": (None, [CtxHandle]),
     "confsmoe_ctx_last_error": (_str, [CtxHandle]),
     "confsmoe_ctx_set_seed": (Status, [CtxHandle, _u64]),
+    "confsmoe_ctx_trim": (_size, [CtxHandle]),
     # tensors
     "confsmoe_tensor_create": (Status, [CtxHandle, _i32, _i32, _P(_i64), _P(TensorHandle)]),
     "confsmoe_tensor_wrap": (Status, [CtxHandle, _i32, _i32, _P(_i64), _vp, _P(TensorHandle)]),

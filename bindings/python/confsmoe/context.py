@@ -105,6 +105,11 @@ class Context(NativeObject):
         check(api.ctx_set_seed(h, int(seed)), h, "ctx_set_seed")
         self._seed = int(seed)
 
+    def trim(self):
+        """confsmoe_ctx_trim: give the freed blocks kept for reuse back to the C library and
+        forget the peak; returns the bytes given back (0 with a host allocator)."""
+        return int(api.ctx_trim(self._h))
+
     # conveniences
     def tensor(self, shape, dtype="float32"):
         """A zeroed library-owned Tensor (confsmoe_tensor_create)."""
