@@ -113,8 +113,10 @@ typedef struct confsmoe_ctx_params {
     confsmoe_log_fn log_fn;      /* NULL (default): silent */
     void *log_user;
     const confsmoe_allocator *allocator; /* NULL (default): the C library's, with
-                                            up to 64 MiB of freed large blocks kept
-                                            by the ctx for reuse (freed at destroy).
+                                            freed large blocks kept by the ctx for
+                                            reuse, up to 64 MiB or up to its own
+                                            peak in use (docs/API.md, "Memory";
+                                            freed at destroy).
                                             A host allocator sees every allocation.
                                             Copied at create; must not be NULL
                                             in its function pointers if given. */
@@ -132,6 +134,12 @@ CONFSMOE_API void confsmoe_ctx_destroy(confsmoe_ctx *ctx);
 CONFSMOE_API const char *confsmoe_ctx_last_error(const confsmoe_ctx *ctx);
 /* Restart the RNG stream: the same seed gives the same weights, noise and draws. */
 CONFSMOE_API confsmoe_status confsmoe_ctx_set_seed(confsmoe_ctx *ctx, uint64_t seed);
+/* Gives the freed blocks that the default allocator keeps for reuse back to the C library,
+ * and forgets the ctx's peak, so that from then on it keeps only what later calls need
+ * (docs/API.md, "Memory"). Blocks in use (tensors, handles, a model's step arena) stay.
+ * Returns the bytes given back: 0 with a host allocator (it keeps nothing), or for NULL.
+ * Since 0.2.0. */
+CONFSMOE_API size_t confsmoe_ctx_trim(confsmoe_ctx *ctx);
 
 /* ---------------------------------------------------------------- tensors */
 
