@@ -53,6 +53,9 @@ static long page_faults(void)
     return u.ru_minflt;
 }
 
+/* Pages in `mib` MiB: what filling a fresh block of that size faults in. */
+static long pages_in(int64_t mib) { return (long)((mib << 20) / sysconf(_SC_PAGESIZE)); }
+
 /* A new f32 tensor of `mib` MiB with one store per page; the page faults that took. */
 static long faults_to_fill(confsmoe_ctx *ctx, int64_t mib, confsmoe_tensor **out)
 {
@@ -69,7 +72,7 @@ static long faults_to_fill(confsmoe_ctx *ctx, int64_t mib, confsmoe_tensor **out
 START_TEST(test_default_allocator_keeps_blocks_past_64_mib)
 {
     confsmoe_ctx *ctx = test_ctx(1);
-    const long pages = (72L << 20) / sysconf(_SC_PAGESIZE);
+    const long pages = pages_in(72);
     confsmoe_tensor *t;
     ck_assert_int_ge(faults_to_fill(ctx, 72, &t), pages / 2);
     confsmoe_tensor_destroy(t);
@@ -85,7 +88,7 @@ END_TEST
 START_TEST(test_default_allocator_keeps_no_more_than_its_peak)
 {
     confsmoe_ctx *ctx = test_ctx(1);
-    const long pages = (72L << 20) / sysconf(_SC_PAGESIZE);
+    const long pages = pages_in(72);
     confsmoe_tensor *a, *b;
     faults_to_fill(ctx, 72, &a);
     confsmoe_tensor_destroy(a);
@@ -104,7 +107,7 @@ END_TEST
 START_TEST(test_trim_gives_kept_blocks_back)
 {
     confsmoe_ctx *ctx = test_ctx(1);
-    const long pages = (72L << 20) / sysconf(_SC_PAGESIZE);
+    const long pages = pages_in(72);
     confsmoe_tensor *kept, *in_use;
     float *v = tensor_data_of_new(ctx, 1 << 18, &in_use);
     for (int i = 0; i < 1 << 18; i++)
