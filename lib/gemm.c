@@ -33,6 +33,11 @@ static _Thread_local bool in_worker;
  * thousands of times per step. Measured on the handwritten model: 30% of a training step. */
 #define SMALL_GEMM_MNK 4096
 
+/* Each BLIS thread gets at least this many multiply-adds (about 25 us of one core). Below it,
+ * starting and joining BLIS's team costs more than the split saves: at BLIS_NUM_THREADS=2 the
+ * small gate (64 x 128 x 128 expert products) took twice as long as at 1 (docs/PERFORMANCE.md). */
+#define MNK_PER_BLIS_THREAD (INT64_C(1) << 20)
+
 /* C = beta C (C = 0 when beta is 0, as BLIS does: no NaN from the old C survives). */
 static void scale_c(int64_t m, int64_t n, float beta, float *c, int64_t ldc)
 {
@@ -116,8 +121,14 @@ void csm_gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
     rntm_t rntm;
     bli_rntm_init_from_global(&rntm);
     bli_rntm_disable_l3_sup(&rntm);
-    if (in_worker)
-        bli_rntm_set_num_threads(1, &rntm);
+    /* team is -1 when the host gave BLIS per-loop ways (BLIS_JC_NT, ...) instead of a count:
+     * those are kept unless the product is worth one thread only. */
+    const dim_t team = bli_rntm_num_threads(&rntm);
+    int64_t useful = in_worker ? 1 : m * n * k / MNK_PER_BLIS_THREAD;
+    if (useful < 1)
+        useful = 1;
+    if (team < 1 ? useful == 1 : useful < team)
+        bli_rntm_set_num_threads((dim_t)useful, &rntm);
     /* BLIS takes the strides of the stored matrix and applies the transpose itself. */
     bli_sgemm_ex(trans_a ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE, trans_b ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE,
                  (dim_t)m, (dim_t)n, (dim_t)k, &alpha, (float *)a, (inc_t)lda, 1, (float *)b, (inc_t)ldb, 1, &beta, c,

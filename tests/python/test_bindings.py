@@ -705,6 +705,35 @@ class TestGate(unittest.TestCase):
                     p.value[...] = 0
             self.assertTrue((g.forward(np.ones((3, 6), np.float32)).y == 0).all())
 
+    # A confidence gate's forward and backward, hashed. At these sizes the experts' products
+    # (about 500 x 128 x 128) are worth two BLIS threads and the router's and the classifier's
+    # (2048 x 4 x 128, 512 x 3 x 128) one only, so both kinds of BLIS call run.
+    HASH_GATE = """
+import hashlib, numpy as np, confsmoe
+with confsmoe.Context(seed=3) as ctx:
+    g = confsmoe.Gate(ctx, [confsmoe.Expert(ctx, 128, 128) for _ in range(4)], k=1, n_classes=3)
+    r = np.random.default_rng(0)
+    x = r.standard_normal((2048, 128)).astype(np.float32)
+    out = g.forward(x, labels=(np.arange(2048) % 3).astype(np.int32), train=True)
+    dx = g.backward(out.saved, r.standard_normal((2048, 128)).astype(np.float32))
+    h = hashlib.sha256()
+    for a in [out.y, dx] + [p.grad for p in g.parameters()] + [p.grad for e in g.experts for p in e.parameters()]:
+        h.update(np.ascontiguousarray(a).tobytes())
+    print(h.hexdigest())
+"""
+
+    def _hash_with(self, **env):
+        r = subprocess.run([sys.executable, "-c", self.HASH_GATE], env=dict(os.environ, **env),
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return r.stdout.strip()
+
+    def test_thread_counts_do_not_change_results(self):
+        one = self._hash_with(BLIS_NUM_THREADS="1", OMP_NUM_THREADS="1", CONFSMOE_NUM_THREADS="1")
+        self.assertRegex(one, "^[0-9a-f]{64}$")
+        self.assertEqual(self._hash_with(BLIS_NUM_THREADS="2", OMP_NUM_THREADS="2", CONFSMOE_NUM_THREADS="1"), one)
+        self.assertEqual(self._hash_with(BLIS_NUM_THREADS="2", OMP_NUM_THREADS="2", CONFSMOE_NUM_THREADS="2"), one)
+
 
 class TestImputer(unittest.TestCase):
     def test_fill(self):
