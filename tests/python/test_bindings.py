@@ -707,7 +707,7 @@ class TestGate(unittest.TestCase):
 
     # A confidence gate's forward and backward, hashed. At these sizes the experts' products
     # (about 500 x 128 x 128) are worth two BLIS threads and the router's and the classifier's
-    # (2048 x 4 x 128, 512 x 3 x 128) one only, so both kinds of BLIS call run.
+    # (2048 x 4 x 128, at most 2048 x 3 x 128) one only, so both kinds of BLIS call run.
     HASH_GATE = """
 import hashlib, numpy as np, confsmoe
 with confsmoe.Context(seed=3) as ctx:
