@@ -426,7 +426,6 @@ void csm_dropout_mask(uint64_t key, uint64_t counter, float p, uint8_t *restrict
 {
     /* u = bits 2^-24 is exact, and so is p 2^24: u >= p iff bits >= ceil(p 2^24). */
     const uint32_t threshold = (uint32_t)ceilf(p * 16777216.0f);
-    const uint64_t golden = UINT64_C(0x9e3779b97f4a7c15);
     /* Blocks of 32 draws: with 8, GCC 12 kept the 64-bit mixing scalar (4x slower). */
     enum { DRAWS = 32 };
     int64_t i = 0;
@@ -435,7 +434,7 @@ void csm_dropout_mask(uint64_t key, uint64_t counter, float p, uint8_t *restrict
         const uint64_t at = counter + (uint64_t)i / 2;
         uint8_t hi[DRAWS], lo[DRAWS];
         for (uint64_t l = 0; l < DRAWS; l++) {
-            const uint64_t r = csm_mix64(key + (at + l) * golden);
+            const uint64_t r = csm_stream_output(key, at + l);
             hi[l] = (uint8_t)((uint32_t)(r >> 40) >= threshold);
             lo[l] = (uint8_t)((uint32_t)(r >> 16 & 0xFFFFFF) >= threshold);
         }
@@ -445,7 +444,7 @@ void csm_dropout_mask(uint64_t key, uint64_t counter, float p, uint8_t *restrict
         }
     }
     for (; i < n; i++) {
-        const uint64_t r = csm_mix64(key + (counter + (uint64_t)i / 2) * golden);
+        const uint64_t r = csm_stream_output(key, counter + (uint64_t)i / 2);
         keep[i] = (uint8_t)((uint32_t)(i % 2 ? r >> 16 & 0xFFFFFF : r >> 40) >= threshold);
     }
 }

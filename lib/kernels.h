@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "stream.h"
+
 /* Elementwise kernels are written as loops over fixed chunks of CSM_CHUNK elements, which
  * GCC vectorises at -O2 (its "very cheap" cost model needs a trip count that is a multiple
  * of the vector length), then a scalar tail. With GCC on x86-64 Linux the hot ones are
@@ -90,16 +92,6 @@ void csm_add(float *y, const float *a, const float *b, int64_t n);
 static inline float csm_sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 /* log(1 + e^v) without overflow. */
 static inline float csm_softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
-
-/* The ctx's counter-based uniform stream of lib/rng.c, inline: output i of the stream
- * with key `key` is mix64(key + i * golden); csm_rng_uniform(ctx, 0, 1) is its top 24
- * bits times 2^-24. Kernels that draw many values use this to vectorise the draws. */
-static inline uint64_t csm_mix64(uint64_t z)
-{
-    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
-    return z ^ (z >> 31);
-}
 
 /* Dropout with draws keep [n] (0 or 1) and scale 1 / (1 - p): y = x keep scale;
  * the same in place; y = base + x keep scale. */

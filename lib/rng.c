@@ -3,16 +3,7 @@
 #include <math.h>
 
 #include "internal.h"
-
-static uint64_t mix64(uint64_t z)
-{
-    /* The splitmix64 finaliser: a bijection with full avalanche. */
-    z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
-    return z ^ (z >> 31);
-}
-
-static uint64_t output(uint64_t key, uint64_t i) { return mix64(key + i * UINT64_C(0x9e3779b97f4a7c15)); }
+#include "stream.h"
 
 static float uniform_of(uint64_t r, float lo, float hi)
 {
@@ -22,11 +13,11 @@ static float uniform_of(uint64_t r, float lo, float hi)
 
 void csm_rng_seed(confsmoe_ctx *ctx, uint64_t seed)
 {
-    ctx->rng_key = mix64(seed ^ UINT64_C(0x6a09e667f3bcc909));
+    ctx->rng_key = csm_mix64(seed ^ UINT64_C(0x6a09e667f3bcc909));
     ctx->rng_counter = 0;
 }
 
-uint64_t csm_rng_u64(confsmoe_ctx *ctx) { return output(ctx->rng_key, ctx->rng_counter++); }
+uint64_t csm_rng_u64(confsmoe_ctx *ctx) { return csm_stream_output(ctx->rng_key, ctx->rng_counter++); }
 
 float csm_rng_uniform(confsmoe_ctx *ctx, float lo, float hi) { return uniform_of(csm_rng_u64(ctx), lo, hi); }
 
@@ -42,9 +33,10 @@ csm_substream csm_rng_substream(const confsmoe_ctx *ctx, uint64_t base, uint64_t
 {
     /* The key mixes the stream's own output at `base` with the index: two (base, index)
      * pairs share a key only by a 64-bit collision. */
-    return (csm_substream){mix64(output(ctx->rng_key, base) ^ mix64(index ^ UINT64_C(0xbb67ae8584caa73b))), 0};
+    const uint64_t salt = csm_mix64(index ^ UINT64_C(0xbb67ae8584caa73b));
+    return (csm_substream){csm_mix64(csm_stream_output(ctx->rng_key, base) ^ salt), 0};
 }
 
-uint64_t csm_substream_u64(csm_substream *s) { return output(s->key, s->counter++); }
+uint64_t csm_substream_u64(csm_substream *s) { return csm_stream_output(s->key, s->counter++); }
 
 float csm_substream_uniform(csm_substream *s, float lo, float hi) { return uniform_of(csm_substream_u64(s), lo, hi); }
