@@ -2,7 +2,7 @@
  * confsmoe-gate-dynamics: how routing evolves under the softmax gate and the
  * confidence gate, in numbers.
  *
- * Conf-SMoE (MODEL.md, section 3) argues that with softmax gating the router
+ * Conf-SMoE (docs/MODEL.md, section 4) argues that with softmax gating the router
  * gradient concentrates on the dominant expert, that a load-balancing loss
  * pushes against it, and that routing then oscillates or collapses, while the
  * confidence gate does not. This example trains the same small model with
@@ -37,9 +37,9 @@
 #include <string.h>
 #include <time.h>
 
-#ifndef DEFAULT_DATA_DIR
-#define DEFAULT_DATA_DIR "../shared/data/handwritten"
-#endif
+/* Relative to the working directory: the repository's copy when run from its root. An
+ * installed program must not point into a source tree, so no absolute path is compiled in. */
+#define DEFAULT_DATA_DIR "data/handwritten"
 
 #define PROG "confsmoe-gate-dynamics"
 
@@ -116,8 +116,10 @@ static float *read_csv(const char *dir, const char *file, int *rows, int *cols)
     snprintf(path, sizeof path, "%s/%s", dir, file);
     FILE *f = fopen(path, "r");
     if (!f) {
-        fprintf(stderr, PROG ": cannot open data file %s: %s (set the folder with --data DIR)\n", path,
-                strerror(errno));
+        fprintf(stderr,
+                PROG ": cannot open data file %s: %s (set the folder with --data DIR; the default "
+                     DEFAULT_DATA_DIR " is relative to the working directory)\n",
+                path, strerror(errno));
         exit(1);
     }
     size_t cap = 1 << 16, len = 0;
@@ -665,7 +667,9 @@ static void usage(FILE *f)
             "       [--load-weight W] [--lr LR]\n"
             "  --epochs N       training epochs per variant (default 20)\n"
             "  --seed S         seed of the library ctx and of the host RNG (default 1)\n"
-            "  --data DIR       folder of the handwritten data set (default " DEFAULT_DATA_DIR ")\n"
+            "  --data DIR       folder of the handwritten data set (default " DEFAULT_DATA_DIR
+            ", relative to the\n"
+            "                   working directory: the repository's copy when run from its root)\n"
             "  --view FILE      feature view inside DIR (default view1_fou.csv)\n"
             "  --fixed-encoder  keep the input projection at its random init (not trained)\n"
             "  --noisy          noisy top-k routing in training, for every variant\n"

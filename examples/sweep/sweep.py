@@ -7,7 +7,13 @@ mean +- std tables and writes them into docs/RESULTS.md between markers.
     examples/sweep/sweep.py --preset study       # the validation study of the recommended config
     examples/sweep/sweep.py --preset recommended # the recommended config on every rate
     examples/sweep/sweep.py --quick              # smoke test: 1 seed, r = 0.5, 3 epochs
+    examples/sweep/sweep.py --quick --data data --datasets handwritten   # the same on the in-repo data
     examples/sweep/sweep.py --no-run             # only aggregate what is in --out
+
+Data: --data DIR holds one folder per dataset (--datasets, default handwritten, cub and
+scene15). The default DIR is ../shared/data beside the repository, which is not part of it
+(docs/TRAIN.md, "Datasets"); the repository itself has data/handwritten only. A missing
+dataset folder stops the sweep before any run, with its path.
 
 Every run's JSON goes to OUT/runs/<config>/<dataset>_r<rate>_s<seed>.json; a run whose JSON exists
 is skipped (the sweep is resumable). Runs use BLIS_NUM_THREADS=1 and at most --jobs processes.
@@ -26,6 +32,7 @@ import concurrent.futures
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +50,7 @@ RATES = [0.0, 0.1, 0.3, 0.5]
 SEEDS = [1, 2, 3]
 FLOOR_L2 = [1e-4, 1e-3, 1e-2, 1e-1]
 
-# Trainer configurations. Every one starts from --paper (MODEL.md section 5); the name is the
+# Trainer configurations. Every one starts from --paper (docs/MODEL.md, section 6); the name is the
 # folder under OUT/runs and the row label in the tables.
 PAPER_CONFIGS = {
     "confidence": ["--paper"],
@@ -626,7 +633,9 @@ def aggregate(args, rec):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trainer", default=os.path.join(ROOT, "build", "examples", "train", "confsmoe-train"))
-    ap.add_argument("--data", default=os.path.normpath(os.path.join(ROOT, "..", "shared", "data")))
+    ap.add_argument("--data", default=os.path.normpath(os.path.join(ROOT, "..", "shared", "data")),
+                    help="folder of the dataset folders (default ../shared/data beside the repository; "
+                    "the repository's own: data, with --datasets handwritten)")
     ap.add_argument("--out", default=None, help="results folder (default build/sweep, build/sweep-quick with --quick)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="paper")
@@ -639,6 +648,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 seed, r = 0.5, 3 epochs, nothing written to RESULTS.md")
     ap.add_argument("--quick-epochs", type=int, default=3)
     ap.add_argument("--no-run", action="store_true", help="only aggregate")
+    ap.add_argument("--fresh", action="store_true", help="empty OUT first, so that every run runs again")
     ap.add_argument("--no-floor", action="store_true")
     ap.add_argument("--results", default=None, help="the markdown file to update (default docs/RESULTS.md; "
                     "with --quick none)")
@@ -657,11 +667,18 @@ def main():
     if args.configs:
         configs = {k: v for k, v in configs.items() if k in args.configs}
     rates = args.rates or (preset["rates"] if not args.quick else [0.5])
+    if args.fresh:
+        shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
 
     if not args.no_run:
         if not os.access(args.trainer, os.X_OK):
             sys.exit("sweep.py: no trainer at %s (build it, or pass --trainer)" % args.trainer)
+        absent = [os.path.join(args.data, d) for d in args.datasets if not os.path.isdir(os.path.join(args.data, d))]
+        if absent:
+            sys.exit("sweep.py: missing dataset folder(s) %s. The repository holds data/handwritten only; cub and "
+                     "scene15 are optional, in ../shared/data beside it (docs/TRAIN.md, \"Datasets\"): pass "
+                     "--data DIR, or --datasets with the ones you have" % ", ".join(absent))
         if args.preset == "reference":
             failed = run_reference(args, rates)
         elif args.preset == "timing":

@@ -6,8 +6,8 @@
 - the metrics against hand-computed values (docs/TRAIN.md definitions);
 - the floor's logistic regression: its gradient against finite differences, and it learns;
 - the masks: model flags do not change the trainer's splits and masks, the protocol's drop
-  counts hold, and the standardisation makes the present training rows mean 0 / sd 1
-  (needs the trainer; skipped without it).
+  counts hold, and the standardisation makes the present training rows mean 0 / sd 1, on
+  data/handwritten (needs the trainer; skipped without it).
 """
 import math
 import os
@@ -25,7 +25,7 @@ import mvdata  # noqa: E402
 import sweep  # noqa: E402
 
 TRAINER = os.environ.get("CONFSMOE_TRAIN", os.path.join(ROOT, "build", "examples", "train", "confsmoe-train"))
-DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+HANDWRITTEN = os.path.join(ROOT, "data", "handwritten")
 
 
 class Metrics(unittest.TestCase):
@@ -92,14 +92,14 @@ class Masks(unittest.TestCase):
         return path
 
     def test_model_flags_do_not_change_masks(self):
-        folder = os.path.join(DATA, "cub")
+        folder = HANDWRITTEN
         a = self.dump(folder, 0.3, 2, "--paper")
         b = self.dump(folder, 0.3, 2, "--gate", "softmax", "--d", "64", "--imputation", "mean", "--lr", "1e-3")
         with open(a) as fa, open(b) as fb:
             self.assertEqual(fa.read(), fb.read())
 
     def test_protocol_counts_and_standardisation(self):
-        folder = os.path.join(DATA, "cub")
+        folder = HANDWRITTEN
         for rate in (0.0, 0.1, 0.5):
             split, natural, present = mvdata.load_masks(self.dump(folder, rate, 3))
             M = present.shape[1]

@@ -1,4 +1,4 @@
-/* A dataset folder in the layout of ../shared/data:
+/* A dataset folder, in the layout of data/handwritten:
  *
  *   labels.csv          N lines, one 0-based integer class per line (single-label)
  *   view<i>_<name>.csv  i = 0 .. M-1, N rows each; row j of every file is sample j

@@ -1,11 +1,11 @@
 #!/usr/bin/python3
-"""confsmoe-train under mpirun on the real data: the P-rank run gives the 1-rank run's
-losses, training accuracy, routing and test metrics (same global batch, same seed), and
-only rank 0 prints and writes files.
+"""confsmoe-train under mpirun on the real data (data/handwritten): the P-rank run gives the
+1-rank run's losses, training accuracy, routing and test metrics (same global batch, same
+seed), and only rank 0 prints and writes files.
 
 Environment (set by tests/mpi/meson.build):
   CONFSMOE_TRAIN  path of the confsmoe-train executable (built with MPI)
-  CONFSMOE_DATA   the shared data folder (../shared/data next to the source tree)
+  CONFSMOE_DATA   the data folder of the source tree (data/, holding handwritten/)
   MPIRUN          the mpirun executable
 """
 import json
@@ -66,10 +66,10 @@ class TestDataParallelTrainer(unittest.TestCase):
         """The recommended configuration (modality dropout, dropout) on handwritten, r = 0.5."""
         self.check_same_run(["--data", os.path.join(DATA, "handwritten"), "--missing", "0.5", "--epochs", "4"], 2)
 
-    def test_paper_two_stage_scene15_three_ranks(self):
-        """The paper's configuration (two-stage imputation with fresh draws) on scene15, 3 ranks."""
-        self.check_same_run(["--data", os.path.join(DATA, "scene15"), "--paper", "--missing", "0.3", "--epochs", "3",
-                             "--batch", "100"], 3)
+    def test_paper_two_stage_handwritten_three_ranks(self):
+        """The paper's configuration (two-stage imputation with fresh draws) on handwritten, 3 ranks."""
+        self.check_same_run(["--data", os.path.join(DATA, "handwritten"), "--paper", "--missing", "0.3",
+                             "--epochs", "3", "--batch", "100"], 3)
 
     def test_checkpoint_written_once(self):
         with tempfile.TemporaryDirectory() as d:

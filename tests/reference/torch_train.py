@@ -1,9 +1,9 @@
 #!/usr/bin/python3
-"""An independent PyTorch implementation of MODEL.md section 5 (one Transformer-MoE layer with the
+"""An independent PyTorch implementation of docs/MODEL.md, section 6 (one Transformer-MoE layer with the
 confidence-guided gate and two-stage imputation) and of confsmoe-train's training protocol, to
 check that libconfsmoe's training results agree with a second implementation (docs/RESULTS.md).
 
-    /usr/bin/python3 tests/reference/torch_train.py --data ../shared/data/handwritten --missing 0.5 \
+    /usr/bin/python3 tests/reference/torch_train.py --data data/handwritten --missing 0.5 \
         --seed 1 --masks MASKS.csv --json out.json
 
 Written from docs/MODEL.md and docs/TRAIN.md only (not from lib/ or examples/train/); the model
@@ -59,7 +59,7 @@ def uniform_(t, bound):
 
 
 class Linear(torch.nn.Module):
-    """y = x W^T + b, W and b ~ U(+-1/sqrt(fan_in)) (MODEL.md section 5)."""
+    """y = x W^T + b, W and b ~ U(+-1/sqrt(fan_in)) (docs/MODEL.md, section 6)."""
 
     def __init__(self, fan_in, fan_out):
         super().__init__()

@@ -5,7 +5,7 @@ smoke run on the real handwritten data.
 
 Environment (set by tests/train/meson.build):
   CONFSMOE_TRAIN  path of the confsmoe-train executable
-  CONFSMOE_DATA   the shared data folder (../shared/data next to the source tree)
+  CONFSMOE_DATA   the data folder of the source tree (data/, holding handwritten/)
 Run one group:  test_trainer.py TestErrors
 """
 import json
@@ -173,7 +173,7 @@ class TestLearns(Base):
                 self.assertTrue(all(c is None for c in j["experts"]["mean_confidence"]))
 
     def test_defaults_and_paper(self):
-        """No flags: the recommended configuration; --paper: MODEL.md section 5; the new knobs
+        """No flags: the recommended configuration; --paper: docs/MODEL.md, section 6; the new knobs
         reach the JSON, and pool-mean evaluation gives the same test metrics twice."""
         root = self.folder("defaults", n=120)
         configs = {}
@@ -411,7 +411,7 @@ class TestRealData(Base):
     def test_handwritten_smoke(self):
         hw = os.path.join(DATA, "handwritten")
         self.assertTrue(os.path.isfile(os.path.join(hw, "labels.csv")),
-                        "the real data folder %s is missing (expected ../shared/data next to the source tree)" % hw)
+                        "the real data folder %s is missing (expected data/handwritten in the source tree)" % hw)
         out = os.path.join(self.tmp, "hw.json")
         r = run(["--data", hw, "--missing", "0.5", "--epochs", "1", "--json", out])
         self.assertEqual(r.returncode, 0, r.stderr)
