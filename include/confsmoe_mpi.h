@@ -36,7 +36,8 @@ extern "C" {
  * gradient of the whole global batch, so identical optimizer steps keep the copies equal. */
 typedef struct confsmoe_mpi_dp confsmoe_mpi_dp;
 
-/* model is borrowed and must outlive the object. Its parameters are broadcast from rank 0,
+/* model is borrowed: once it is destroyed the object may only be destroyed (in either order;
+ * docs/API.md, "Objects and ownership"). Its parameters are broadcast from rank 0,
  * so the copies start equal whatever each rank's seed was. bucket_bytes bounds the
  * gradients summed per MPI_Allreduce (0: 16 MiB); the gradients of all parameters go in
  * ceil(total / bucket_bytes) calls, never one per tensor. */
@@ -81,7 +82,8 @@ typedef struct confsmoe_mpi_saved confsmoe_mpi_saved;
 CONFSMOE_API confsmoe_status confsmoe_mpi_gate_create(MPI_Comm comm, confsmoe_ctx *ctx, const confsmoe_gate_params *p,
                                                       int32_t n_experts, int64_t expert_hidden,
                                                       confsmoe_mpi_gate **out);
-/* Destroy every confsmoe_mpi_saved of the gate first. */
+/* The gate and its confsmoe_mpi_saved handles may be destroyed in any order; a handle whose
+ * gate is destroyed accepts only confsmoe_mpi_saved_destroy. */
 CONFSMOE_API void confsmoe_mpi_gate_destroy(confsmoe_mpi_gate *g);
 
 /* confsmoe_gate_forward over this rank's N tokens (N may differ from rank to rank); the

@@ -204,13 +204,20 @@ confsmoe_status confsmoe_ctx_create(const confsmoe_ctx_params *p, confsmoe_ctx *
     ctx->log_fn = p->log_fn;
     ctx->log_user = p->log_user;
     csm_rng_seed(ctx, p->seed);
+    ctx->refs = 1; /* the host's */
     *out = ctx;
     return CONFSMOE_OK;
 }
 
-void confsmoe_ctx_destroy(confsmoe_ctx *ctx)
+confsmoe_ctx *csm_ctx_retain(confsmoe_ctx *ctx)
 {
-    if (!ctx)
+    ctx->refs++;
+    return ctx;
+}
+
+void csm_ctx_release(confsmoe_ctx *ctx)
+{
+    if (--ctx->refs > 0)
         return;
     if (ctx->has_allocator) {
         ctx->allocator.free(ctx->allocator.user, ctx);
@@ -219,6 +226,13 @@ void confsmoe_ctx_destroy(confsmoe_ctx *ctx)
     cache_flush(&ctx->cache);
     pthread_mutex_destroy(&ctx->cache.lock);
     free(ctx); /* from raw_alloc: no header */
+}
+
+/* Objects still alive keep the ctx (and its allocator) until the last of them is destroyed. */
+void confsmoe_ctx_destroy(confsmoe_ctx *ctx)
+{
+    if (ctx)
+        csm_ctx_release(ctx);
 }
 
 const char *confsmoe_ctx_last_error(const confsmoe_ctx *ctx)

@@ -1,4 +1,5 @@
-/* One expert: the FFN y = W2 GELU(W1 x + b1) + b2, forward and backward over a batch of tokens. */
+/* One expert: the FFN y = W2 GELU(W1 x + b1) + b2, forward and backward over a batch of tokens
+ * (docs/MODEL.md, section 2). */
 #include <inttypes.h>
 #include <math.h>
 #include <string.h>
@@ -35,7 +36,9 @@ void confsmoe_expert_destroy(confsmoe_expert *e)
         confsmoe_tensor_destroy(e->param[i]);
         confsmoe_tensor_destroy(e->grad[i]);
     }
-    csm_free(e->ctx, e);
+    confsmoe_ctx *ctx = e->ctx;
+    csm_free(ctx, e);
+    csm_ctx_release(ctx);
 }
 
 confsmoe_status confsmoe_expert_create(confsmoe_ctx *ctx, int64_t d, int64_t h, confsmoe_expert **out)
@@ -49,7 +52,7 @@ confsmoe_status confsmoe_expert_create(confsmoe_ctx *ctx, int64_t d, int64_t h, 
     confsmoe_expert *e = csm_calloc(ctx, 1, sizeof *e);
     if (!e)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "expert_create: out of memory");
-    e->ctx = ctx;
+    e->ctx = csm_ctx_retain(ctx);
     e->d = d;
     e->h = h;
     const int64_t shapes[N_PARAMS][2] = {{h, d}, {1, h}, {d, h}, {1, d}};
@@ -80,7 +83,9 @@ int64_t confsmoe_expert_h(const confsmoe_expert *e) { return e ? e->h : -1; }
 
 static void release_saved(confsmoe_saved *s)
 {
-    csm_free(s->ctx, s);
+    confsmoe_ctx *ctx = s->ctx;
+    csm_free(ctx, s);
+    csm_ctx_release(ctx);
 }
 
 /* One block: the header, then x and what backward needs of the activation. */
@@ -96,7 +101,7 @@ static expert_saved *alloc_saved(confsmoe_expert *e, int64_t n)
         return NULL;
     expert_saved *s = (expert_saved *)(block + at_header);
     memset(s, 0, sizeof *s);
-    s->base.ctx = e->ctx;
+    s->base.ctx = csm_ctx_retain(e->ctx);
     s->base.owner = e;
     s->base.release = release_saved;
     s->n = n;

@@ -1,5 +1,6 @@
 /* The gate: router -> top-k -> batched experts -> ConfNets or router softmax -> combine,
- * with the confidence loss, the load losses and the utilisation counters. */
+ * with the confidence loss, the load losses and the utilisation counters
+ * (docs/MODEL.md, sections 3 and 4). */
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -88,6 +89,9 @@ typedef struct {
     csm_arena *arena;            /* the arena lent when the blocks were allocated, or NULL */
     size_t *kept_at;             /* [E + 1] offset of expert e's part of kept_block, in floats */
     void *call;                  /* the exchange's state for backward, or NULL */
+    /* The exchange's release and user, copied: the handle may be destroyed after its gate. */
+    void (*release_call)(void *user, void *call);
+    void *exchange_user;
 } gate_saved;
 
 static void gate_defaults(confsmoe_gate_params *p)
@@ -170,6 +174,7 @@ static confsmoe_status add_param(confsmoe_gate *g, const char *name, int32_t ndi
     return s;
 }
 
+/* The borrowed experts are not touched: they may be destroyed before the gate. */
 void confsmoe_gate_destroy(confsmoe_gate *g)
 {
     if (!g)
@@ -184,6 +189,7 @@ void confsmoe_gate_destroy(confsmoe_gate *g)
     csm_free(ctx, g->confnets);
     csm_free(ctx, g->experts);
     csm_free(ctx, g);
+    csm_ctx_release(ctx);
 }
 
 static confsmoe_status build(confsmoe_gate *g)
@@ -270,7 +276,7 @@ static confsmoe_status create(confsmoe_ctx *ctx, const char *fn, const confsmoe_
     confsmoe_gate *g = csm_calloc(ctx, 1, sizeof *g);
     if (!g)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory", fn);
-    g->ctx = ctx;
+    g->ctx = csm_ctx_retain(ctx);
     g->p = *p;
     g->n_experts = n_experts;
     bool ok = true;
@@ -339,16 +345,19 @@ static bool router_learns(const confsmoe_gate *g)
     return g->p.combine == CONFSMOE_COMBINE_ROUTER_SOFTMAX || g->p.router_grad != CONFSMOE_ROUTER_GRAD_FROZEN;
 }
 
+/* Reads only the handle: its gate may be gone. (A handle from a lent arena never reaches the
+ * host: the model destroys it within its step.) */
 static void release_saved(confsmoe_saved *base)
 {
     gate_saved *s = (gate_saved *)base;
-    const confsmoe_gate *g = base->owner;
+    confsmoe_ctx *ctx = base->ctx;
     if (s->call)
-        g->exchange.release(g->exchange.user, s->call);
+        s->release_call(s->exchange_user, s->call);
     csm_arena *arena = s->arena;
     if (s->kept_block)
-        csm_lent_free(base->ctx, arena, s->kept_block, 0);
-    csm_lent_free(base->ctx, arena, base, 0);
+        csm_lent_free(ctx, arena, s->kept_block, 0);
+    csm_lent_free(ctx, arena, base, 0);
+    csm_ctx_release(ctx);
 }
 
 /* One block for the header and every array; sizes follow the gate's options. What the experts
@@ -422,9 +431,11 @@ static gate_saved *alloc_saved(confsmoe_gate *g, int64_t n, bool training)
     s->present = AT(18, uint8_t);
     s->kept_at = AT(19, size_t);
 #undef AT
-    s->base.ctx = g->ctx;
+    s->base.ctx = csm_ctx_retain(g->ctx);
     s->base.owner = g;
     s->base.release = release_saved;
+    s->release_call = g->exchange.release;
+    s->exchange_user = g->exchange.user;
     s->n = n;
     return s;
 }

@@ -1,4 +1,4 @@
-/* The two-stage imputer of missing modalities (MODEL.md section 4).
+/* The two-stage imputer of missing modalities (docs/MODEL.md, section 5).
  * Stage 1 (fill) replaces a missing sample's raw input with the mean of K distinct pool rows.
  * Stage 2 (forward/backward) lets each missing token attend, per expert slot, over the expert
  * outputs of the modalities present for the same sample, keeps the top T weights, and adds
@@ -139,7 +139,9 @@ void confsmoe_imputer_destroy(confsmoe_imputer *imp)
         confsmoe_tensor_destroy(imp->param[i]);
         confsmoe_tensor_destroy(imp->grad[i]);
     }
-    csm_free(imp->ctx, imp);
+    confsmoe_ctx *ctx = imp->ctx;
+    csm_free(ctx, imp);
+    csm_ctx_release(ctx);
 }
 
 confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_imputer_params *p, confsmoe_imputer **out)
@@ -162,7 +164,7 @@ confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_impute
     confsmoe_imputer *imp = csm_calloc(ctx, 1, sizeof *imp);
     if (!imp)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "imputer_create: out of memory");
-    imp->ctx = ctx;
+    imp->ctx = csm_ctx_retain(ctx);
     imp->p = *p;
     const int64_t M = p->n_modalities, S = p->tokens, d = p->d;
     const int64_t default_t = (M - 1) * S / 4;
@@ -402,7 +404,12 @@ confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const co
 
 /* ------------------------------------------------------------------ stage 2: saved state */
 
-static void release_saved(confsmoe_saved *s) { csm_free(s->ctx, s); }
+static void release_saved(confsmoe_saved *s)
+{
+    confsmoe_ctx *ctx = s->ctx;
+    csm_free(ctx, s);
+    csm_ctx_release(ctx);
+}
 
 /* Sizes of one call's plan, counted from avail before anything is allocated. */
 typedef struct {
@@ -495,7 +502,7 @@ static imputer_saved *alloc_saved(const confsmoe_imputer *imp, const plan_sizes 
     s->rstd2 = compat ? AT(17, float) : NULL;
     *rank = AT(18, uint64_t);
 #undef AT
-    s->base.ctx = imp->ctx;
+    s->base.ctx = csm_ctx_retain(imp->ctx);
     s->base.owner = imp;
     s->base.release = release_saved;
     s->n_pairs = z->n_pairs;

@@ -34,6 +34,13 @@ struct confsmoe_ctx {
     uint64_t rng_key;
     uint64_t rng_counter;
     char last_error[CSM_ERROR_CAP];
+    /* The host's reference (until confsmoe_ctx_destroy) and one per object that frees through
+     * the ctx: tensor, expert, gate, imputer, optimizer, model and saved handle. The last one
+     * frees the ctx, so that objects and the ctx may be destroyed in any order. A plain
+     * counter: objects are created and destroyed only in host calls, one thread at a time
+     * per ctx (confsmoe.h); the library's workers (csm_parallel_for tasks) allocate and free
+     * buffers through the ctx, which is thread-safe, but never create or destroy an object. */
+    size_t refs;
 };
 
 struct confsmoe_tensor {
@@ -49,8 +56,9 @@ struct confsmoe_tensor {
 
 /* Every layer's saved state starts with this header. */
 struct confsmoe_saved {
-    confsmoe_ctx *ctx;
-    const void *owner;   /* the layer whose forward made it */
+    confsmoe_ctx *ctx;   /* holds a reference */
+    const void *owner;   /* the layer whose forward made it; compared, never read in release
+                            (the layer may be destroyed first) */
     bool consumed;       /* backward already ran */
     void (*release)(confsmoe_saved *s);
 };
@@ -61,6 +69,10 @@ confsmoe_status csm_fail(confsmoe_ctx *ctx, confsmoe_status status, const char *
 void *csm_alloc(confsmoe_ctx *ctx, size_t size);   /* 64-byte aligned, uninitialised */
 void *csm_calloc(confsmoe_ctx *ctx, size_t count, size_t size);
 void csm_free(confsmoe_ctx *ctx, void *ptr);
+/* A reference for an object created from ctx; returns ctx. */
+confsmoe_ctx *csm_ctx_retain(confsmoe_ctx *ctx);
+/* Drops one; the last frees the ctx. An object releases after its last csm_free. */
+void csm_ctx_release(confsmoe_ctx *ctx);
 /* Multiply with overflow detection: false when a*b does not fit. */
 bool csm_mul_size(size_t a, size_t b, size_t *out);
 /* Lays out one block of many buffers: reserves count * elem bytes at a 64-byte

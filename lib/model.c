@@ -1,4 +1,4 @@
-/* The full Conf-SMoE classifier (MODEL.md section 5), composed from the public expert,
+/* The full Conf-SMoE classifier (docs/MODEL.md, section 6), composed from the public expert,
  * gate and imputer handles plus its own encoders, attention, LayerNorms and readout. */
 #include <inttypes.h>
 #include <math.h>
@@ -184,6 +184,7 @@ void confsmoe_model_destroy(confsmoe_model *model)
     csm_free(ctx, model->arena.base);
     csm_free(ctx, model->features);
     csm_free(ctx, model);
+    csm_ctx_release(ctx);
 }
 
 static void borrow_all(csm_params *list, const char *prefix, int32_t n, const char *(*name)(const void *, int32_t),
@@ -314,7 +315,7 @@ confsmoe_status confsmoe_model_create(confsmoe_ctx *ctx, const confsmoe_model_pa
     confsmoe_model *model = csm_calloc(ctx, 1, sizeof *model);
     if (!model)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "model_create: out of memory");
-    model->ctx = ctx;
+    model->ctx = csm_ctx_retain(ctx);
     model->p = *p;
     model->tokens_total = (int64_t)p->n_modalities * p->tokens;
     model->features = csm_calloc(ctx, (size_t)p->n_modalities, sizeof *model->features);
@@ -857,7 +858,7 @@ static void residual_forward(confsmoe_model *model, workspace *w)
 
 /* Each modality's gate call returns its own mean loss; weighting them by their share of the
  * present tokens of the global batch makes L_conf the mean over all its present slots, as in
- * MODEL.md (compat: the mean of the calls' means, each over all of its slots). */
+ * docs/MODEL.md, section 6 (compat: the mean of the calls' means, each over all of its slots). */
 static void gate_weights(confsmoe_model *model, const uint8_t *avail, workspace *w)
 {
     const int32_t M = model->p.n_modalities;

@@ -80,22 +80,25 @@ confsmoe_status confsmoe_optim_create(confsmoe_ctx *ctx, const confsmoe_optim_pa
     confsmoe_optim *o = csm_calloc(ctx, 1, sizeof *o);
     if (!o)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "optim_create: out of memory");
-    o->ctx = ctx;
+    o->ctx = csm_ctx_retain(ctx);
     o->p = *p;
     *out = o;
     return CONFSMOE_OK;
 }
 
+/* The registered tensors are not touched: they may be destroyed before the optimizer. */
 void confsmoe_optim_destroy(confsmoe_optim *o)
 {
     if (!o)
         return;
+    confsmoe_ctx *ctx = o->ctx;
     for (size_t i = 0; i < o->n_slots; i++) {
-        csm_free(o->ctx, o->slots[i].m);
-        csm_free(o->ctx, o->slots[i].v);
+        csm_free(ctx, o->slots[i].m);
+        csm_free(ctx, o->slots[i].v);
     }
-    csm_free(o->ctx, o->slots);
-    csm_free(o->ctx, o);
+    csm_free(ctx, o->slots);
+    csm_free(ctx, o);
+    csm_ctx_release(ctx);
 }
 
 confsmoe_status confsmoe_optim_add(confsmoe_optim *o, confsmoe_tensor *param, const confsmoe_tensor *grad)

@@ -87,6 +87,7 @@ static confsmoe_status create(confsmoe_ctx *ctx, const char *fn, confsmoe_dtype 
         }
         t->owned = true;
     }
+    csm_ctx_retain(ctx);
     *out = t;
     return CONFSMOE_OK;
 }
@@ -113,9 +114,11 @@ void confsmoe_tensor_destroy(confsmoe_tensor *t)
 {
     if (!t)
         return;
+    confsmoe_ctx *ctx = t->ctx;
     if (t->owned)
-        csm_free(t->ctx, t->data);
-    csm_free(t->ctx, t);
+        csm_free(ctx, t->data);
+    csm_free(ctx, t);
+    csm_ctx_release(ctx);
 }
 
 confsmoe_dtype confsmoe_tensor_dtype(const confsmoe_tensor *t) { return t ? t->dtype : -1; }

@@ -12,6 +12,7 @@ struct confsmoe_mpi_dp {
     cmpi_stage stage;
 };
 
+/* The borrowed model is not touched: it may be destroyed first. */
 void confsmoe_mpi_dp_destroy(confsmoe_mpi_dp *dp)
 {
     if (!dp)

@@ -9,7 +9,7 @@
 
 struct confsmoe_mpi_gate {
     cmpi_comm comm;
-    confsmoe_ctx *ctx;
+    confsmoe_ctx *ctx;                /* kept alive by the references of gate and experts */
     confsmoe_gate *gate;
     int32_t n_experts, first, count;  /* this rank owns experts first .. first + count - 1 */
     bool confidence;                  /* COMBINE_CONFIDENCE: the loss is L_conf over present slots */
@@ -36,8 +36,10 @@ struct confsmoe_mpi_saved {
     float weight;                     /* this rank's share of the global confidence loss */
 };
 
-/* One training forward's state, kept until the gate's saved handle goes. */
+/* One training forward's state, kept until the gate's saved handle goes (which may be after
+ * the gate: releasing it reads nothing else). */
 typedef struct {
+    int32_t count;                    /* local experts */
     int64_t *got;                     /* [P count] rows from each source for each local expert */
     confsmoe_saved **saved;           /* [count] */
 } exchange_call;
@@ -198,13 +200,14 @@ static confsmoe_status round_trip(confsmoe_mpi_gate *g, const float *rows, float
     return s != CONFSMOE_OK ? s : sent;
 }
 
+/* user, the confsmoe_mpi_gate, may already be destroyed. */
 static void release_call(void *user, void *state)
 {
-    confsmoe_mpi_gate *g = user;
+    (void)user;
     exchange_call *call = state;
     if (!call)
         return;
-    for (int j = 0; call->saved && j < g->count; j++)
+    for (int j = 0; call->saved && j < call->count; j++)
         confsmoe_saved_destroy(call->saved[j]);
     free(call->saved);
     free(call->got);
@@ -222,6 +225,7 @@ static confsmoe_status exchange_forward(void *user, const int64_t *offset, const
     if (training) {
         call = calloc(1, sizeof *call);
         if (call) {
+            call->count = g->count;
             call->saved = calloc((size_t)g->count + 1, sizeof *call->saved);
             call->got = calloc(got_n + 1, sizeof *call->got);
         }
@@ -467,6 +471,7 @@ confsmoe_status confsmoe_mpi_gate_backward(confsmoe_mpi_gate *g, confsmoe_mpi_sa
     return s == CONFSMOE_OK ? s : cmpi_from_ctx(g->ctx, s, "confsmoe_gate_backward");
 }
 
+/* s->g is not read: the gate may be destroyed first. */
 void confsmoe_mpi_saved_destroy(confsmoe_mpi_saved *s)
 {
     if (!s)
