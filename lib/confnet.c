@@ -1,4 +1,5 @@
-/* The per-expert confidence network: LayerNorm (affine), Linear(d, 1), sigmoid.
+/* The per-expert confidence network: LayerNorm (affine), Linear(d, 1), sigmoid
+ * (docs/MODEL.md, section 4.1).
  *
  * With xhat = (y - mean) rstd, LN(y) = xhat gamma + beta and the logit is
  *   v . LN(y) + b = z + (beta . v) + b,   z = sum_c xhat_c (gamma_c v_c),

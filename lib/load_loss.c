@@ -1,4 +1,5 @@
-/* Load-balancing losses: Shazeer's CV^2(importance) + CV^2(load), and 1 / H(mean gate). */
+/* Load-balancing losses: Shazeer's CV^2(importance) + CV^2(load), and 1 / H(mean gate)
+ * (docs/MODEL.md, section 3.4). */
 #include <math.h>
 #include <string.h>
 

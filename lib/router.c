@@ -1,4 +1,5 @@
-/* Router logits (dot product, Gaussian, Laplacian), noisy top-k, and their backward. */
+/* Router logits (dot product, Gaussian, Laplacian), noisy top-k, and their backward
+ * (docs/MODEL.md, section 3). */
 #include <math.h>
 #include <string.h>
 

@@ -202,7 +202,7 @@ static rig rig_new_with(uint64_t seed, int32_t m, const int64_t *features, int64
     return r;
 }
 
-/* The model of the brief: M = 2 with features {5, 3}, d = 8, Adam. */
+/* The default rig: M = 2 with features {5, 3}, d = 8, Adam. */
 static rig rig_new(uint64_t seed)
 {
     return rig_new_with(seed, 2, FEATURES2, 8, 0, CONFSMOE_OPTIM_ADAM, true);

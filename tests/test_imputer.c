@@ -1,4 +1,4 @@
-/* Unit tests of the two-stage imputer (MODEL.md section 4): parameters and their
+/* Unit tests of the two-stage imputer (docs/MODEL.md, section 5): parameters and their
  * validation, initialisation, stage 1 (fill) and stage 2 (forward/backward) against an
  * independent double-precision reference written here with plain loops, argument errors,
  * fault injection and aliasing. Public API only. */
@@ -326,7 +326,7 @@ static void ref_linear(const double *w, const double *b, const double *x, int64_
 }
 
 /* out [B, M S, d] from h [B, M S, d], slots [M, B S, k, d] and avail [B, M]: plain loops
- * over (b, m, s), no batching, the formulas of MODEL.md section 4. */
+ * over (b, m, s), no batching, the formulas of docs/MODEL.md, section 5. */
 static void ref_forward(const refm *r, int64_t B, const double *h, const double *slots, const uint8_t *avail,
                         double *out)
 {

@@ -1,5 +1,5 @@
 /*
- * confsmoe-train: train the Conf-SMoE classifier of MODEL.md section 5 on a dataset folder
+ * confsmoe-train: train the Conf-SMoE classifier of docs/MODEL.md, section 6 on a dataset folder
  * (labels.csv + view<i>_<name>.csv, see dataset.h) under the missing-modality protocol of
  * section 6, select the model on a validation split, and report test accuracy, macro-F1,
  * macro AUROC and the experts' utilisation (stdout, and JSON with --json).
@@ -36,7 +36,7 @@ const char *const ROUTER_GRAD_NAMES[] = {"frozen", "trainable", "score", NULL};
 
 /* ------------------------------------------------------------------ defaults
  *
- * PAPER: the hyper-parameters of MODEL.md section 5 (--paper).
+ * PAPER: the hyper-parameters of docs/MODEL.md, section 6 (--paper).
  * DEFAULTS: the recommended configuration, chosen on validation accuracy at r = 0.3 and 0.5
  * over the three shipped datasets and three seeds (docs/RESULTS.md, section 4): the paper's
  * model and gate with mean imputation, Adam lr 1e-3 and modality dropout 0.4. */
@@ -139,7 +139,7 @@ static void usage(FILE *out)
     fprintf(out,
             "The defaults are the recommended configuration (docs/RESULTS.md): the paper's model with mean\n"
             "imputation, lr 1e-3 and modality dropout 0.4.\n"
-            "--paper: the hyper-parameters of MODEL.md section 5 (d 128, 4 heads, E 8, k 2, dropout 0.1,\n"
+            "--paper: the hyper-parameters of docs/MODEL.md, section 6 (d 128, 4 heads, E 8, k 2, dropout 0.1,\n"
             "Adam lr 3e-4, batch 256, 30 epochs, confidence gate, two-stage imputation, no modality\n"
             "dropout); other flags, wherever they stand, override it.\n"
             "Flags may be given as --flag VALUE or --flag=VALUE. Exit status: 0 ok, 1 library error,\n"

@@ -1,4 +1,4 @@
-/* Splits and the missing-modality protocol of MODEL.md section 6.
+/* Splits and the missing-modality protocol of docs/MODEL.md, section 9.
  *
  * Splits. Samples with no naturally present modality (avail.csv / empty rows) are
  * excluded from every split. With a split file, its 0 rows are train and its 1 rows test;

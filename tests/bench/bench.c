@@ -11,7 +11,7 @@
  *       One confidence-gate call (router softmax, token-level confidence, single-label
  *       target with C classes, frozen router), forward in training mode + backward.
  *   bench model --B b --S s --F f1,f2,.. --d d --h h --E e --k k --C c --missing r
- *       One full training step of the model of MODEL.md section 5: zero_grad, model_step,
+ *       One full training step of the model of docs/MODEL.md, section 6: zero_grad, model_step,
  *       Adam step.
  *
  * Each prints one JSON object on stdout. Times are wall-clock (CLOCK_MONOTONIC), the
@@ -406,7 +406,7 @@ static int run_model(const options *o)
     uint8_t *a = confsmoe_tensor_data(avail);
     int32_t *lab = confsmoe_tensor_data(labels);
     int64_t n_missing = 0;
-    /* MODEL.md section 6: every sample keeps one random modality; the other cells drop with p = missing. */
+    /* docs/MODEL.md, section 9: every sample keeps one random modality; the other cells drop with p = missing. */
     for (int64_t b = 0; b < B; b++) {
         int32_t keep = (int32_t)(urand() * M) % M;
         for (int32_t m = 0; m < M; m++) {

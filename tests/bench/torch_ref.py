@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """The PyTorch side of the libconfsmoe benchmark: the same math in eager mode, float32.
 
-An independent implementation written from docs/MODEL.md (sections 1-5) with plain torch
+An independent implementation written from docs/MODEL.md (sections 1-6) with plain torch
 ops and autograd; it shares no code or parameters with the library (the benchmark compares
 speed, tests/parity/ compares values). It is written the way a PyTorch user would write it:
 one batched call per expert over its tokens (argsort by expert, split), a ConfNet per
@@ -38,7 +38,7 @@ def status_mb(field):
 
 
 class Expert(nn.Module):
-    """E_i(z) = W2 GELU(W1 z + b1) + b2, exact erf GELU (MODEL.md section 1)."""
+    """E_i(z) = W2 GELU(W1 z + b1) + b2, exact erf GELU (docs/MODEL.md, section 2)."""
 
     def __init__(self, d, h):
         super().__init__()
@@ -50,7 +50,7 @@ class Expert(nn.Module):
 
 
 class ConfNet(nn.Module):
-    """c = sigmoid(v . LN(y) + beta), LN with affine (MODEL.md section 3)."""
+    """c = sigmoid(v . LN(y) + beta), LN with affine (docs/MODEL.md, section 4)."""
 
     def __init__(self, d):
         super().__init__()
@@ -68,7 +68,7 @@ class ConfGate(nn.Module):
         super().__init__()
         self.E, self.k, self.d = E, k, d
         bound = 1.0 / math.sqrt(E)
-        # The confidence gate's router gets no gradient (MODEL.md section 3): a buffer.
+        # The confidence gate's router gets no gradient (docs/MODEL.md, section 4): a buffer.
         self.register_buffer("router_w", torch.empty(d, E).uniform_(-bound, bound))
         self.experts = nn.ModuleList([Expert(d, h) for _ in range(E)])
         self.conf = nn.ModuleList([ConfNet(d) for _ in range(E)])
@@ -110,7 +110,7 @@ class ConfGate(nn.Module):
 
 
 class Model(nn.Module):
-    """MODEL.md section 5: encoders, MHA, per-modality Conf-MoE, two-stage imputation, readout."""
+    """docs/MODEL.md, section 6: encoders, MHA, per-modality Conf-MoE, two-stage imputation, readout."""
 
     def __init__(self, feats, S, d, h, E, k, C, heads=4, dropout=0.1, draws=10):
         super().__init__()
@@ -141,7 +141,7 @@ class Model(nn.Module):
 
     def stage_two(self, Hm, slots, avail):
         """For every missing (b, m): top-T sparse cross-attention over the slots of the
-        present modalities of b (MODEL.md section 4), then LayerNorm."""
+        present modalities of b (docs/MODEL.md, section 5), then LayerNorm."""
         M, S, d = self.M, self.S, self.d
         T = max(1, ((M - 1) * S) // 4)
         out = list(Hm)

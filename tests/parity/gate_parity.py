@@ -4,7 +4,7 @@
 Run:
     CONFSMOE_LIBRARY=/path/to/libconfsmoe.so BLIS_NUM_THREADS=1 /usr/bin/python3 tests/parity/gate_parity.py -v
 
-The PyTorch side is written from docs/MODEL.md (sections 1-3) and the comments of
+The PyTorch side is written from docs/MODEL.md (sections 1-4) and the comments of
 include/confsmoe.h only, never from lib/gate.c, lib/router.c, lib/confnet.c or
 lib/load_loss.c. It uses plain torch ops and autograd in float64, starting from the
 library's own float32 parameters (read through confsmoe_*_param).

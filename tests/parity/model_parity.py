@@ -4,7 +4,7 @@
 Run:
     CONFSMOE_LIBRARY=/path/to/libconfsmoe.so BLIS_NUM_THREADS=1 /usr/bin/python3 tests/parity/model_parity.py -v
 
-The PyTorch side is written from docs/MODEL.md (sections 1-5) and the comments of
+The PyTorch side is written from docs/MODEL.md (sections 1-6) and the comments of
 include/confsmoe.h only (the "model", "imputer" and "gate" sections), never from
 lib/model.c, lib/imputer.c or lib/gate.c. It uses plain torch ops and autograd in
 float64, starting from the library's own float32 parameters, read by name through
@@ -21,7 +21,7 @@ Exception: the key biases (attn.k.b, and imputer.kv.b with separate_value) have 
 analytically zero gradient (a softmax row is invariant to q . b_k); both sides hold only
 rounding noise, so their difference is scaled by the key weight's gradient instead.
 
-The reference model (MODEL.md section 5 as the header documents it):
+The reference model (docs/MODEL.md, section 6 as the header documents it):
     stage 1: missing x_m[b] = pool mean (IMPUTE_MEAN), or the mean of `draws` distinct pool
              rows (TWO_STAGE; the test's pools have identical rows so the draws do not matter)
     tokens_m = x_m W_m^T + b_m;  X = concat_m tokens_m (l = m S + s) + pos
