@@ -5,11 +5,13 @@
 # builds libconfsmoe_mpi: -Dmpi=enabled). Without it MPI is built in when already installed.
 set -euo pipefail
 cd "$(dirname "$0")"
+trap 'echo "bootstrap: FAILED at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 packages=(gcc g++ pkg-config meson ninja-build libblis-dev check)
 options=()
 if [ "${1:-}" = "--tests" ]; then
+    # clang-14 finds omp.h (which blis.h includes) only through libomp-14-dev.
     packages+=(valgrind python3-numpy python3-torch python3-venv abigail-tools clang libclang-rt-14-dev llvm-14
-               libopenmpi-dev openmpi-bin)
+               libomp-14-dev libopenmpi-dev openmpi-bin)
     # The test build always has libconfsmoe_mpi and its mpi suite (docs/DISTRIBUTED.md).
     options+=(-Dmpi=enabled)
     shift
@@ -29,7 +31,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ -f "$build/build.ninja" ]; then
-    meson setup --reconfigure "$build" ${options[@]+"${options[@]}"} >/dev/null
+    meson setup --reconfigure "$build" ${options[@]+"${options[@]}"}
 else
     meson setup "$build" ${options[@]+"${options[@]}"}
 fi

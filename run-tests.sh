@@ -3,6 +3,8 @@
 # valgrind, ASan + UBSan and TSan, then the fuzzers; zero reports required.
 set -euo pipefail
 cd "$(dirname "$0")"
+# A failing step names itself; its tool has printed the error above.
+trap 'echo "run-tests: FAILED at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 build=${BUILD_DIR:-build-tests}
 ./bootstrap.sh --tests "$build"
 export BLIS_NUM_THREADS=1
