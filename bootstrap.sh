@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 trap 'echo "bootstrap: FAILED at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
-packages=(gcc g++ pkg-config meson ninja-build libblis-dev check)
+# dpkg-dev: meson asks dpkg-architecture for Debian's multiarch libdir (lib/x86_64-linux-gnu);
+# without it, it installs into lib64, which neither the loader nor pkg-config searches.
+packages=(gcc g++ pkg-config meson ninja-build libblis-dev check dpkg-dev)
 options=()
 if [ "${1:-}" = "--tests" ]; then
     # clang-14 finds omp.h (which blis.h includes) only through libomp-14-dev.
