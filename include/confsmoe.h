@@ -26,8 +26,12 @@
  *   status on failure, with a precise message in confsmoe_ctx_last_error().
  *   A failed call changes no state. The library never aborts or exits.
  * - Threads: use a ctx (and everything created from it, destroy included) from
- *   one thread at a time. Different ctxs may be used concurrently. BLIS threading
- *   follows the host's BLIS_NUM_THREADS / OMP_NUM_THREADS.
+ *   one thread at a time. Different ctxs may be used concurrently. A ctx may run
+ *   its work on threads of the library's own as well (confsmoe_ctx_params.n_threads;
+ *   the environment variable CONFSMOE_NUM_THREADS is the fallback when it is 0):
+ *   the calling thread's OpenMP team, or a pool of the ctx's own, started at first
+ *   use (docs/API.md, "Threads"). BLIS threading follows the host's
+ *   BLIS_NUM_THREADS / OMP_NUM_THREADS outside them.
  * - Tensors are dense, row-major and contiguous. Dimensions are int64_t.
  * - Options structs are sized: each starts with size_t struct_size, the size of the
  *   struct the caller was compiled with. confsmoe_X_params_init(p) is a macro that
@@ -69,6 +73,27 @@ extern "C" {
 /* 0 is success. Negative values are errors; they are pinned and never renumbered. */
 typedef int32_t confsmoe_status;
 
+/* Every status, in order: X(NAME, VALUE, TEXT) for the macro CONFSMOE_<NAME>, its pinned value
+ * and the text of confsmoe_status_string (an X-macro, as libuv's UV_ERRNO_MAP). The library, the
+ * bindings and docs/API.md follow this list: lib/status.c does not compile if a macro below
+ * differs from it, and tests/abi/check_constants.py compares the bindings and the docs with it.
+ * A new status goes here and below. */
+#define CONFSMOE_STATUS_MAP(X)                      \
+    X(OK, 0, "ok")                                  \
+    X(E_INVALID_ARGUMENT, -1, "invalid argument")   \
+    X(E_SHAPE, -2, "shape mismatch")                \
+    X(E_DTYPE, -3, "wrong dtype")                   \
+    X(E_NOMEM, -4, "out of memory")                 \
+    X(E_STATE, -5, "invalid state")                 \
+    X(E_UNSUPPORTED, -6, "unsupported")             \
+    X(E_NUMERIC, -7, "non-finite value")            \
+    X(E_VERSION, -8, "version mismatch")            \
+    X(E_INTERNAL, -9, "internal error")             \
+    X(E_IO, -10, "i/o error")                       \
+    X(E_FORMAT, -11, "bad file format")             \
+    X(E_COMM, -12, "communication error")
+
+/* The same values as plain macros, usable in #if. */
 #define CONFSMOE_OK                0
 #define CONFSMOE_E_INVALID_ARGUMENT (-1) /* NULL pointer, out-of-range value */
 #define CONFSMOE_E_SHAPE           (-2)  /* dimensions do not fit together */
@@ -133,6 +158,13 @@ typedef struct confsmoe_ctx_params {
                                             in its function pointers if given, and
                                             stays in use until the last object of
                                             the ctx is destroyed. */
+    int32_t n_threads;           /* how many threads the calls on this ctx's objects
+                                    run on, the calling thread included: 1 = none
+                                    of the library's own; at most 64. 0 (default):
+                                    the environment variable CONFSMOE_NUM_THREADS as
+                                    it is at create (capped at 64), else 1. Results
+                                    do not depend on it (docs/API.md, "Threads").
+                                    Since 0.2.0. */
 } confsmoe_ctx_params;
 
 /* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
@@ -641,6 +673,34 @@ typedef struct confsmoe_gate_exchange {
 CONFSMOE_API confsmoe_status confsmoe_gate_create_exchange(confsmoe_ctx *ctx, const confsmoe_gate_params *p,
                                                            int32_t n_experts, const confsmoe_gate_exchange *exchange,
                                                            confsmoe_gate **out);
+
+/* Host memory for a tensor, e.g. a layer's parameter or gradient (confsmoe_X_param / _grad):
+ * from then on t reads and writes `data`, as a wrapped tensor does, and its contents are used as
+ * they are (nothing is copied). Memory the library had allocated for t is freed, so views of it
+ * taken before must not be used. data must hold confsmoe_tensor_nbytes(t) bytes, be aligned to
+ * the element size, and stay valid while t is used; it may be NULL only when t has no elements.
+ * Layers read their parameters' and gradients' memory at every call, so a layer computes with
+ * and accumulates into the host's memory from its next call (a training forward's saved handle
+ * holds no parameter memory). This is how a host framework keeps one copy of the weights, in its
+ * own buffers (the PyTorch bridge, bindings/python/confsmoe/_torch_native.py). */
+CONFSMOE_API confsmoe_status confsmoe_tensor_set_data(confsmoe_tensor *t, void *data);
+/* confsmoe_tensor_set_data of n >= 1 tensors into one host block: tensors[i] gets
+ * (char *)base + offsets[i] bytes. Every tensor is checked before any changes, so a failed
+ * call changes none. One call re-points all of a layer's parameters or gradients. */
+CONFSMOE_API confsmoe_status confsmoe_tensors_set_data(confsmoe_tensor *const *tensors, int32_t n, void *base,
+                                                       const size_t *offsets);
+
+/* Memory from a ctx's allocator, for a library built on libconfsmoe (libconfsmoe_mpi), so that a
+ * host allocator (confsmoe_ctx_params.allocator) sees its blocks too. confsmoe_ctx_calloc returns
+ * count * size zeroed bytes, 64-byte aligned, or NULL for a NULL ctx, when out of memory or when
+ * the product overflows. A block holds a reference to ctx, as an object does: the ctx lives until
+ * the last block is given to confsmoe_ctx_free (NULL ptr: nothing). Both accept a ctx whose handle
+ * the host has destroyed while objects or blocks of it remain, and run on the ctx's thread, as
+ * object calls do. */
+CONFSMOE_API void *confsmoe_ctx_calloc(confsmoe_ctx *ctx, size_t count, size_t size);
+CONFSMOE_API void confsmoe_ctx_free(confsmoe_ctx *ctx, void *ptr);
+/* The ctx g was created from (NULL for NULL); a model's is that of confsmoe_model_gate(model). */
+CONFSMOE_API confsmoe_ctx *confsmoe_gate_ctx(const confsmoe_gate *g);
 #endif /* CONFSMOE_EXPERIMENTAL */
 
 #ifdef __cplusplus

@@ -17,6 +17,14 @@
  *   of aborting the job.
  * - MPI must be initialised (MPI_Init or MPI_Init_thread) before any call, and finalised
  *   by the host after every object of this library is destroyed.
+ * - One release: the library calls libconfsmoe's experimental hooks, which may change in any
+ *   release, so it runs only with the libconfsmoe it was built against (confsmoe-mpi.pc pins
+ *   it). confsmoe_mpi_dp_create, confsmoe_mpi_gate_create and confsmoe_mpi_gate_stats_get
+ *   give CONFSMOE_E_VERSION when the loaded libconfsmoe is another release.
+ * - Memory: every block the library holds comes from the ctx of the objects it serves (a
+ *   model's, a gate's), so a host allocator (confsmoe_ctx_params.allocator) sees it. Each
+ *   block holds a reference to that ctx, as libconfsmoe's objects do: confsmoe.h's
+ *   destruction in any order holds here too.
  */
 #ifndef CONFSMOE_MPI_H
 #define CONFSMOE_MPI_H

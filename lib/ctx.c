@@ -1,4 +1,4 @@
-/* The context: allocator, error text, logging, and the RNG seed. */
+/* The context: allocator, error text, logging, the RNG seed and the thread count. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -6,6 +6,7 @@
 #include "internal.h"
 #include "kernels.h"
 #include "sized.h"
+#include "threads.h"
 
 static void ctx_defaults(confsmoe_ctx_params *p)
 {
@@ -187,6 +188,8 @@ confsmoe_status confsmoe_ctx_create(const confsmoe_ctx_params *p, confsmoe_ctx *
         return CONFSMOE_E_INVALID_ARGUMENT;
     if (p->check_finite != 0 && p->check_finite != 1)
         return CONFSMOE_E_INVALID_ARGUMENT;
+    if (p->n_threads < 0 || p->n_threads > CSM_MAX_THREADS)
+        return CONFSMOE_E_INVALID_ARGUMENT;
 
     confsmoe_ctx *ctx = raw_alloc(p->allocator, sizeof *ctx);
     if (!ctx)
@@ -203,8 +206,14 @@ confsmoe_status confsmoe_ctx_create(const confsmoe_ctx_params *p, confsmoe_ctx *
     ctx->log_level = p->log_level;
     ctx->log_fn = p->log_fn;
     ctx->log_user = p->log_user;
+    ctx->threads = p->n_threads > 0 ? p->n_threads : csm_threads_from_env();
     csm_rng_seed(ctx, p->seed);
     ctx->refs = 1; /* the host's */
+    const confsmoe_status s = csm_threads_ctx_init(ctx);
+    if (s != CONFSMOE_OK) {
+        csm_ctx_release(ctx); /* the only reference: frees the ctx */
+        return s;
+    }
     *out = ctx;
     return CONFSMOE_OK;
 }
@@ -219,6 +228,7 @@ void csm_ctx_release(confsmoe_ctx *ctx)
 {
     if (--ctx->refs > 0)
         return;
+    csm_threads_ctx_release(ctx);
     if (ctx->has_allocator) {
         ctx->allocator.free(ctx->allocator.user, ctx);
         return;
@@ -326,4 +336,21 @@ void csm_free(confsmoe_ctx *ctx, void *ptr)
         ctx->allocator.free(ctx->allocator.user, ptr);
     else
         default_free(ctx, ptr);
+}
+
+/* A library built on libconfsmoe allocates as an object would: each block holds a reference. */
+void *confsmoe_ctx_calloc(confsmoe_ctx *ctx, size_t count, size_t size)
+{
+    void *p = ctx ? csm_calloc(ctx, count, size) : NULL;
+    if (p)
+        csm_ctx_retain(ctx);
+    return p;
+}
+
+void confsmoe_ctx_free(confsmoe_ctx *ctx, void *ptr)
+{
+    if (!ctx || !ptr)
+        return;
+    csm_free(ctx, ptr);
+    csm_ctx_release(ctx);
 }

@@ -128,45 +128,6 @@ static inline void phi_both(float a, float *cdf, float *pdf)
 }
 
 CSM_SIMD_CLONES
-void csm_gelu_forward(const float *restrict a, float *restrict out, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + CSM_CHUNK <= n; i += CSM_CHUNK)
-        for (int l = 0; l < CSM_CHUNK; l++) {
-            float cdf, pdf, v = a[i + l];
-            phi_both(v, &cdf, &pdf);
-            out[i + l] = v * cdf;
-        }
-    for (; i < n; i++) {
-        float cdf, pdf;
-        phi_both(a[i], &cdf, &pdf);
-        out[i] = a[i] * cdf;
-    }
-}
-
-/* da may alias dout (in place); a may not alias da. */
-CSM_SIMD_CLONES
-void csm_gelu_backward(const float *restrict a, const float *dout, float *da, int64_t n)
-{
-    int64_t i = 0;
-    for (; i + CSM_CHUNK <= n; i += CSM_CHUNK) {
-        float g[CSM_CHUNK];
-        for (int l = 0; l < CSM_CHUNK; l++) {
-            float cdf, pdf, v = a[i + l];
-            phi_both(v, &cdf, &pdf);
-            g[l] = cdf + v * pdf;
-        }
-        for (int l = 0; l < CSM_CHUNK; l++)
-            da[i + l] = dout[i + l] * g[l];
-    }
-    for (; i < n; i++) {
-        float cdf, pdf;
-        phi_both(a[i], &cdf, &pdf);
-        da[i] = dout[i] * (cdf + a[i] * pdf);
-    }
-}
-
-CSM_SIMD_CLONES
 static void bias_gelu_grad(float *restrict buf, const float *restrict bias, float *restrict act, int64_t rows,
                            int64_t cols)
 {

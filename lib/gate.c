@@ -14,6 +14,7 @@
 #include "params.h"
 #include "router.h"
 #include "sized.h"
+#include "threads.h"
 #include "usage.h"
 
 #define NAME_CAP CSM_PARAM_NAME_CAP
@@ -27,7 +28,7 @@ struct confsmoe_gate {
     confsmoe_gate_exchange exchange; /* where the experts run when experts is NULL */
     int64_t shard_first, shard_total; /* the next calls' tokens in their global batch (total 0: not a shard) */
     csm_router router;
-    csm_confnet *confnets;        /* [E] under CONFIDENCE, views of the parameters */
+    int32_t conf_first;           /* under CONFIDENCE, the index in params of conf.0.ln.weight */
     confsmoe_tensor *target_w, *target_b, *target_dw, *target_db;
     csm_params params;
     csm_usage last, total;
@@ -186,7 +187,6 @@ void confsmoe_gate_destroy(confsmoe_gate *g)
     csm_usage_free(ctx, &g->mark_last);
     csm_usage_free(ctx, &g->mark_total);
     csm_free(ctx, g->router.per_expert);
-    csm_free(ctx, g->confnets);
     csm_free(ctx, g->experts);
     csm_free(ctx, g);
     csm_ctx_release(ctx);
@@ -220,16 +220,14 @@ static confsmoe_status build(confsmoe_gate *g)
     if (!confidence)
         return CONFSMOE_OK;
 
-    g->confnets = csm_calloc(ctx, (size_t)E, sizeof *g->confnets);
-    if (!g->confnets)
-        return CONFSMOE_E_NOMEM;
+    g->conf_first = g->params.count;
     for (int32_t e = 0; e < E && s == CONFSMOE_OK; e++) {
         static const char *const parts[CONFNET_PARAMS] = {"ln.weight", "ln.bias", "w", "b"};
-        confsmoe_tensor *param[CONFNET_PARAMS], *grad[CONFNET_PARAMS];
+        confsmoe_tensor *param[CONFNET_PARAMS], *grad;
         for (int i = 0; i < CONFNET_PARAMS && s == CONFSMOE_OK; i++) {
             char name[NAME_CAP];
             snprintf(name, sizeof name, "conf.%" PRId32 ".%s", e, parts[i]);
-            s = add_param(g, name, 1, i == 3 ? 1 : p->d, 0, &param[i], &grad[i]);
+            s = add_param(g, name, 1, i == 3 ? 1 : p->d, 0, &param[i], &grad);
         }
         if (s != CONFSMOE_OK)
             break;
@@ -237,8 +235,6 @@ static confsmoe_status build(confsmoe_gate *g)
             csm_f32(param[0])[i] = 1.0f;
         csm_fill_uniform(ctx, param[2], 1.0f / sqrtf((float)p->d));
         csm_fill_uniform(ctx, param[3], 1.0f / sqrtf((float)p->d));
-        g->confnets[e] = (csm_confnet){csm_f32(param[0]), csm_f32(param[1]), csm_f32(param[2]), csm_f32(param[3]),
-                                       csm_f32(grad[0]),  csm_f32(grad[1]),  csm_f32(grad[2]),  csm_f32(grad[3])};
     }
     if (s == CONFSMOE_OK)
         s = add_param(g, "target.w", 2, p->n_classes, p->d, &g->target_w, &g->target_dw);
@@ -335,6 +331,8 @@ int64_t csm_gate_noise_draws(const confsmoe_gate *g, int64_t tokens)
 }
 
 int32_t confsmoe_gate_n_experts(const confsmoe_gate *g) { return g ? g->n_experts : -1; }
+
+confsmoe_ctx *confsmoe_gate_ctx(const confsmoe_gate *g) { return g ? g->ctx : NULL; }
 
 int32_t confsmoe_gate_k(const confsmoe_gate *g) { return g ? g->p.k : -1; }
 
@@ -647,13 +645,24 @@ static void combine_rows(void *arg, int64_t first, int64_t last, int worker)
     }
 }
 
+/* Expert e's ConfNet over its parameter tensors, read at every call: their memory may be the
+ * host's (confsmoe_tensor_set_data). */
+static csm_confnet confnet_of(const confsmoe_gate *g, int32_t e)
+{
+    confsmoe_tensor *const *w = g->params.param + g->conf_first + CONFNET_PARAMS * e;
+    confsmoe_tensor *const *dw = g->params.grad + g->conf_first + CONFNET_PARAMS * e;
+    return (csm_confnet){csm_f32(w[0]), csm_f32(w[1]), csm_f32(w[2]), csm_f32(w[3]),
+                         csm_f32(dw[0]), csm_f32(dw[1]), csm_f32(dw[2]), csm_f32(dw[3])};
+}
+
 /* c per slot of expert e's block from its ConfNet: the slot's own value, or the expert's
  * mean. scratch holds d floats. */
 static void confidence_block(confsmoe_gate *g, gate_saved *s, int32_t e, float *scratch)
 {
     const int64_t d = g->p.d, begin = s->offset[e], rows = s->offset[e + 1] - begin;
     csm_confnet_cache cache = {s->cache.mean + begin, s->cache.rstd + begin, s->cache.z + begin};
-    csm_confnet_forward(&g->confnets[e], s->yb + begin * d, rows, d, s->s + begin, &cache, scratch);
+    const csm_confnet net = confnet_of(g, e);
+    csm_confnet_forward(&net, s->yb + begin * d, rows, d, s->s + begin, &cache, scratch);
     double mean = 0.0;
     for (int64_t r = begin; r < begin + rows; r++)
         mean += s->s[r];
@@ -779,7 +788,7 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     /* Experts, one batch each. */
     dispatch(g, s);
     size_t rows_max, rows_h_max, per_worker = 0, scratch_bytes = 0;
-    const int workers = csm_parallel_workers(E);
+    const int workers = csm_parallel_workers(g->ctx, E);
     bool ok = expert_sizes(g, s, &rows_max, &rows_h_max);
     float *kept = ok && training && g->experts ? alloc_kept(g, s) : NULL, *scratch = NULL;
     ok = ok && (!training || !g->experts || kept);
@@ -805,12 +814,12 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
         return st;
     }
     forward_task task = {g, s, xin, scratch, gathered, per_worker + rows_h_max + (size_t)d};
-    csm_parallel_for(E, 1, expert_forward_task, &task);
+    csm_parallel_for(g->ctx, E, 1, expert_forward_task, &task);
     csm_lent_free(g->ctx, g->arena, scratch, scratch_bytes);
 
     /* Combine: y_t = sum_j weight_tj y_tj, each output row written once. */
     combine_task ct = {g, s, confidence ? s->c : s->g, csm_f32(y)};
-    csm_parallel_for(n, TOKEN_GRAIN, combine_rows, &ct);
+    csm_parallel_for(g->ctx, n, TOKEN_GRAIN, combine_rows, &ct);
 
     float conf = training && confidence ? confidence_loss(g, s) : 0.0f;
     float total = g->p.conf_loss_weight * conf;
@@ -1044,8 +1053,8 @@ static void expert_block_backward(confsmoe_gate *g, gate_saved *s, int32_t e, co
             w->ds[r] = g->p.confidence == CONFSMOE_CONFIDENCE_EXPERT ? (float)(sum / (double)rows)
                                                                       : w->dc[s->slot_of[r]];
         const csm_confnet_cache cache = {s->cache.mean + begin, s->cache.rstd + begin, s->cache.z + begin};
-        csm_confnet_backward(&g->confnets[e], s->yb + begin * d, rows, d, s->s + begin, w->ds + begin, &cache,
-                             dyb, ws->net);
+        const csm_confnet net = confnet_of(g, e);
+        csm_confnet_backward(&net, s->yb + begin * d, rows, d, s->s + begin, w->ds + begin, &cache, dyb, ws->net);
     }
     if (!g->experts)
         return; /* the exchange runs the expert's backward */
@@ -1127,7 +1136,7 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
      * workers, the experts' input gradients are kept in block order and summed afterwards in
      * the order one worker would have used, so the result does not depend on the threads. */
     const bool own_dx = dx && (overlaps(dx, dy) || overlaps(dx, dslots));
-    const int workers = csm_parallel_workers(g->n_experts);
+    const int workers = csm_parallel_workers(g->ctx, g->n_experts);
     /* An exchange always returns the experts' input gradients, so that every participant of a
      * collective exchange makes the same calls whether or not its host wants dx. */
     const bool block_dx = !g->experts || (dx && workers > 1);
@@ -1145,7 +1154,7 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
     const float loss_scale = loss_active ? dloss * g->p.conf_loss_weight * 2.0f / s->den : 0.0f;
     backward_task task = {g, s, csm_f32(dy), dslots ? csm_f32(dslots) : NULL, loss_scale, loss_active, gx,
                           block_dx ? w.dxb : NULL, &w};
-    csm_parallel_for(g->n_experts, 1, expert_backward_task, &task);
+    csm_parallel_for(g->ctx, g->n_experts, 1, expert_backward_task, &task);
     if (!g->experts) {
         char error[EXCHANGE_ERROR_CAP] = "";
         st = g->exchange.backward(g->exchange.user, s->call, s->offset, w.dyblock, w.dxb, error, sizeof error);
@@ -1163,7 +1172,7 @@ confsmoe_status confsmoe_gate_backward(confsmoe_gate *g, confsmoe_saved *saved, 
             }
         } else {
             scatter_task st = {g, s, w.dxb, gx};
-            csm_parallel_for(n, TOKEN_GRAIN, scatter_rows, &st);
+            csm_parallel_for(g->ctx, n, TOKEN_GRAIN, scatter_rows, &st);
         }
     }
     if (loss_active && !g->p.detach_target) {

@@ -1,31 +1,9 @@
-/* Every matrix product of the library goes through BLIS here, and so does the library's
- * own (opt-in) threading, so that the two compose. */
-#define _GNU_SOURCE /* RTLD_DEFAULT */
+/* Every matrix product of the library goes through BLIS here. */
 #include <blis.h>
-#include <dlfcn.h>
-#include <pthread.h>
-#include <stdatomic.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
-
-/* libgomp is not built with ThreadSanitizer, so TSan cannot see that GOMP_parallel starts its
- * team after the job is written and returns only after every member is done. These two
- * annotations state exactly that (tests/sanitize/run tsan); they are nothing elsewhere. */
-#if defined(__SANITIZE_THREAD__)
-void __tsan_acquire(void *addr);
-void __tsan_release(void *addr);
-#define CSM_TSAN_ACQUIRE(p) __tsan_acquire(p)
-#define CSM_TSAN_RELEASE(p) __tsan_release(p)
-#else
-#define CSM_TSAN_ACQUIRE(p) ((void)0)
-#define CSM_TSAN_RELEASE(p) ((void)0)
-#endif
-
-/* Inside a worker of csm_parallel_for, BLIS runs single-threaded: the workers already
- * occupy the cores that BLIS_NUM_THREADS would have used. */
-static _Thread_local bool in_worker;
+#include "threads.h"
 
 /* Products with m n k at most this are computed here: a BLIS call costs a few microseconds
  * of framework overhead (object setup, checks, packing), which is more than the arithmetic of
@@ -124,7 +102,9 @@ void csm_gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
     /* team is -1 when the host gave BLIS per-loop ways (BLIS_JC_NT, ...) instead of a count:
      * those are kept unless the product is worth one thread only. */
     const dim_t team = bli_rntm_num_threads(&rntm);
-    int64_t useful = in_worker ? 1 : m * n * k / MNK_PER_BLIS_THREAD;
+    /* Inside a worker of the library's own threads, one BLIS thread: the workers already occupy
+     * the cores that BLIS's team would have used (threads.h). */
+    int64_t useful = csm_threads_in_worker() ? 1 : m * n * k / MNK_PER_BLIS_THREAD;
     if (useful < 1)
         useful = 1;
     if (team < 1 ? useful == 1 : useful < team)
@@ -139,127 +119,4 @@ void csm_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float
               const float *b, float beta, float *c)
 {
     csm_gemm_ld(trans_a, trans_b, m, n, k, alpha, a, trans_a ? m : k, b, trans_b ? k : n, beta, c, n);
-}
-
-/* ------------------------------------------------------------------ own threads (opt-in) */
-
-int csm_num_threads(void)
-{
-    /* Read once: CONFSMOE_NUM_THREADS, default 1 (no threads of our own). Capped at 64. */
-    static atomic_int cached = 0;
-    int n = atomic_load(&cached);
-    if (n == 0) {
-        const char *v = getenv("CONFSMOE_NUM_THREADS");
-        long parsed = v ? strtol(v, NULL, 10) : 1;
-        n = parsed < 1 ? 1 : parsed > 64 ? 64 : (int)parsed;
-        atomic_store(&cached, n);
-    }
-    return n;
-}
-
-typedef struct {
-    csm_task_fn fn;
-    void *arg;
-    int64_t n, grain;
-    atomic_llong next;
-} pool_job;
-
-static void run_items(pool_job *job, int worker)
-{
-    const bool outer = in_worker;
-    in_worker = true;
-    for (;;) {
-        const int64_t begin = (int64_t)atomic_fetch_add(&job->next, (long long)job->grain);
-        if (begin >= job->n)
-            break;
-        const int64_t end = begin + job->grain < job->n ? begin + job->grain : job->n;
-        job->fn(job->arg, begin, end, worker);
-    }
-    in_worker = outer;
-}
-
-/* With the OpenMP build of BLIS (Debian's default), libgomp is in the process: the workers
- * are then its thread team, the very threads BLIS runs on, so no thread is created per call
- * and none competes with an idle BLIS thread still spinning for work. The entry points are
- * looked up at run time (GOMP_parallel is the call GCC emits for "omp parallel"), because
- * the library itself is not built with OpenMP; without them, plain threads are started. */
-typedef void (*gomp_parallel_fn)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
-typedef int (*omp_thread_num_fn)(void);
-
-typedef struct {
-    pool_job *job;
-    omp_thread_num_fn thread_num;
-} gomp_job;
-
-static void gomp_body(void *p)
-{
-    CSM_TSAN_ACQUIRE(p);
-    gomp_job *g = p;
-    run_items(g->job, g->thread_num());
-    CSM_TSAN_RELEASE(p);
-}
-
-typedef struct {
-    pool_job *job;
-    int worker;
-} thread_arg;
-
-static void *thread_main(void *p)
-{
-    thread_arg *a = p;
-    run_items(a->job, a->worker);
-    return NULL;
-}
-
-int csm_parallel_workers(int64_t n)
-{
-    int t = in_worker ? 1 : csm_num_threads();
-    return n < t ? (n < 1 ? 1 : (int)n) : t;
-}
-
-void csm_parallel_for(int64_t n, int64_t grain, csm_task_fn fn, void *arg)
-{
-    const int t = csm_parallel_workers(n);
-    pool_job job = {fn, arg, n, grain < 1 ? 1 : grain, 0};
-    if (t <= 1) {
-        for (int64_t begin = 0; begin < n; begin += job.grain)
-            fn(arg, begin, begin + job.grain < n ? begin + job.grain : n, 0);
-        return;
-    }
-    static _Atomic(gomp_parallel_fn) gomp_parallel;
-    static _Atomic(omp_thread_num_fn) thread_num;
-    static atomic_int looked_up;
-    if (!atomic_load(&looked_up)) {
-        void *a = dlsym(RTLD_DEFAULT, "GOMP_parallel"), *b = dlsym(RTLD_DEFAULT, "omp_get_thread_num");
-        if (a && b) {
-            /* Object to function pointer: the POSIX way of dlsym. */
-            gomp_parallel_fn fa;
-            omp_thread_num_fn fb;
-            memcpy(&fa, &a, sizeof fa);
-            memcpy(&fb, &b, sizeof fb);
-            atomic_store(&gomp_parallel, fa);
-            atomic_store(&thread_num, fb);
-        }
-        atomic_store(&looked_up, 1);
-    }
-    gomp_parallel_fn gp = atomic_load(&gomp_parallel);
-    if (gp) {
-        gomp_job g = {&job, atomic_load(&thread_num)};
-        CSM_TSAN_RELEASE(&g);
-        gp(gomp_body, &g, (unsigned)t, 0);
-        CSM_TSAN_ACQUIRE(&g);
-        return;
-    }
-    pthread_t tid[64];
-    thread_arg args[64];
-    int started = 0;
-    for (int i = 1; i < t; i++) {
-        args[i] = (thread_arg){&job, i};
-        if (pthread_create(&tid[i], NULL, thread_main, &args[i]) != 0)
-            break; /* fewer workers: the items left still run, here */
-        started = i;
-    }
-    run_items(&job, 0);
-    for (int i = 1; i <= started; i++)
-        pthread_join(tid[i], NULL);
 }

@@ -33,6 +33,8 @@ struct confsmoe_ctx {
     void *log_user;
     uint64_t rng_key;
     uint64_t rng_counter;
+    int32_t threads;                  /* of the library's own (threads.h), fixed at create */
+    struct csm_thread_pool *pool;     /* threads.c's, when threads > 1 (not with OpenMP) */
     char last_error[CSM_ERROR_CAP];
     /* The host's reference (until confsmoe_ctx_destroy) and one per object that frees through
      * the ctx: tensor, expert, gate, imputer, optimizer, model and saved handle. The last one
@@ -95,8 +97,7 @@ csm_substream csm_rng_substream(const confsmoe_ctx *ctx, uint64_t base, uint64_t
 uint64_t csm_substream_u64(csm_substream *s);
 float csm_substream_uniform(csm_substream *s, float lo, float hi);  /* [lo, hi) */
 
-/* tensor.c: an f32 matrix constructor and argument checks for entry points. */
-confsmoe_status csm_tensor_new_2d(confsmoe_ctx *ctx, int64_t rows, int64_t cols, confsmoe_tensor **out);
+/* tensor.c: a tensor's f32 data, and argument checks for entry points. */
 static inline float *csm_f32(const confsmoe_tensor *t) { return (float *)t->data; }
 /* The tensor is non-NULL, of dtype and ndim, and each dims[i] >= 0 matches.
  * `fn` and `name` prefix the error ("expert_forward: x ..."). */

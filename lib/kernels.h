@@ -36,17 +36,6 @@ void csm_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float
 void csm_gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                  int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 
-/* The library's own threads: opt-in with CONFSMOE_NUM_THREADS=n (read once; default 1,
- * none). csm_parallel_for runs fn over [0, n) in chunks of `grain` items, claimed in order
- * by up to csm_parallel_workers(n) workers (the caller is worker 0); a worker index is in
- * [0, workers). Inside a worker BLIS runs on one thread, so that the workers and BLIS
- * never oversubscribe the cores; nested calls run inline. The items must be independent:
- * which worker runs which item may change from run to run. */
-typedef void (*csm_task_fn)(void *arg, int64_t begin, int64_t end, int worker);
-int csm_num_threads(void);
-int csm_parallel_workers(int64_t n);
-void csm_parallel_for(int64_t n, int64_t grain, csm_task_fn fn, void *arg);
-
 /* Each row of out[rows, cols] = bias[cols]. */
 void csm_broadcast_rows(float *out, const float *bias, int64_t rows, int64_t cols);
 /* acc[cols] += column sums of x[rows, cols]. */
@@ -54,10 +43,6 @@ void csm_add_column_sums(float *acc, const float *x, int64_t rows, int64_t cols)
 /* Each row of x[rows, cols] += bias[cols]. */
 void csm_add_rows(float *x, const float *bias, int64_t rows, int64_t cols);
 
-/* Exact GELU, 0.5 a (1 + erf(a / sqrt 2)) = a Phi(a). */
-void csm_gelu_forward(const float *a, float *out, int64_t n);
-/* da = dout * GELU'(a), GELU'(a) = Phi(a) + a phi(a). */
-void csm_gelu_backward(const float *a, const float *dout, float *da, int64_t n);
 /* One pass over buf[rows, cols] holding x W^T (no bias): with a = buf + bias (per column),
  * act = GELU(a), and buf becomes GELU'(a) when keep_grad (for backward: both from one
  * evaluation of Phi and phi); otherwise act may be buf itself (in place). */

@@ -10,6 +10,7 @@
 #include "kernels.h"
 #include "params.h"
 #include "sized.h"
+#include "threads.h"
 
 #define LN_EPS 1e-5f
 
@@ -431,7 +432,7 @@ typedef struct {
     float *tok;             /* [B S, d] scratch for one modality's encoder output */
     float *X, *Xn, *ln1_stats;          /* [B L, d], [B L, d], [2 B L] */
     float *Q, *K, *V, *ctx_;            /* [B L, d] */
-    int workers;                        /* of the model's own threads (CONFSMOE_NUM_THREADS) */
+    int workers;                        /* of the ctx's own threads (threads.h) */
     float *scratch;                     /* per worker: P, dropped P, dP [L, L] each, then one
                                            row's residual dropout draws [d] (bytes) */
     size_t scratch_stride;              /* floats per worker */
@@ -471,7 +472,7 @@ static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, wo
     const confsmoe_model_params *p = &model->p;
     const size_t M = (size_t)p->n_modalities, S = (size_t)p->tokens, d = (size_t)p->d, L = M * S;
     const size_t k = (size_t)p->k, C = (size_t)p->n_classes, b = (size_t)B;
-    const int workers = csm_parallel_workers(B);
+    const int workers = csm_parallel_workers(model->ctx, B);
     const size_t stride = 3 * L * L + (d + 3) / 4;
     /* Backward reads forward's attention draws rather than drawing them again: 1 byte per
      * weight (23 MB at the paper's batch) against the draws' share of a step. */
@@ -813,7 +814,7 @@ static void attention_forward(confsmoe_model *model, workspace *w)
      * in (b, h) order over the global batch. */
     w->attn_counter = model->ctx->rng_counter;
     attn_task task = {model, w, NULL};
-    csm_parallel_for(B, 1, attention_forward_task, &task);
+    csm_parallel_for(model->ctx, B, 1, attention_forward_task, &task);
     if (w->dropout)
         model->ctx->rng_counter += (uint64_t)(w->global_B * heads) * csm_dropout_draws(L * L);
     /* A = o(ctx) lands in H2, free until the MoE layer writes it. */
@@ -851,7 +852,7 @@ static void residual_forward(confsmoe_model *model, workspace *w)
 {
     w->resid_counter = model->ctx->rng_counter;
     attn_task task = {model, w, NULL};
-    csm_parallel_for(w->B, 1, residual_task, &task);
+    csm_parallel_for(model->ctx, w->B, 1, residual_task, &task);
     if (w->dropout)
         model->ctx->rng_counter += (uint64_t)(w->global_B * model->tokens_total) * csm_dropout_draws(model->p.d);
 }
@@ -1099,7 +1100,7 @@ static void attention_backward(confsmoe_model *model, workspace *w, gradients *g
     const csm_params *params = &model->params;
     linear_backward(&model->o, params, w->ctx_, g->dA, B * L, g->dctx, false);
     attn_task task = {model, w, g};
-    csm_parallel_for(B, 1, attention_backward_task, &task);
+    csm_parallel_for(model->ctx, B, 1, attention_backward_task, &task);
     linear_backward(&model->q, params, w->Xn, g->dQ, B * L, g->dXn, false);
     linear_backward(&model->k, params, w->Xn, g->dK, B * L, g->dXn, true);
     linear_backward(&model->v, params, w->Xn, g->dV, B * L, g->dXn, true);
@@ -1201,7 +1202,7 @@ static confsmoe_status backward(confsmoe_model *model, workspace *w, gradients *
 
     /* H = base + Dropout(A), base = X (or A under compat), with forward's draws again. */
     attn_task task = {model, w, g};
-    csm_parallel_for(B, 1, residual_backward_task, &task);
+    csm_parallel_for(model->ctx, B, 1, residual_backward_task, &task);
     attention_backward(model, w, g);
     /* dX is dH itself (the residual), plus LN1's gradient; under compat X has no residual. */
     layernorm_backward(&model->ln1, params, w->X, w->ln1_stats, g->dXn, B * L, d, g->dX, !model->p.compat);

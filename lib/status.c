@@ -1,22 +1,19 @@
 /* Status text and the library's version. */
 #include "internal.h"
 
+/* Each CONFSMOE_<NAME> macro holds the value its CONFSMOE_STATUS_MAP entry pins. */
+#define STATUS_PINNED(name, value, text) \
+    _Static_assert(CONFSMOE_##name == (value), "CONFSMOE_" #name " differs from CONFSMOE_STATUS_MAP");
+CONFSMOE_STATUS_MAP(STATUS_PINNED)
+#undef STATUS_PINNED
+
 const char *confsmoe_status_string(confsmoe_status s)
 {
     switch (s) {
-    case CONFSMOE_OK: return "ok";
-    case CONFSMOE_E_INVALID_ARGUMENT: return "invalid argument";
-    case CONFSMOE_E_SHAPE: return "shape mismatch";
-    case CONFSMOE_E_DTYPE: return "wrong dtype";
-    case CONFSMOE_E_NOMEM: return "out of memory";
-    case CONFSMOE_E_STATE: return "invalid state";
-    case CONFSMOE_E_UNSUPPORTED: return "unsupported";
-    case CONFSMOE_E_NUMERIC: return "non-finite value";
-    case CONFSMOE_E_VERSION: return "version mismatch";
-    case CONFSMOE_E_INTERNAL: return "internal error";
-    case CONFSMOE_E_IO: return "i/o error";
-    case CONFSMOE_E_FORMAT: return "bad file format";
-    case CONFSMOE_E_COMM: return "communication error";
+#define STATUS_TEXT(name, value, text) \
+    case CONFSMOE_##name: return text;
+        CONFSMOE_STATUS_MAP(STATUS_TEXT)
+#undef STATUS_TEXT
     default: return "unknown status";
     }
 }

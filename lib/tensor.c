@@ -104,12 +104,6 @@ confsmoe_status confsmoe_tensor_wrap(confsmoe_ctx *ctx, confsmoe_dtype dtype, in
     return create(ctx, "tensor_wrap", dtype, ndim, dims, data, true, out);
 }
 
-confsmoe_status csm_tensor_new_2d(confsmoe_ctx *ctx, int64_t rows, int64_t cols, confsmoe_tensor **out)
-{
-    const int64_t dims[2] = {rows, cols};
-    return confsmoe_tensor_create(ctx, CONFSMOE_F32, 2, dims, out);
-}
-
 void confsmoe_tensor_destroy(confsmoe_tensor *t)
 {
     if (!t)
@@ -119,6 +113,74 @@ void confsmoe_tensor_destroy(confsmoe_tensor *t)
         csm_free(ctx, t->data);
     csm_free(ctx, t);
     csm_ctx_release(ctx);
+}
+
+/* Whether t may take data (confsmoe_tensor_set_data); t is not NULL. */
+static confsmoe_status check_set_data(const confsmoe_tensor *t, const char *fn, const char *name, int32_t i,
+                                      const void *data)
+{
+    char what[32] = "data";
+    if (i >= 0)
+        snprintf(what, sizeof what, "%s[%" PRId32 "]", name, i);
+    if (data == t->data)
+        return CONFSMOE_OK;
+    if (!data && t->nbytes > 0)
+        return csm_fail(t->ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: %s is NULL for %zu bytes", fn, what, t->nbytes);
+    if ((uintptr_t)data % dtype_size(t->dtype) != 0)
+        return csm_fail(t->ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: %s is not aligned to its %zu-byte elements", fn,
+                        what, dtype_size(t->dtype));
+    /* Memory inside the block that set_data frees would dangle. */
+    const uintptr_t own = (uintptr_t)t->data, at = (uintptr_t)data;
+    if (t->owned && at >= own && at < own + t->nbytes)
+        return csm_fail(t->ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                        "%s: %s lies inside the tensor's own memory, which this call frees", fn, what);
+    return CONFSMOE_OK;
+}
+
+static void set_data(confsmoe_tensor *t, void *data)
+{
+    if (data == t->data)
+        return;
+    if (t->owned)
+        csm_free(t->ctx, t->data);
+    t->data = data;
+    t->owned = false;
+}
+
+confsmoe_status confsmoe_tensor_set_data(confsmoe_tensor *t, void *data)
+{
+    if (!t)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    confsmoe_status s = check_set_data(t, "tensor_set_data", NULL, -1, data);
+    if (s == CONFSMOE_OK)
+        set_data(t, data);
+    return s;
+}
+
+confsmoe_status confsmoe_tensors_set_data(confsmoe_tensor *const *tensors, int32_t n, void *base,
+                                          const size_t *offsets)
+{
+    if (!tensors || n < 1)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    confsmoe_ctx *ctx = NULL; /* the first tensor's, to hold the message */
+    for (int32_t i = 0; i < n && !ctx; i++)
+        ctx = tensors[i] ? tensors[i]->ctx : NULL;
+    if (!ctx)
+        return CONFSMOE_E_INVALID_ARGUMENT;
+    for (int32_t i = 0; i < n; i++)
+        if (!tensors[i])
+            return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "tensors_set_data: tensors[%" PRId32 "] is NULL", i);
+    if (!offsets)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "tensors_set_data: offsets is NULL");
+    for (int32_t i = 0; i < n; i++) {
+        char *at = base ? (char *)base + offsets[i] : NULL;
+        confsmoe_status s = check_set_data(tensors[i], "tensors_set_data", "base + offsets", i, at);
+        if (s != CONFSMOE_OK)
+            return s;
+    }
+    for (int32_t i = 0; i < n; i++)
+        set_data(tensors[i], base ? (char *)base + offsets[i] : NULL);
+    return CONFSMOE_OK;
 }
 
 confsmoe_dtype confsmoe_tensor_dtype(const confsmoe_tensor *t) { return t ? t->dtype : -1; }

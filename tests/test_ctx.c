@@ -182,6 +182,7 @@ START_TEST(test_params_init_defaults)
     ck_assert_msg(p.log_fn == NULL, "log_fn defaults to NULL");
     ck_assert_ptr_null(p.log_user);
     ck_assert_ptr_null(p.allocator);
+    ck_assert_int_eq(p.n_threads, 0);
     /* NULL is ignored, not dereferenced. */
     confsmoe_ctx_params_init(NULL);
 }
@@ -248,9 +249,10 @@ END_TEST
 
 START_TEST(test_create_wrong_struct_size)
 {
-    /* Below the first release's size, or above the 64 KiB limit (not read: p is smaller). */
-    const size_t bad[] = {0, 1, sizeof(confsmoe_ctx_params) - 1, (size_t)65536 + 8,
-                          sizeof(confsmoe_ctx_params) / 2, SIZE_MAX};
+    /* Below the first release's size (allocator was its last field), or above the 64 KiB limit
+     * (not read: p is smaller). */
+    const size_t first_release = offsetof(confsmoe_ctx_params, allocator) + sizeof(void *);
+    const size_t bad[] = {0, 1, first_release - 1, (size_t)65536 + 8, first_release / 2, SIZE_MAX};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         confsmoe_ctx_params p;
         confsmoe_ctx_params_init(&p);
@@ -329,6 +331,42 @@ START_TEST(test_create_bad_check_finite)
         confsmoe_ctx *ctx = SENTINEL_CTX;
         ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_E_INVALID_ARGUMENT);
         ck_assert_ptr_null(ctx);
+    }
+}
+END_TEST
+
+START_TEST(test_create_bad_n_threads)
+{
+    /* Out of [0, 64]: refused before anything is allocated. */
+    const int32_t bad[] = {-1, 65, INT32_MIN, INT32_MAX};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        test_alloc a = {0, 0, 0};
+        confsmoe_allocator holder = {test_alloc_fn, test_free_fn, &a};
+        confsmoe_ctx_params p;
+        confsmoe_ctx_params_init(&p);
+        p.allocator = &holder;
+        p.n_threads = bad[i];
+        confsmoe_ctx *ctx = SENTINEL_CTX;
+        ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_E_INVALID_ARGUMENT);
+        ck_assert_ptr_null(ctx);
+        ck_assert_int_eq(a.total, 0);
+    }
+}
+END_TEST
+
+START_TEST(test_create_n_threads_in_range)
+{
+    /* The bounds and the fallback are accepted; threads start only at the first region
+     * (tests/test_private_threads.c), so creating a ctx of 64 costs nothing. */
+    const int32_t good[] = {0, 1, 2, 64};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        confsmoe_ctx_params p;
+        confsmoe_ctx_params_init(&p);
+        p.n_threads = good[i];
+        confsmoe_ctx *ctx = NULL;
+        ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
+        ck_assert_ptr_nonnull(ctx);
+        confsmoe_ctx_destroy(ctx);
     }
 }
 END_TEST
@@ -474,6 +512,7 @@ START_TEST(test_create_nomem)
     confsmoe_ctx_params p;
     confsmoe_ctx_params_init(&p);
     p.allocator = &holder;
+    p.n_threads = 1; /* one block: the ctx (not CONFSMOE_NUM_THREADS's pool) */
     confsmoe_ctx *ctx = SENTINEL_CTX;
     ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_E_NOMEM);
     ck_assert_ptr_null(ctx);
@@ -798,6 +837,8 @@ static Suite *ctx_suite(void)
     tcase_add_test(tc, test_create_wrong_struct_size_allocates_nothing);
     tcase_add_test(tc, test_create_allocator_null_fn);
     tcase_add_test(tc, test_create_bad_check_finite);
+    tcase_add_test(tc, test_create_bad_n_threads);
+    tcase_add_test(tc, test_create_n_threads_in_range);
     tcase_add_test(tc, test_create_null_out);
     tcase_add_test(tc, test_destroy_null);
     tcase_add_test(tc, test_last_error_null_ctx);

@@ -1,4 +1,4 @@
-/* Private elementwise kernels (lib/elementwise.c, compiled into this test) against
+/* Private elementwise kernels (lib/elementwise.c, linked from the internal library) against
  * independent references: the dropout mask's statistics and stream layout, the fused
  * bias + GELU + GELU' pass against the exact GELU in double, and the row softmax. */
 #include <math.h>

@@ -2,9 +2,12 @@
  * used from concurrent pthreads give bit-identical results (memcmp of outputs, losses,
  * gradients, parameters and checkpoint bytes) to the same jobs run one after another.
  * Run under ThreadSanitizer by tests/sanitize/run tsan; without TSan it still checks
- * bit-identity. The library's own opt-in worker threads (CONFSMOE_NUM_THREADS) are
- * exercised when the environment sets it. */
+ * bit-identity. The library's own worker threads are exercised through the ctx's n_threads
+ * (its own test case), and through the fallback CONFSMOE_NUM_THREADS when the environment
+ * sets it (the ctxs of the first case leave n_threads at 0). How the threads are started and
+ * joined is tested in test_private_threads.c. */
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,12 +73,14 @@ static confsmoe_tensor *mk(rec *r, confsmoe_ctx *ctx, confsmoe_dtype dt, int32_t
     return t;
 }
 
-/* test_ctx without its assertion: NULL, and the failure recorded, if it cannot be made. */
-static confsmoe_ctx *job_ctx(rec *r, uint64_t seed)
+/* test_ctx without its assertion: NULL, and the failure recorded, if it cannot be made.
+ * threads is confsmoe_ctx_params.n_threads (0: CONFSMOE_NUM_THREADS, else 1). */
+static confsmoe_ctx *job_ctx(rec *r, uint64_t seed, int32_t threads)
 {
     confsmoe_ctx_params cp;
     confsmoe_ctx_params_init(&cp);
     cp.seed = seed;
+    cp.n_threads = threads;
     confsmoe_ctx *ctx = NULL;
     TRY(r, NULL, confsmoe_ctx_create(&cp, &ctx));
     return ctx;
@@ -83,11 +88,11 @@ static confsmoe_ctx *job_ctx(rec *r, uint64_t seed)
 
 /* ---- a full model: steps with Adam, a predict, a checkpoint round trip */
 
-static void model_job(uint64_t seed, const char *dir, int id, rec *r)
+static void model_job(uint64_t seed, int32_t threads, const char *dir, int id, rec *r)
 {
     enum { B = 5, M = 2, S = 2, C = 3, P = 4 };
     static const int64_t F[M] = {7, 4};
-    confsmoe_ctx *ctx = job_ctx(r, seed);
+    confsmoe_ctx *ctx = job_ctx(r, seed, threads);
     if (!ctx)
         return;
     confsmoe_model_params p;
@@ -178,10 +183,10 @@ out:
 
 /* ---- a gate over its own experts (Laplacian router, noisy, score gradient) and an imputer */
 
-static void gate_job(uint64_t seed, rec *r)
+static void gate_job(uint64_t seed, int32_t threads, rec *r)
 {
     enum { N = 9, D = 8, E = 4, K = 2, C = 3, M = 3, S = 1, B = 3 };
-    confsmoe_ctx *ctx = job_ctx(r, seed);
+    confsmoe_ctx *ctx = job_ctx(r, seed, threads);
     if (!ctx)
         return;
     confsmoe_expert *ex[E] = {0};
@@ -263,20 +268,21 @@ out:;
 
 typedef struct {
     int id;
+    int32_t threads;      /* its ctx's n_threads */
     const char *dir;
     pthread_barrier_t *start;
     rec out;
 } job;
 
-/* Jobs 0, 2, 4 are models, 1, 3, 5 gates; jobs i and i + 2 share a seed, so that two
+/* Jobs 0, 2, 4 are models, 1, 3, 5 gates; jobs i and i + 4 share a seed, so that two
  * threads run the very same computation at the same time. */
 static void run_job(job *j)
 {
     const uint64_t seed = 1 + (uint64_t)(j->id % 4);
     if (j->id % 2 == 0)
-        model_job(seed, j->dir, j->id, &j->out);
+        model_job(seed, j->threads, j->dir, j->id, &j->out);
     else
-        gate_job(seed, &j->out);
+        gate_job(seed, j->threads, &j->out);
 }
 
 static void *thread_main(void *arg)
@@ -287,28 +293,39 @@ static void *thread_main(void *arg)
     return NULL;
 }
 
-START_TEST(test_concurrent_equals_serial)
+/* The jobs one after another, each on a ctx of n_threads `threads`. */
+static void run_serial(job *serial, const char *dir, int32_t threads)
 {
-    char dir[64];
-    test_mkdtemp(dir, sizeof dir, "threads");
-    job serial[N_JOBS];
     for (int i = 0; i < N_JOBS; i++) {
-        serial[i] = (job){.id = i, .dir = dir};
+        serial[i] = (job){.id = i, .threads = threads, .dir = dir};
         run_job(&serial[i]);
-        ck_assert_msg(!serial[i].out.failed, "serial job %d: %s", i, serial[i].out.err);
+        ck_assert_msg(!serial[i].out.failed, "serial job %d (n_threads %d): %s", i, (int)threads, serial[i].out.err);
         ck_assert_uint_gt(serial[i].out.n, 0);
     }
-    /* Same seed, same job: the serial runs agree with each other already. */
-    for (int i = 0; i + 4 < N_JOBS; i++)
-        ck_assert(serial[i].out.n == serial[i + 4].out.n &&
-                  memcmp(serial[i].out.b, serial[i + 4].out.b, serial[i].out.n) == 0);
+}
+
+static bool same_results(const job *a, const job *b)
+{
+    return a->out.n == b->out.n && memcmp(a->out.b, b->out.b, a->out.n) == 0;
+}
+
+static void free_results(job *jobs)
+{
+    for (int i = 0; i < N_JOBS; i++)
+        free(jobs[i].out.b);
+}
+
+/* ROUNDS rounds of the jobs in concurrent host threads, on ctxs of n_threads `threads`: each
+ * job's results are those of `serial`. */
+static void ck_concurrent_equals(const job *serial, const char *dir, int32_t threads)
+{
     for (int round = 0; round < ROUNDS; round++) {
         pthread_barrier_t start;
         ck_assert_int_eq(pthread_barrier_init(&start, NULL, N_JOBS), 0);
         job par[N_JOBS];
         pthread_t th[N_JOBS];
         for (int i = 0; i < N_JOBS; i++) {
-            par[i] = (job){.id = i, .dir = dir, .start = &start};
+            par[i] = (job){.id = i, .threads = threads, .dir = dir, .start = &start};
             ck_assert_int_eq(pthread_create(&th[i], NULL, thread_main, &par[i]), 0);
         }
         for (int i = 0; i < N_JOBS; i++)
@@ -316,14 +333,46 @@ START_TEST(test_concurrent_equals_serial)
         pthread_barrier_destroy(&start);
         for (int i = 0; i < N_JOBS; i++) {
             ck_assert_msg(!par[i].out.failed, "round %d, thread %d: %s", round, i, par[i].out.err);
-            ck_assert_msg(par[i].out.n == serial[i].out.n && memcmp(par[i].out.b, serial[i].out.b, par[i].out.n) == 0,
-                          "round %d, thread %d: %zu bytes of results differ from the serial run", round, i,
-                          par[i].out.n);
-            free(par[i].out.b);
+            ck_assert_msg(same_results(&par[i], &serial[i]),
+                          "round %d, thread %d (n_threads %d): %zu bytes of results differ from the serial run", round,
+                          i, (int)threads, par[i].out.n);
         }
+        free_results(par);
     }
-    for (int i = 0; i < N_JOBS; i++)
-        free(serial[i].out.b);
+}
+
+START_TEST(test_concurrent_equals_serial)
+{
+    char dir[64];
+    test_mkdtemp(dir, sizeof dir, "threads");
+    job serial[N_JOBS];
+    run_serial(serial, dir, 0);
+    /* Same seed, same job: the serial runs agree with each other already. */
+    for (int i = 0; i + 4 < N_JOBS; i++)
+        ck_assert(same_results(&serial[i], &serial[i + 4]));
+    ck_concurrent_equals(serial, dir, 0);
+    free_results(serial);
+    test_rm_dir(dir);
+}
+END_TEST
+
+/* The ctx's own threads change no bit: 2, and 4 (more than the cores of a small machine), give
+ * the results of 1, one job at a time and with the jobs' ctxs running concurrently. */
+START_TEST(test_ctx_threads_same_results)
+{
+    char dir[64];
+    test_mkdtemp(dir, sizeof dir, "threads");
+    job one[N_JOBS], more[N_JOBS];
+    run_serial(one, dir, 1);
+    const int32_t counts[] = {2, 4};
+    for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
+        run_serial(more, dir, counts[c]);
+        for (int i = 0; i < N_JOBS; i++)
+            ck_assert_msg(same_results(&more[i], &one[i]), "job %d: n_threads %d differs from 1", i, (int)counts[c]);
+        free_results(more);
+    }
+    ck_concurrent_equals(one, dir, 2);
+    free_results(one);
     test_rm_dir(dir);
 }
 END_TEST
@@ -335,5 +384,9 @@ int main(void)
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, test_concurrent_equals_serial);
     suite_add_tcase(s, tc);
+    TCase *tt = tcase_create("ctx threads");
+    tcase_set_timeout(tt, 600);
+    tcase_add_test(tt, test_ctx_threads_same_results);
+    suite_add_tcase(s, tt);
     return test_run(s);
 }

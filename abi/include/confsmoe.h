@@ -9,14 +9,28 @@
  * - Objects are opaque. A create function returns a confsmoe_status and writes
  *   the new handle through its last argument; on failure the out-pointer is
  *   set to NULL. destroy functions accept NULL and free synchronously.
- * - Ownership: a parent outlives its children. A confsmoe_ctx outlives every
- *   tensor, expert, saved handle and optimizer created from it.
+ * - Destruction in any order: the ctx, tensors, experts, gates, imputers,
+ *   optimizers, models and saved handles may be destroyed in any order (each
+ *   once). Every object created from a ctx holds a reference to it; the ctx, and
+ *   a host allocator's last frees, go when the last of them is destroyed, so a
+ *   host allocator must stay callable until then. Objects stay usable after
+ *   confsmoe_ctx_destroy, and their errors still go to the ctx: until the last
+ *   of them is destroyed, the ctx handle may still be passed to
+ *   confsmoe_ctx_last_error, and to no other function.
+ * - Use still needs what an object borrows, see docs/API.md: once a borrowed
+ *   object is destroyed, the borrower may only be destroyed. A gate borrows its
+ *   experts, an optimizer its registered tensors, a saved handle names its layer,
+ *   a wrapped tensor borrows its memory (destroy does not touch it). A model owns
+ *   its experts, gate and imputer: never destroy those yourself.
  * - Errors: every entry point validates its arguments and returns a negative
  *   status on failure, with a precise message in confsmoe_ctx_last_error().
  *   A failed call changes no state. The library never aborts or exits.
- * - Threads: use a ctx (and everything created from it) from one thread at a
- *   time. Different ctxs may be used concurrently. BLIS threading follows the
- *   host's BLIS_NUM_THREADS / OMP_NUM_THREADS.
+ * - Threads: use a ctx (and everything created from it, destroy included) from
+ *   one thread at a time. Different ctxs may be used concurrently. A ctx may run
+ *   work on threads of the library's own (confsmoe_ctx_params.n_threads; the
+ *   environment variable CONFSMOE_NUM_THREADS is the fallback when it is 0),
+ *   which it starts at first use and joins when it is freed; BLIS threading
+ *   follows the host's BLIS_NUM_THREADS / OMP_NUM_THREADS outside them.
  * - Tensors are dense, row-major and contiguous. Dimensions are int64_t.
  * - Options structs are sized: each starts with size_t struct_size, the size of the
  *   struct the caller was compiled with. confsmoe_X_params_init(p) is a macro that
@@ -58,6 +72,27 @@ extern "C" {
 /* 0 is success. Negative values are errors; they are pinned and never renumbered. */
 typedef int32_t confsmoe_status;
 
+/* Every status, in order: X(NAME, VALUE, TEXT) for the macro CONFSMOE_<NAME>, its pinned value
+ * and the text of confsmoe_status_string (an X-macro, as libuv's UV_ERRNO_MAP). The library, the
+ * bindings and docs/API.md follow this list: lib/status.c does not compile if a macro below
+ * differs from it, and tests/abi/check_constants.py compares the bindings and the docs with it.
+ * A new status goes here and below. */
+#define CONFSMOE_STATUS_MAP(X)                      \
+    X(OK, 0, "ok")                                  \
+    X(E_INVALID_ARGUMENT, -1, "invalid argument")   \
+    X(E_SHAPE, -2, "shape mismatch")                \
+    X(E_DTYPE, -3, "wrong dtype")                   \
+    X(E_NOMEM, -4, "out of memory")                 \
+    X(E_STATE, -5, "invalid state")                 \
+    X(E_UNSUPPORTED, -6, "unsupported")             \
+    X(E_NUMERIC, -7, "non-finite value")            \
+    X(E_VERSION, -8, "version mismatch")            \
+    X(E_INTERNAL, -9, "internal error")             \
+    X(E_IO, -10, "i/o error")                       \
+    X(E_FORMAT, -11, "bad file format")             \
+    X(E_COMM, -12, "communication error")
+
+/* The same values as plain macros, usable in #if. */
 #define CONFSMOE_OK                0
 #define CONFSMOE_E_INVALID_ARGUMENT (-1) /* NULL pointer, out-of-range value */
 #define CONFSMOE_E_SHAPE           (-2)  /* dimensions do not fit together */
@@ -116,10 +151,18 @@ typedef struct confsmoe_ctx_params {
                                             freed large blocks kept by the ctx for
                                             reuse, up to 64 MiB or up to its own
                                             peak in use (docs/API.md, "Memory";
-                                            freed at destroy).
+                                            freed with the ctx).
                                             A host allocator sees every allocation.
                                             Copied at create; must not be NULL
-                                            in its function pointers if given. */
+                                            in its function pointers if given, and
+                                            stays in use until the last object of
+                                            the ctx is destroyed. */
+    int32_t n_threads;           /* threads of the library's own for everything created
+                                    from this ctx, the caller's included: 1 = none,
+                                    at most 64. 0 (default): the environment variable
+                                    CONFSMOE_NUM_THREADS as it is at create (capped at
+                                    64), else 1. Results do not depend on it (docs/API.md,
+                                    "Threads"). Since 0.2.0. */
 } confsmoe_ctx_params;
 
 /* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
@@ -129,6 +172,8 @@ CONFSMOE_API size_t confsmoe_sizeof_ctx_params(void);
 
 /* p == NULL means defaults. */
 CONFSMOE_API confsmoe_status confsmoe_ctx_create(const confsmoe_ctx_params *p, confsmoe_ctx **out);
+/* Drops the host's handle. Objects created from ctx may be destroyed before or after it
+ * and stay usable; the ctx is freed with the last of them. */
 CONFSMOE_API void confsmoe_ctx_destroy(confsmoe_ctx *ctx);
 /* Detail of the last error on this ctx ("" if none). Valid until the next call on ctx. */
 CONFSMOE_API const char *confsmoe_ctx_last_error(const confsmoe_ctx *ctx);
@@ -156,8 +201,9 @@ typedef int32_t confsmoe_dtype;
 CONFSMOE_API confsmoe_status confsmoe_tensor_create(confsmoe_ctx *ctx, confsmoe_dtype dtype, int32_t ndim,
                                                     const int64_t *dims, confsmoe_tensor **out);
 /* A tensor over caller memory, without copying. `data` must hold the whole
- * tensor, be aligned to the element size, and outlive the tensor. It may be
- * NULL only when the tensor has no elements. */
+ * tensor, be aligned to the element size, and stay valid while the tensor is
+ * used (destroy does not touch it). It may be NULL only when the tensor has no
+ * elements. */
 CONFSMOE_API confsmoe_status confsmoe_tensor_wrap(confsmoe_ctx *ctx, confsmoe_dtype dtype, int32_t ndim,
                                                   const int64_t *dims, void *data, confsmoe_tensor **out);
 CONFSMOE_API void confsmoe_tensor_destroy(confsmoe_tensor *t);
@@ -178,7 +224,8 @@ CONFSMOE_API confsmoe_status confsmoe_tensor_copy_out(const confsmoe_tensor *t, 
 
 /* What ONE training-mode forward call saved for its backward. Backward may be
  * run once per saved handle; the host destroys the handle afterwards (or
- * instead, to discard the call). It must be destroyed before its layer. */
+ * instead, to discard the call). It may be destroyed before or after its layer;
+ * once its layer is destroyed, destroy is the only call it accepts. */
 typedef struct confsmoe_saved confsmoe_saved;
 
 CONFSMOE_API void confsmoe_saved_destroy(confsmoe_saved *s);
@@ -219,7 +266,9 @@ CONFSMOE_API void confsmoe_expert_zero_grad(confsmoe_expert *e);
  * expert), and the k outputs are combined, either by a softmax over the kept
  * router logits (the classic SMoE) or by each expert's confidence network
  * (Conf-SMoE). The gate owns its router, ConfNets and target classifier, and
- * borrows the experts: they must outlive the gate. */
+ * borrows the experts: forward and backward run them, so once one of them is
+ * destroyed the gate may only be destroyed. Destroying the gate does not touch
+ * them: gate and experts may be destroyed in any order. */
 typedef struct confsmoe_gate confsmoe_gate;
 
 /* Router logits u_e for a token z and router column w_e. */
@@ -280,7 +329,7 @@ CONFSMOE_API void confsmoe_gate_params_init_sized(confsmoe_gate_params *p, size_
 #define confsmoe_gate_params_init(p) confsmoe_gate_params_init_sized((p), sizeof(confsmoe_gate_params))
 CONFSMOE_API size_t confsmoe_sizeof_gate_params(void);
 
-/* experts[0..n_experts-1] are borrowed and must all have width p->d. */
+/* experts[0..n_experts-1] are borrowed (see above) and must all have width p->d. */
 CONFSMOE_API confsmoe_status confsmoe_gate_create(confsmoe_ctx *ctx, const confsmoe_gate_params *p,
                                                   confsmoe_expert *const *experts, int32_t n_experts,
                                                   confsmoe_gate **out);
@@ -348,7 +397,7 @@ CONFSMOE_API void confsmoe_gate_stats_reset(confsmoe_gate *g);
 
 /* ---------------------------------------------------------------- imputer */
 
-/* Two-stage imputation of missing modalities (MODEL.md section 4).
+/* Two-stage imputation of missing modalities (docs/MODEL.md, section 5).
  * Stage 1 fills a missing sample's raw input with the mean of K rows drawn from
  * a pool of training inputs in which the modality is present. Stage 2 runs after
  * the MoE layer: each missing (sample b, modality m) token attends, per expert
@@ -438,8 +487,9 @@ CONFSMOE_API size_t confsmoe_sizeof_optim_params(void);
 CONFSMOE_API confsmoe_status confsmoe_optim_create(confsmoe_ctx *ctx, const confsmoe_optim_params *p,
                                                    confsmoe_optim **out);
 CONFSMOE_API void confsmoe_optim_destroy(confsmoe_optim *o);
-/* Register a parameter and its gradient (f32, same shape). Both are borrowed
- * and must outlive the optimizer. */
+/* Register a parameter and its gradient (f32, same shape). Both are borrowed:
+ * confsmoe_optim_step and checkpoints read them, so once one is destroyed the
+ * optimizer may only be destroyed (which does not touch them). */
 CONFSMOE_API confsmoe_status confsmoe_optim_add(confsmoe_optim *o, confsmoe_tensor *param, const confsmoe_tensor *grad);
 /* One update of every registered parameter from its current gradient. */
 CONFSMOE_API confsmoe_status confsmoe_optim_step(confsmoe_optim *o);
@@ -447,7 +497,7 @@ CONFSMOE_API confsmoe_status confsmoe_optim_set_lr(confsmoe_optim *o, float lr);
 
 /* ---------------------------------------------------------------- model */
 
-/* The full Conf-SMoE classifier of MODEL.md section 5, built from the public
+/* The full Conf-SMoE classifier of docs/MODEL.md, section 6, built from the public
  * expert, gate and imputer handles:
  *   tokens_m = Linear(F_m, d)(x_m)            (x_m stage-1 imputed where missing)
  *   X = concat_m tokens_m + P_pos;  H = X + Dropout(MHA(LN1(X)))
@@ -494,16 +544,19 @@ typedef struct confsmoe_model_params {
     int32_t renormalize;       /* stage 2 option (default 0) */
     int32_t separate_value;    /* stage 2 option (default 0) */
     float dropout;             /* on attention weights and on the attention output (default 0.1) */
-    int32_t compat;            /* 1: every reference defect of MODEL.md (H = A + Dropout(A), the
-                                  gate's dispatch and loss denominator, the imputer's) (default 0) */
+    int32_t compat;            /* 1: every reference defect of docs/MODEL.md, section 7
+                                  (H = A + Dropout(A), the gate's dispatch and loss denominator,
+                                  loss weights 1/M per modality, the imputer's) (default 0) */
     int32_t predict_pool_mean; /* 1: predict fills stage 1 with the mean of the whole pool (the
                                   expectation of the K-draw mean), so that inference is
                                   deterministic and draws nothing from the ctx RNG; training
-                                  still draws. 0 (default, MODEL.md): fresh draws in predict too */
+                                  still draws. 0 (default, docs/MODEL.md, section 5.1): fresh
+                                  draws in predict too */
     float modality_dropout;    /* training only (ModDrop): each present modality of a sample is
                                   also treated as missing with this probability, 0 <= p <= 1;
                                   a sample whose every modality was dropped keeps one of its
-                                  present ones, chosen uniformly. Default 0 (off, MODEL.md) */
+                                  present ones, chosen uniformly (docs/MODEL.md, section 6).
+                                  Default 0 (off, as in the paper) */
 } confsmoe_model_params;
 
 /* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
@@ -611,11 +664,41 @@ typedef struct confsmoe_gate_exchange {
     void *user;
 } confsmoe_gate_exchange;
 
-/* A gate of n_experts experts of width p->d behind `exchange` (copied; user must outlive the
- * gate). Its parameters are confsmoe_gate_create's, drawn in the same order. */
+/* A gate of n_experts experts of width p->d behind `exchange` (copied). user must stay valid
+ * while the gate is used, and for release until the gate's last saved handle is destroyed,
+ * which may be after the gate. Its parameters are confsmoe_gate_create's, drawn in the same
+ * order. */
 CONFSMOE_API confsmoe_status confsmoe_gate_create_exchange(confsmoe_ctx *ctx, const confsmoe_gate_params *p,
                                                            int32_t n_experts, const confsmoe_gate_exchange *exchange,
                                                            confsmoe_gate **out);
+
+/* Host memory for a tensor, e.g. a layer's parameter or gradient (confsmoe_X_param / _grad):
+ * from then on t reads and writes `data`, as a wrapped tensor does, and its contents are used as
+ * they are (nothing is copied). Memory the library had allocated for t is freed, so views of it
+ * taken before must not be used. data must hold confsmoe_tensor_nbytes(t) bytes, be aligned to
+ * the element size, and stay valid while t is used; it may be NULL only when t has no elements.
+ * Layers read their parameters' and gradients' memory at every call, so a layer computes with
+ * and accumulates into the host's memory from its next call (a training forward's saved handle
+ * holds no parameter memory). This is how a host framework keeps one copy of the weights, in its
+ * own buffers (the PyTorch bridge, bindings/python/confsmoe/_torch_native.py). */
+CONFSMOE_API confsmoe_status confsmoe_tensor_set_data(confsmoe_tensor *t, void *data);
+/* confsmoe_tensor_set_data of n >= 1 tensors into one host block: tensors[i] gets
+ * (char *)base + offsets[i] bytes. Every tensor is checked before any changes, so a failed
+ * call changes none. One call re-points all of a layer's parameters or gradients. */
+CONFSMOE_API confsmoe_status confsmoe_tensors_set_data(confsmoe_tensor *const *tensors, int32_t n, void *base,
+                                                       const size_t *offsets);
+
+/* Memory from a ctx's allocator, for a library built on libconfsmoe (libconfsmoe_mpi), so that a
+ * host allocator (confsmoe_ctx_params.allocator) sees its blocks too. confsmoe_ctx_calloc returns
+ * count * size zeroed bytes, 64-byte aligned, or NULL for a NULL ctx, when out of memory or when
+ * the product overflows. A block holds a reference to ctx, as an object does: the ctx lives until
+ * the last block is given to confsmoe_ctx_free (NULL ptr: nothing). Both accept a ctx whose handle
+ * the host has destroyed while objects or blocks of it remain, and run on the ctx's thread, as
+ * object calls do. */
+CONFSMOE_API void *confsmoe_ctx_calloc(confsmoe_ctx *ctx, size_t count, size_t size);
+CONFSMOE_API void confsmoe_ctx_free(confsmoe_ctx *ctx, void *ptr);
+/* The ctx g was created from (NULL for NULL); a model's is that of confsmoe_model_gate(model). */
+CONFSMOE_API confsmoe_ctx *confsmoe_gate_ctx(const confsmoe_gate *g);
 #endif /* CONFSMOE_EXPERIMENTAL */
 
 #ifdef __cplusplus

@@ -98,7 +98,7 @@ static const flag FLAGS[] = {
     {"--dropout", K_DBL, OFF(dropout), 0, 0.99, NULL, "P", "dropout of the attention block"},
     {"--seed", K_U64, OFF(seed), 0, 0, NULL, "S", "seed of splits, masks, batch order and the model"},
     {"--threads", K_INT, OFF(threads), 0, 64, NULL, "T",
-     "threads (sets CONFSMOE_NUM_THREADS and BLIS_NUM_THREADS; 0 = the environment's)"},
+     "threads (the library's own, and BLIS_NUM_THREADS; 0 = the environment's)"},
     {"--val", K_DBL, OFF(val), 0, 0.9, NULL, "F", "validation fraction carved from train (0 = none)"},
     {"--json", K_STR, OFF(json), 0, 0, NULL, "PATH", "write the JSON report to PATH"},
     {"--checkpoint", K_STR, OFF(checkpoint), 0, 0, NULL, "PATH", "save the best model + Adam state (safetensors)"},
@@ -476,12 +476,11 @@ int main(int argc, char **argv)
         opt.json = opt.checkpoint = opt.dump_masks = NULL;
     }
     if (opt.threads > 0) {
-        /* Before the first library call (both are read once). The library's own threads split
-         * the experts and the samples (BLIS runs on one thread inside them); the products
-         * outside them (encoders, projections) use BLIS's threads. */
+        /* Before the first BLIS call (BLIS reads it once). The library's own threads (the ctx's
+         * n_threads, below) split the experts and the samples, with BLIS on one thread inside
+         * them; the products outside them (encoders, projections) use BLIS's threads. */
         char buf[16];
         snprintf(buf, sizeof buf, "%d", opt.threads);
-        setenv("CONFSMOE_NUM_THREADS", buf, 1);
         setenv("BLIS_NUM_THREADS", buf, 1);
     }
 
@@ -510,6 +509,7 @@ int main(int argc, char **argv)
     confsmoe_ctx_params cp;
     confsmoe_ctx_params_init(&cp);
     cp.seed = opt.seed;
+    cp.n_threads = opt.threads; /* 0: CONFSMOE_NUM_THREADS, else 1 */
     confsmoe_status st0 = confsmoe_ctx_create(&cp, &ctx);
     if (st0 != CONFSMOE_OK)
         die_system("confsmoe_ctx_create failed: %s", confsmoe_status_string(st0));

@@ -1,8 +1,7 @@
-/* Errors, the private communicator, the even split and the bucketed collectives. */
+/* Errors, the version check, the private communicator, the even split and the bucketed collectives. */
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "mpi_internal.h"
@@ -37,6 +36,19 @@ confsmoe_status cmpi_check(int mpi_status, const char *what)
 confsmoe_status cmpi_from_ctx(const confsmoe_ctx *ctx, confsmoe_status status, const char *what)
 {
     return cmpi_fail(status, "%s: %s", what, ctx ? confsmoe_ctx_last_error(ctx) : confsmoe_status_string(status));
+}
+
+confsmoe_status cmpi_require_version(const char *fn)
+{
+    const uint32_t loaded = confsmoe_version_number(), built = CONFSMOE_VERSION_NUMBER;
+    if (loaded == built)
+        return CONFSMOE_OK;
+    return cmpi_fail(CONFSMOE_E_VERSION,
+                     "%s: libconfsmoe_mpi was built against libconfsmoe %u.%u.%u and calls its experimental "
+                     "hooks, which may change in any release, but the loaded libconfsmoe is %u.%u.%u: install "
+                     "the libconfsmoe_mpi of that release",
+                     fn, (unsigned)(built / 10000), (unsigned)(built / 100 % 100), (unsigned)(built % 100),
+                     (unsigned)(loaded / 10000), (unsigned)(loaded / 100 % 100), (unsigned)(loaded % 100));
 }
 
 confsmoe_status cmpi_comm_dup(MPI_Comm comm, const char *fn, cmpi_comm *out)
@@ -99,14 +111,15 @@ void cmpi_pack(confsmoe_tensor *const *t, int32_t n, float *out)
     }
 }
 
-confsmoe_status cmpi_stage_alloc(size_t bucket_bytes, size_t list_floats, const char *fn, cmpi_stage *out)
+confsmoe_status cmpi_stage_alloc(confsmoe_ctx *ctx, size_t bucket_bytes, size_t list_floats, const char *fn,
+                                 cmpi_stage *out)
 {
     size_t floats = (bucket_bytes ? bucket_bytes : DEFAULT_BUCKET_BYTES) / sizeof(float);
     floats = floats < list_floats ? floats : list_floats;
     floats = floats < (size_t)INT_MAX ? floats : (size_t)INT_MAX; /* an MPI count is an int */
     floats = floats ? floats : 1;
     out->floats = floats;
-    out->stage = malloc(floats * sizeof(float));
+    out->stage = confsmoe_ctx_calloc(ctx, floats, sizeof(float));
     return out->stage ? CONFSMOE_OK
                       : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory for a bucket of %zu floats", fn, floats);
 }

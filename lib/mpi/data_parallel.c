@@ -1,10 +1,9 @@
 /* Data parallelism: a shard step on every rank, then the gradients summed in buckets. */
-#include <stdlib.h>
-
 #include "mpi_internal.h"
 
 struct confsmoe_mpi_dp {
     cmpi_comm comm;
+    confsmoe_ctx *ctx;                  /* the model's: every block below comes from it */
     confsmoe_model *model;
     int32_t n;
     confsmoe_tensor **params, **grads;  /* the model's, in its order */
@@ -12,17 +11,18 @@ struct confsmoe_mpi_dp {
     cmpi_stage stage;
 };
 
-/* The borrowed model is not touched: it may be destroyed first. */
+/* The borrowed model is not touched: it may be destroyed first (each block holds the ctx). */
 void confsmoe_mpi_dp_destroy(confsmoe_mpi_dp *dp)
 {
     if (!dp)
         return;
+    confsmoe_ctx *ctx = dp->ctx;
     cmpi_comm_free(&dp->comm);
-    free(dp->params);
-    free(dp->grads);
-    free(dp->before);
-    free(dp->stage.stage);
-    free(dp);
+    confsmoe_ctx_free(ctx, dp->params);
+    confsmoe_ctx_free(ctx, dp->grads);
+    confsmoe_ctx_free(ctx, dp->before);
+    confsmoe_ctx_free(ctx, dp->stage.stage);
+    confsmoe_ctx_free(ctx, dp);
 }
 
 confsmoe_status confsmoe_mpi_dp_create(MPI_Comm comm, confsmoe_model *model, size_t bucket_bytes,
@@ -32,23 +32,28 @@ confsmoe_status confsmoe_mpi_dp_create(MPI_Comm comm, confsmoe_model *model, siz
     if (!out || !model)
         return cmpi_fail(CONFSMOE_E_INVALID_ARGUMENT, "%s: %s is NULL", fn, !out ? "out" : "model");
     *out = NULL;
-    confsmoe_mpi_dp *dp = calloc(1, sizeof *dp);
+    confsmoe_status s = cmpi_require_version(fn);
+    if (s != CONFSMOE_OK)
+        return s;
+    confsmoe_ctx *ctx = confsmoe_gate_ctx(confsmoe_model_gate(model));
+    confsmoe_mpi_dp *dp = confsmoe_ctx_calloc(ctx, 1, sizeof *dp);
     if (!dp)
         return cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
     dp->comm.comm = MPI_COMM_NULL;
+    dp->ctx = ctx;
     dp->model = model;
     dp->n = confsmoe_model_n_params(model);
-    dp->params = calloc((size_t)dp->n + 1, sizeof *dp->params);
-    dp->grads = calloc((size_t)dp->n + 1, sizeof *dp->grads);
-    confsmoe_status s = dp->params && dp->grads ? CONFSMOE_OK : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
+    dp->params = confsmoe_ctx_calloc(ctx, (size_t)dp->n, sizeof *dp->params);
+    dp->grads = confsmoe_ctx_calloc(ctx, (size_t)dp->n, sizeof *dp->grads);
+    s = dp->params && dp->grads ? CONFSMOE_OK : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
     for (int32_t i = 0; s == CONFSMOE_OK && i < dp->n; i++) {
         dp->params[i] = confsmoe_model_param(model, i);
         dp->grads[i] = confsmoe_model_grad(model, i);
     }
-    const size_t floats = cmpi_numel(dp->grads, dp->n);
+    const size_t floats = s == CONFSMOE_OK ? cmpi_numel(dp->grads, dp->n) : 0;
     if (s == CONFSMOE_OK) {
-        dp->before = malloc((floats ? floats : 1) * sizeof(float));
-        s = dp->before ? cmpi_stage_alloc(bucket_bytes, floats, fn, &dp->stage)
+        dp->before = confsmoe_ctx_calloc(ctx, floats, sizeof(float));
+        s = dp->before ? cmpi_stage_alloc(ctx, bucket_bytes, floats, fn, &dp->stage)
                        : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory for %zu gradients", fn, floats);
     }
     if (s == CONFSMOE_OK)

@@ -2,14 +2,14 @@
  * that owns its expert, with one MPI_Alltoallv each way in forward and in backward. */
 #include <limits.h>
 #include <stdio.h>
-#include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "mpi_internal.h"
 
 struct confsmoe_mpi_gate {
     cmpi_comm comm;
-    confsmoe_ctx *ctx;                /* kept alive by the references of gate and experts */
+    confsmoe_ctx *ctx;                /* every block here comes from it, and holds a reference */
     confsmoe_gate *gate;
     int32_t n_experts, first, count;  /* this rank owns experts first .. first + count - 1 */
     bool confidence;                  /* COMBINE_CONFIDENCE: the loss is L_conf over present slots */
@@ -32,6 +32,7 @@ struct confsmoe_mpi_gate {
 
 struct confsmoe_mpi_saved {
     confsmoe_mpi_gate *g;
+    confsmoe_ctx *ctx;                /* the gate's, for the handle's own block */
     confsmoe_saved *inner;
     float weight;                     /* this rank's share of the global confidence loss */
 };
@@ -39,6 +40,7 @@ struct confsmoe_mpi_saved {
 /* One training forward's state, kept until the gate's saved handle goes (which may be after
  * the gate: releasing it reads nothing else). */
 typedef struct {
+    confsmoe_ctx *ctx;                /* the gate's, for this state's blocks */
     int32_t count;                    /* local experts */
     int64_t *got;                     /* [P count] rows from each source for each local expert */
     confsmoe_saved **saved;           /* [count] */
@@ -56,17 +58,21 @@ static bool grow(confsmoe_mpi_gate *g, size_t rows)
 {
     if (rows <= g->cap_rows)
         return true;
-    const size_t bytes = rows * (size_t)g->d * sizeof(float);
-    float *a = malloc(bytes), *b = malloc(bytes), *c = malloc(bytes);
+    const size_t d = (size_t)g->d;
+    if (rows > SIZE_MAX / d)
+        return false;
+    float *a = confsmoe_ctx_calloc(g->ctx, rows * d, sizeof(float));
+    float *b = confsmoe_ctx_calloc(g->ctx, rows * d, sizeof(float));
+    float *c = confsmoe_ctx_calloc(g->ctx, rows * d, sizeof(float));
     if (!a || !b || !c) {
-        free(a);
-        free(b);
-        free(c);
+        confsmoe_ctx_free(g->ctx, a);
+        confsmoe_ctx_free(g->ctx, b);
+        confsmoe_ctx_free(g->ctx, c);
         return false;
     }
-    free(g->recv);
-    free(g->work);
-    free(g->out);
+    confsmoe_ctx_free(g->ctx, g->recv);
+    confsmoe_ctx_free(g->ctx, g->work);
+    confsmoe_ctx_free(g->ctx, g->out);
     g->recv = a;
     g->work = b;
     g->out = c;
@@ -209,9 +215,9 @@ static void release_call(void *user, void *state)
         return;
     for (int j = 0; call->saved && j < call->count; j++)
         confsmoe_saved_destroy(call->saved[j]);
-    free(call->saved);
-    free(call->got);
-    free(call);
+    confsmoe_ctx_free(call->ctx, call->saved);
+    confsmoe_ctx_free(call->ctx, call->got);
+    confsmoe_ctx_free(call->ctx, call);
 }
 
 static confsmoe_status exchange_forward(void *user, const int64_t *offset, const float *x, float *y, int32_t training,
@@ -223,11 +229,12 @@ static confsmoe_status exchange_forward(void *user, const int64_t *offset, const
     const size_t got_n = (size_t)g->comm.size * (size_t)g->count;
     confsmoe_status kept = CONFSMOE_OK;
     if (training) {
-        call = calloc(1, sizeof *call);
+        call = confsmoe_ctx_calloc(g->ctx, 1, sizeof *call);
         if (call) {
+            call->ctx = g->ctx;
             call->count = g->count;
-            call->saved = calloc((size_t)g->count + 1, sizeof *call->saved);
-            call->got = calloc(got_n + 1, sizeof *call->got);
+            call->saved = confsmoe_ctx_calloc(g->ctx, (size_t)g->count, sizeof *call->saved);
+            call->got = confsmoe_ctx_calloc(g->ctx, got_n, sizeof *call->got);
         }
         if (!call || !call->saved || !call->got) {
             /* The other ranks are on their way: this one still takes part in the messages
@@ -278,26 +285,27 @@ void confsmoe_mpi_gate_destroy(confsmoe_mpi_gate *g)
     if (g->row_committed)
         MPI_Type_free(&g->row);
     cmpi_comm_free(&g->comm);
-    free(g->experts);
-    free(g->lo);
-    free(g->recv);
-    free(g->work);
-    free(g->out);
-    free(g->send_rows);
-    free(g->sent);
-    free(g->got);
-    free(g->stage.stage);
-    free(g->grads);
-    free(g);
+    confsmoe_ctx *ctx = g->ctx;
+    confsmoe_ctx_free(ctx, g->experts);
+    confsmoe_ctx_free(ctx, g->lo);
+    confsmoe_ctx_free(ctx, g->recv);
+    confsmoe_ctx_free(ctx, g->work);
+    confsmoe_ctx_free(ctx, g->out);
+    confsmoe_ctx_free(ctx, g->send_rows);
+    confsmoe_ctx_free(ctx, g->sent);
+    confsmoe_ctx_free(ctx, g->got);
+    confsmoe_ctx_free(ctx, g->stage.stage);
+    confsmoe_ctx_free(ctx, g->grads);
+    confsmoe_ctx_free(ctx, g);
 }
 
 /* The integer arrays of the exchange plan, in one place. */
 static bool alloc_plan(confsmoe_mpi_gate *g)
 {
     const size_t P = (size_t)g->comm.size, n = P > (size_t)g->count ? P : (size_t)g->count;
-    g->send_rows = calloc(6 * (n + 1), sizeof(int));
-    g->sent = calloc((size_t)g->n_experts + 1, sizeof *g->sent);
-    g->got = calloc(P * (size_t)g->count + 1, sizeof *g->got);
+    g->send_rows = confsmoe_ctx_calloc(g->ctx, 6 * (n + 1), sizeof(int));
+    g->sent = confsmoe_ctx_calloc(g->ctx, (size_t)g->n_experts, sizeof *g->sent);
+    g->got = confsmoe_ctx_calloc(g->ctx, P * (size_t)g->count, sizeof *g->got);
     if (!g->send_rows || !g->sent || !g->got)
         return false;
     g->send_at = g->send_rows + (n + 1);
@@ -315,10 +323,13 @@ confsmoe_status confsmoe_mpi_gate_create(MPI_Comm comm, confsmoe_ctx *ctx, const
     if (!out || !ctx || !p)
         return cmpi_fail(CONFSMOE_E_INVALID_ARGUMENT, "%s: %s is NULL", fn, !out ? "out" : !ctx ? "ctx" : "params");
     *out = NULL;
+    confsmoe_status s = cmpi_require_version(fn);
+    if (s != CONFSMOE_OK)
+        return s;
     if (n_experts < 1 || p->d < 1 || expert_hidden < 0)
         return cmpi_fail(CONFSMOE_E_INVALID_ARGUMENT, "%s: n_experts >= 1, d >= 1 and expert_hidden >= 0 are needed",
                          fn);
-    confsmoe_mpi_gate *g = calloc(1, sizeof *g);
+    confsmoe_mpi_gate *g = confsmoe_ctx_calloc(ctx, 1, sizeof *g);
     if (!g)
         return cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
     g->comm.comm = MPI_COMM_NULL;
@@ -326,12 +337,12 @@ confsmoe_status confsmoe_mpi_gate_create(MPI_Comm comm, confsmoe_ctx *ctx, const
     g->n_experts = n_experts;
     g->d = p->d;
     g->confidence = p->combine == CONFSMOE_COMBINE_CONFIDENCE;
-    confsmoe_status s = cmpi_comm_dup(comm, fn, &g->comm);
+    s = cmpi_comm_dup(comm, fn, &g->comm);
     if (s == CONFSMOE_OK && p->compat && g->comm.size > 1)
         s = cmpi_fail(CONFSMOE_E_UNSUPPORTED, "%s: compat dispatches slots across the whole batch, which cannot be "
                                               "split over ranks", fn);
     if (s == CONFSMOE_OK) {
-        g->lo = calloc((size_t)g->comm.size + 1, sizeof *g->lo);
+        g->lo = confsmoe_ctx_calloc(ctx, (size_t)g->comm.size + 1, sizeof *g->lo);
         s = g->lo ? CONFSMOE_OK : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
     }
     for (int r = 0; s == CONFSMOE_OK && r <= g->comm.size; r++) {
@@ -342,7 +353,7 @@ confsmoe_status confsmoe_mpi_gate_create(MPI_Comm comm, confsmoe_ctx *ctx, const
     if (s == CONFSMOE_OK) {
         g->first = g->lo[g->comm.rank];
         g->count = g->lo[g->comm.rank + 1] - g->first;
-        g->experts = calloc((size_t)g->count + 1, sizeof *g->experts);
+        g->experts = confsmoe_ctx_calloc(ctx, (size_t)g->count, sizeof *g->experts);
         s = g->experts && alloc_plan(g) ? CONFSMOE_OK : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
     }
     /* Every expert is drawn on every rank, so the streams stay together; each rank keeps its own. */
@@ -369,12 +380,12 @@ confsmoe_status confsmoe_mpi_gate_create(MPI_Comm comm, confsmoe_ctx *ctx, const
     }
     if (s == CONFSMOE_OK) {
         g->n_grads = confsmoe_gate_n_params(g->gate);
-        g->grads = calloc((size_t)g->n_grads + 1, sizeof *g->grads);
+        g->grads = confsmoe_ctx_calloc(ctx, (size_t)g->n_grads, sizeof *g->grads);
         s = g->grads ? CONFSMOE_OK : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
         for (int32_t i = 0; s == CONFSMOE_OK && i < g->n_grads; i++)
             g->grads[i] = confsmoe_gate_grad(g->gate, i);
         if (s == CONFSMOE_OK)
-            s = cmpi_stage_alloc(0, cmpi_numel(g->grads, g->n_grads), fn, &g->stage);
+            s = cmpi_stage_alloc(ctx, 0, cmpi_numel(g->grads, g->n_grads), fn, &g->stage);
     }
     if (s != CONFSMOE_OK) {
         confsmoe_mpi_gate_destroy(g);
@@ -411,7 +422,7 @@ confsmoe_status confsmoe_mpi_gate_forward(confsmoe_mpi_gate *g, const confsmoe_t
             mine[1] += v[t] != 0;
     }
     /* The global batch is the ranks' tokens in rank order: this rank's first, and the totals. */
-    int64_t *all = malloc((size_t)g->comm.size * sizeof mine);
+    int64_t *all = confsmoe_ctx_calloc(g->ctx, (size_t)g->comm.size, sizeof mine);
     if (!all)
         return cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
     confsmoe_status s = cmpi_check(MPI_Allgather(mine, 2, MPI_INT64_T, all, 2, MPI_INT64_T, g->comm.comm),
@@ -422,7 +433,7 @@ confsmoe_status confsmoe_mpi_gate_forward(confsmoe_mpi_gate *g, const confsmoe_t
         tokens += all[2 * r];
         present_total += all[2 * r + 1];
     }
-    free(all);
+    confsmoe_ctx_free(g->ctx, all);
     if (s != CONFSMOE_OK)
         return s;
     /* The gate normalises its loss over this rank's tokens; the weight makes it a share of the
@@ -443,7 +454,7 @@ confsmoe_status confsmoe_mpi_gate_forward(confsmoe_mpi_gate *g, const confsmoe_t
                    "MPI_Allreduce of the loss");
     confsmoe_mpi_saved *keep = NULL;
     if (s == CONFSMOE_OK && saved) {
-        keep = malloc(sizeof *keep);
+        keep = confsmoe_ctx_calloc(g->ctx, 1, sizeof *keep);
         s = keep ? CONFSMOE_OK : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
     }
     if (s != CONFSMOE_OK) {
@@ -453,7 +464,7 @@ confsmoe_status confsmoe_mpi_gate_forward(confsmoe_mpi_gate *g, const confsmoe_t
     if (loss)
         *loss = share;
     if (saved) {
-        *keep = (confsmoe_mpi_saved){g, inner, weight};
+        *keep = (confsmoe_mpi_saved){g, g->ctx, inner, weight};
         *saved = keep;
     }
     return CONFSMOE_OK;
@@ -471,13 +482,13 @@ confsmoe_status confsmoe_mpi_gate_backward(confsmoe_mpi_gate *g, confsmoe_mpi_sa
     return s == CONFSMOE_OK ? s : cmpi_from_ctx(g->ctx, s, "confsmoe_gate_backward");
 }
 
-/* s->g is not read: the gate may be destroyed first. */
+/* s->g is not read: the gate may be destroyed first (s's block holds the ctx). */
 void confsmoe_mpi_saved_destroy(confsmoe_mpi_saved *s)
 {
     if (!s)
         return;
     confsmoe_saved_destroy(s->inner);
-    free(s);
+    confsmoe_ctx_free(s->ctx, s);
 }
 
 confsmoe_status confsmoe_mpi_gate_allreduce_grads(confsmoe_mpi_gate *g)

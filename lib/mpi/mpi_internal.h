@@ -1,4 +1,6 @@
-/* Private to libconfsmoe_mpi: errors, communicators and bucketed collectives. */
+/* Private to libconfsmoe_mpi: errors, the version check, communicators and bucketed collectives.
+ * Every block the library holds comes from the ctx of the objects it serves (confsmoe_ctx_calloc),
+ * so that a host allocator sees it. */
 #ifndef CONFSMOE_MPI_INTERNAL_H
 #define CONFSMOE_MPI_INTERNAL_H
 
@@ -13,6 +15,10 @@ confsmoe_status cmpi_fail(confsmoe_status status, const char *fmt, ...) __attrib
 confsmoe_status cmpi_check(int mpi_status, const char *what);
 /* A failed libconfsmoe call: its status, with `what` and the ctx's message. */
 confsmoe_status cmpi_from_ctx(const confsmoe_ctx *ctx, confsmoe_status status, const char *what);
+/* CONFSMOE_E_VERSION unless the loaded libconfsmoe is the release this library was built
+ * against: the experimental hooks it calls may change in any release. Entry points that make
+ * objects or allocate call it first; `fn` prefixes the message. */
+confsmoe_status cmpi_require_version(const char *fn);
 
 /* A private duplicate of comm that returns errors instead of aborting, its rank and size. */
 typedef struct {
@@ -45,7 +51,9 @@ confsmoe_status cmpi_buckets(const cmpi_comm *c, cmpi_op op, confsmoe_tensor *co
 void cmpi_pack(confsmoe_tensor *const *t, int32_t n, float *out);
 /* Total elements of the list. */
 size_t cmpi_numel(confsmoe_tensor *const *t, int32_t n);
-/* The stage for bucket_bytes (0: the default), no larger than the list. NULL stage on failure. */
-confsmoe_status cmpi_stage_alloc(size_t bucket_bytes, size_t list_floats, const char *fn, cmpi_stage *out);
+/* The stage for bucket_bytes (0: the default), no larger than the list, from ctx's allocator
+ * (free it with confsmoe_ctx_free). NULL stage on failure. */
+confsmoe_status cmpi_stage_alloc(confsmoe_ctx *ctx, size_t bucket_bytes, size_t list_floats, const char *fn,
+                                 cmpi_stage *out);
 
 #endif /* CONFSMOE_MPI_INTERNAL_H */

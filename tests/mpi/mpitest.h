@@ -69,7 +69,7 @@ static inline void expect_close(const char *what, const float *got, const float 
 }
 
 /* splitmix64, the tests' own RNG, the same on every rank. */
-static double mt_uniform(uint64_t *s, double lo, double hi)
+static inline double mt_uniform(uint64_t *s, double lo, double hi)
 {
     uint64_t z = (*s += UINT64_C(0x9e3779b97f4a7c15));
     z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
@@ -78,7 +78,7 @@ static double mt_uniform(uint64_t *s, double lo, double hi)
     return lo + (hi - lo) * (double)(z >> 11) * 0x1.0p-53;
 }
 
-static confsmoe_ctx *mt_ctx(uint64_t seed)
+static inline confsmoe_ctx *mt_ctx(uint64_t seed)
 {
     confsmoe_ctx_params p;
     confsmoe_ctx_params_init(&p);
@@ -88,8 +88,8 @@ static confsmoe_ctx *mt_ctx(uint64_t seed)
     return ctx;
 }
 
-static confsmoe_tensor *mt_wrap(confsmoe_ctx *ctx, confsmoe_dtype dt, int32_t nd, int64_t d0, int64_t d1, int64_t d2,
-                                void *data)
+static inline confsmoe_tensor *mt_wrap(confsmoe_ctx *ctx, confsmoe_dtype dt, int32_t nd, int64_t d0, int64_t d1,
+                                       int64_t d2, void *data)
 {
     const int64_t dims[3] = {d0, d1, d2};
     confsmoe_tensor *t = NULL;

@@ -2,8 +2,9 @@
 
 Everything that touches ctypes declarations lives here:
 
-- library discovery (``CONFSMOE_LIBRARY``, then a library next to the package, then the
-  installed libdir recorded at ``meson install`` time, then the system loader);
+- library discovery (``CONFSMOE_LIBRARY``, then a library next to the package -- where
+  ``pip install`` puts it --, then the installed libdir recorded at ``meson install`` time, then
+  the system loader);
 - the version check (the library's major version must be ``EXPECTED_MAJOR``);
 - distinct handle types: each opaque C object is its own ``ctypes.POINTER`` class, so a gate
   passed where a tensor is expected is refused (``TypeError``) instead of reaching C;
@@ -79,7 +80,8 @@ def _load():
             tried.append("  %s: %s (%s)" % (where, path, e))
     raise ImportError(
         "confsmoe: cannot load the C library libconfsmoe. Tried:\n" + "\n".join(tried) +
-        "\nBuild it (meson setup build && ninja -C build), then either set CONFSMOE_LIBRARY="
+        "\nEither pip install the package (pip install <clone or sdist>: it puts libconfsmoe.so.0 inside "
+        "it), or build the library (meson setup build && ninja -C build), then set CONFSMOE_LIBRARY="
         "/path/to/build/lib/libconfsmoe.so.0 or install it (meson install -C build).")
 
 
@@ -159,6 +161,7 @@ class CtxParams(ctypes.Structure):
         ("log_fn", LogFn),
         ("log_user", ctypes.c_void_p),
         ("allocator", ctypes.POINTER(Allocator)),
+        ("n_threads", ctypes.c_int32),
     ]
 
 
@@ -364,6 +367,11 @@ PROTOTYPES = {
                                            _i64, TensorHandle, _P(_float), _P(_float)]),
     "confsmoe_gate_set_shard": (Status, [GateHandle, _i64, _i64]),
     "confsmoe_gate_create_exchange": (Status, [CtxHandle, _P(GateParams), _i32, _vp, _P(GateHandle)]),
+    "confsmoe_ctx_calloc": (_vp, [CtxHandle, _size, _size]),
+    "confsmoe_ctx_free": (None, [CtxHandle, _vp]),
+    "confsmoe_gate_ctx": (CtxHandle, [GateHandle]),
+    "confsmoe_tensor_set_data": (Status, [TensorHandle, _vp]),
+    "confsmoe_tensors_set_data": (Status, [_P(TensorHandle), _i32, _vp, _P(_size)]),
 }
 
 #: Mirrored struct -> the library's size function (checked at import).

@@ -46,7 +46,7 @@ def _make_allocator(obj):
 class Context(NativeObject):
     """A libconfsmoe context: every other object is created from one.
 
-    Context(seed=0, check_finite=True, log_level="warn", log_fn=None, allocator=None)
+    Context(seed=0, check_finite=True, log_level="warn", log_fn=None, allocator=None, threads=0)
 
     - seed: RNG seed for initialisation, noise, dropout and stage-1 draws.
     - check_finite: reject NaN/Inf inputs with NumericError (False: skip the scan).
@@ -55,6 +55,9 @@ class Context(NativeObject):
     - allocator: an object with alloc(size, alignment) -> address (0 for failure) and
       free(address); used for every allocation of this ctx. It must stay usable until the
       ctx is destroyed (the Context keeps a reference to it).
+    - threads: threads of the library's own for every object made from this Context, the
+      calling thread included (1: none; at most 64); 0 takes the environment variable
+      CONFSMOE_NUM_THREADS, else 1. Results do not depend on it.
 
     Defaults are the C library's (confsmoe_ctx_params_init). A Context is used by one thread at
     a time; different Contexts may run concurrently.
@@ -62,7 +65,7 @@ class Context(NativeObject):
 
     _kind = "context"
 
-    def __init__(self, *, seed=0, check_finite=True, log_level=LOG_WARN, log_fn=None, allocator=None):
+    def __init__(self, *, seed=0, check_finite=True, log_level=LOG_WARN, log_fn=None, allocator=None, threads=0):
         p = _lib.CtxParams()
         api.ctx_params_init(ctypes.byref(p))
         p.seed = int(seed)
@@ -73,6 +76,9 @@ class Context(NativeObject):
             except KeyError:
                 raise InvalidArgumentError("log_level must be one of %s" % sorted(_LOG_LEVELS)) from None
         p.log_level = int(log_level)
+        if not 0 <= int(threads) <= 64:  # ctx_create has no ctx for a message: say it here
+            raise InvalidArgumentError("threads must be in [0, 64], got %d" % int(threads))
+        p.n_threads = int(threads)
         keep = []
         if log_fn is not None:
             if not callable(log_fn):

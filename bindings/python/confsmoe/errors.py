@@ -4,6 +4,8 @@ Each class also derives from the closest built-in exception, so generic handlers
 (``except ValueError`` catches a ShapeError, ``except OSError`` a FileIOError, ...).
 The exception carries the status (``.status``), its static text (``.status_text``), the
 function that failed (``.function``) and the ctx's ``confsmoe_ctx_last_error`` (``.detail``).
+The constants and classes follow CONFSMOE_STATUS_MAP of include/confsmoe.h, which
+tests/abi/check_constants.py compares them with.
 """
 import ctypes
 
