@@ -26,9 +26,12 @@ fi
 #    the installed-tree pkg-config consumers, the trainer, the Python bindings, bench smoke, and
 #    mpi (libconfsmoe_mpi and the trainer through mpirun on localhost, docs/DISTRIBUTED.md).
 meson test -C "$build" -v --print-errorlogs
-# 2. The C test programs under valgrind (memcheck, leaks), ASan + UBSan, and ThreadSanitizer.
+# 2. The Python package as pip builds and installs it (pyproject.toml), tested under a current
+#    PyTorch 2.x and numpy 2.x from PyPI in a venv of /usr/bin/python3 (bindings/README.md, "Tests").
+tests/python/pypi_venv.sh "$build"
+# 3. The C test programs under valgrind (memcheck, leaks), ASan + UBSan, and ThreadSanitizer.
 BUILD_DIR="$build" tests/sanitize/run valgrind
 tests/sanitize/run asan
 tests/sanitize/run tsan
-# 3. The libFuzzer fuzzers (checkpoint loader, dataset loader, API sequences), 60 s each.
+# 4. The libFuzzer fuzzers (checkpoint loader, dataset loader, API sequences), 60 s each.
 tests/fuzz/run
