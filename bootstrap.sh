@@ -12,9 +12,10 @@ packages=(gcc g++ pkg-config meson ninja-build libblis-dev check dpkg-dev)
 options=()
 if [ "${1:-}" = "--tests" ]; then
     # clang-14 finds omp.h (which blis.h includes) only through libomp-14-dev.
-    # python3-dev: torch.compile on the CPU compiles C++ that includes Python.h.
-    packages+=(valgrind python3-numpy python3-torch python3-venv python3-dev abigail-tools clang libclang-rt-14-dev
-               llvm-14 libomp-14-dev libopenmpi-dev openmpi-bin)
+    # python3-dev: torch.compile on the CPU compiles C++ that includes Python.h. git: the sdist
+    # test (meson dist archives the git tree).
+    packages+=(valgrind python3-numpy python3-torch python3-venv python3-dev git abigail-tools clang
+               libclang-rt-14-dev llvm-14 libomp-14-dev libopenmpi-dev openmpi-bin)
     # The test build always has libconfsmoe_mpi and its mpi suite (docs/DISTRIBUTED.md).
     options+=(-Dmpi=enabled)
     shift
