@@ -67,9 +67,8 @@ def _grads(model):
 def _worker(rank, port, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    # Bind gloo to the loopback device: without it gloo resolves the host name, and where that
-    # fails (no /etc/hosts entry) it throws and catches a C++ exception in a thread, which
-    # ASan's __cxa_throw interceptor cannot handle in a python3 that preloads libasan.
+    # Bind gloo to the loopback device rather than to what the host name resolves to (which a
+    # machine without an /etc/hosts entry for it cannot resolve).
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
