@@ -3,8 +3,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "internal.h"
-#include "kernels.h"
 #include "sized.h"
 #include "threads.h"
 
@@ -276,16 +276,6 @@ bool csm_mul_size(size_t a, size_t b, size_t *out)
     if (a != 0 && b > SIZE_MAX / a)
         return false;
     *out = a * b;
-    return true;
-}
-
-bool csm_layout_add(size_t *total, size_t count, size_t elem, size_t *offset)
-{
-    size_t bytes;
-    if (!csm_mul_size(count, elem, &bytes) || bytes > SIZE_MAX - CSM_ALIGN || *total > SIZE_MAX - CSM_ALIGN - bytes)
-        return false;
-    *offset = *total;
-    *total += (bytes + CSM_ALIGN - 1) & ~(size_t)(CSM_ALIGN - 1);
     return true;
 }
 

@@ -7,17 +7,18 @@
 #include "expert.h"
 #include "internal.h"
 #include "kernels.h"
+#include "layout.h"
 
-enum { W1, B1, W2, B2, N_PARAMS };
-
-static const char *const param_names[N_PARAMS] = {"w1", "b1", "w2", "b2"};
+/* Indices in the parameter list, in its order. */
+enum { W1, B1, W2, B2 };
 
 struct confsmoe_expert {
     confsmoe_ctx *ctx;
     int64_t d, h;
-    confsmoe_tensor *param[N_PARAMS];
-    confsmoe_tensor *grad[N_PARAMS];
+    csm_params params;  /* w1 [h, d], b1 [h], w2 [d, h], b2 [d] */
 };
+
+const csm_params *csm_expert_param_list(const confsmoe_expert *e) { return &e->params; }
 
 /* What backward needs from one forward: the input, and GELU and GELU' of the pre-activation
  * (computed together in forward, from one evaluation of Phi and phi). */
@@ -32,11 +33,8 @@ void confsmoe_expert_destroy(confsmoe_expert *e)
 {
     if (!e)
         return;
-    for (int i = 0; i < N_PARAMS; i++) {
-        confsmoe_tensor_destroy(e->param[i]);
-        confsmoe_tensor_destroy(e->grad[i]);
-    }
     confsmoe_ctx *ctx = e->ctx;
+    csm_params_free(ctx, &e->params);
     csm_free(ctx, e);
     csm_ctx_release(ctx);
 }
@@ -55,24 +53,24 @@ confsmoe_status confsmoe_expert_create(confsmoe_ctx *ctx, int64_t d, int64_t h, 
     e->ctx = csm_ctx_retain(ctx);
     e->d = d;
     e->h = h;
-    const int64_t shapes[N_PARAMS][2] = {{h, d}, {1, h}, {d, h}, {1, d}};
-    for (int i = 0; i < N_PARAMS; i++) {
-        /* Biases are 1-D, as in nn.Linear. */
-        int32_t ndim = (i == B1 || i == B2) ? 1 : 2;
-        const int64_t *dims = ndim == 1 ? &shapes[i][1] : shapes[i];
-        confsmoe_status s = confsmoe_tensor_create(ctx, CONFSMOE_F32, ndim, dims, &e->param[i]);
-        if (s == CONFSMOE_OK)
-            s = confsmoe_tensor_create(ctx, CONFSMOE_F32, ndim, dims, &e->grad[i]);
-        if (s != CONFSMOE_OK) {
-            confsmoe_expert_destroy(e);
-            return csm_fail(ctx, s, "expert_create: out of memory for d=%" PRId64 ", h=%" PRId64, d, h);
-        }
+    /* Biases are 1-D, as in nn.Linear. */
+    confsmoe_tensor *w1, *b1, *w2, *b2;
+    confsmoe_status s = csm_params_new(ctx, &e->params, "w1", 2, h, d, &w1);
+    if (s == CONFSMOE_OK)
+        s = csm_params_new(ctx, &e->params, "b1", 1, h, 0, &b1);
+    if (s == CONFSMOE_OK)
+        s = csm_params_new(ctx, &e->params, "w2", 2, d, h, &w2);
+    if (s == CONFSMOE_OK)
+        s = csm_params_new(ctx, &e->params, "b2", 1, d, 0, &b2);
+    if (s != CONFSMOE_OK) {
+        confsmoe_expert_destroy(e);
+        return csm_fail(ctx, s, "expert_create: out of memory for d=%" PRId64 ", h=%" PRId64, d, h);
     }
     float bound_in = 1.0f / sqrtf((float)d), bound_hidden = 1.0f / sqrtf((float)h);
-    csm_fill_uniform(ctx, e->param[W1], bound_in);
-    csm_fill_uniform(ctx, e->param[B1], bound_in);
-    csm_fill_uniform(ctx, e->param[W2], bound_hidden);
-    csm_fill_uniform(ctx, e->param[B2], bound_hidden);
+    csm_fill_uniform(ctx, w1, bound_in);
+    csm_fill_uniform(ctx, b1, bound_in);
+    csm_fill_uniform(ctx, w2, bound_hidden);
+    csm_fill_uniform(ctx, b2, bound_hidden);
     *out = e;
     return CONFSMOE_OK;
 }
@@ -88,25 +86,32 @@ static void release_saved(confsmoe_saved *s)
     csm_ctx_release(ctx);
 }
 
-/* One block: the header, then x and what backward needs of the activation. */
-static expert_saved *alloc_saved(confsmoe_expert *e, int64_t n)
+/* The header, then x and what backward needs of the activation (layout.h); returns the header. */
+static expert_saved *expert_saved_parts(csm_layout *l, const confsmoe_expert *e, int64_t n, expert_saved *view)
 {
-    size_t total = 0, at_header, at_x, at_kept;
-    if (!csm_layout_add(&total, 1, sizeof(expert_saved), &at_header) ||
-        !csm_layout_add(&total, (size_t)n, (size_t)e->d * sizeof(float), &at_x) ||
-        !csm_layout_add(&total, (size_t)n, (size_t)CSM_EXPERT_KEPT(e->h) * sizeof(float), &at_kept))
-        return NULL;
-    char *block = csm_alloc(e->ctx, total);
+    expert_saved *header = CSM_LAYOUT_ARRAY(l, expert_saved, 1);
+    view->x = CSM_LAYOUT_ROWS(l, float, (size_t)n, (size_t)e->d);
+    view->kept = CSM_LAYOUT_ROWS(l, float, (size_t)n, (size_t)CSM_EXPERT_KEPT(e->h));
+    return header;
+}
+
+/* One block for the header and the arrays. */
+static expert_saved *expert_alloc_saved(confsmoe_expert *e, int64_t n)
+{
+    expert_saved view = {0};
+    csm_layout l = csm_layout_measure();
+    size_t bytes;
+    expert_saved_parts(&l, e, n, &view);
+    char *block = csm_layout_size(&l, &bytes) ? csm_alloc(e->ctx, bytes) : NULL;
     if (!block)
         return NULL;
-    expert_saved *s = (expert_saved *)(block + at_header);
-    memset(s, 0, sizeof *s);
+    csm_layout_place(&l, block);
+    expert_saved *s = expert_saved_parts(&l, e, n, &view);
+    *s = view;
     s->base.ctx = csm_ctx_retain(e->ctx);
     s->base.owner = e;
     s->base.release = release_saved;
     s->n = n;
-    s->x = (float *)(block + at_x);
-    s->kept = (float *)(block + at_kept);
     return s;
 }
 
@@ -137,7 +142,7 @@ confsmoe_status confsmoe_expert_forward(confsmoe_expert *e, const confsmoe_tenso
         csm_free(ctx, act);
         return CONFSMOE_OK;
     }
-    expert_saved *keep = alloc_saved(e, n);
+    expert_saved *keep = expert_alloc_saved(e, n);
     if (!keep)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "expert_forward: out of memory saving N=%" PRId64, n);
     if (x->nbytes > 0)
@@ -156,10 +161,10 @@ void csm_expert_forward_rows(const confsmoe_expert *e, const float *x, int64_t n
     if (kept)
         act = kept;
     float *buf = kept ? kept + n * e->h : act;
-    csm_gemm(false, true, n, e->h, e->d, 1.0f, x, csm_f32(e->param[W1]), 0.0f, buf);
-    csm_bias_gelu(buf, csm_f32(e->param[B1]), act, n, e->h, kept != NULL);
-    csm_broadcast_rows(y, csm_f32(e->param[B2]), n, e->d);
-    csm_gemm(false, true, n, e->d, e->h, 1.0f, act, csm_f32(e->param[W2]), 1.0f, y);
+    csm_gemm(false, true, n, e->h, e->d, 1.0f, x, csm_f32(e->params.param[W1]), 0.0f, buf);
+    csm_bias_gelu(buf, csm_f32(e->params.param[B1]), act, n, e->h, kept != NULL);
+    csm_broadcast_rows(y, csm_f32(e->params.param[B2]), n, e->d);
+    csm_gemm(false, true, n, e->d, e->h, 1.0f, act, csm_f32(e->params.param[W2]), 1.0f, y);
 }
 
 confsmoe_status confsmoe_expert_backward(confsmoe_expert *e, confsmoe_saved *saved, const confsmoe_tensor *dy,
@@ -203,36 +208,34 @@ void csm_expert_backward_rows(confsmoe_expert *e, const float *x, const float *k
     const float *act = kept, *gelu_grad = kept + n * h;
     float *dpre = scratch;
     /* d(act) = dy W2, then through GELU: dpre = d(act) GELU'(pre), with db1 in the same pass. */
-    csm_gemm(false, false, n, h, e->d, 1.0f, dy, csm_f32(e->param[W2]), 0.0f, dpre);
-    csm_gemm(true, false, e->d, h, n, 1.0f, dy, act, 1.0f, csm_f32(e->grad[W2]));
-    csm_add_column_sums(csm_f32(e->grad[B2]), dy, n, e->d);
-    csm_mul_colsum(dpre, gelu_grad, csm_f32(e->grad[B1]), n, h);
-    csm_gemm(true, false, h, e->d, n, 1.0f, dpre, x, 1.0f, csm_f32(e->grad[W1]));
+    csm_gemm(false, false, n, h, e->d, 1.0f, dy, csm_f32(e->params.param[W2]), 0.0f, dpre);
+    csm_gemm(true, false, e->d, h, n, 1.0f, dy, act, 1.0f, csm_f32(e->params.grad[W2]));
+    csm_add_column_sums(csm_f32(e->params.grad[B2]), dy, n, e->d);
+    csm_mul_colsum(dpre, gelu_grad, csm_f32(e->params.grad[B1]), n, h);
+    csm_gemm(true, false, h, e->d, n, 1.0f, dpre, x, 1.0f, csm_f32(e->params.grad[W1]));
     if (dx)
-        csm_gemm(false, false, n, e->d, h, 1.0f, dpre, csm_f32(e->param[W1]), 0.0f, dx);
+        csm_gemm(false, false, n, e->d, h, 1.0f, dpre, csm_f32(e->params.param[W1]), 0.0f, dx);
 }
 
-int32_t confsmoe_expert_n_params(const confsmoe_expert *e) { return e ? N_PARAMS : -1; }
+int32_t confsmoe_expert_n_params(const confsmoe_expert *e) { return e ? e->params.count : -1; }
 
 const char *confsmoe_expert_param_name(const confsmoe_expert *e, int32_t i)
 {
-    return e && i >= 0 && i < N_PARAMS ? param_names[i] : NULL;
+    return e ? csm_params_name(&e->params, i) : NULL;
 }
 
 confsmoe_tensor *confsmoe_expert_param(confsmoe_expert *e, int32_t i)
 {
-    return e && i >= 0 && i < N_PARAMS ? e->param[i] : NULL;
+    return e ? csm_params_param(&e->params, i) : NULL;
 }
 
 confsmoe_tensor *confsmoe_expert_grad(confsmoe_expert *e, int32_t i)
 {
-    return e && i >= 0 && i < N_PARAMS ? e->grad[i] : NULL;
+    return e ? csm_params_grad(&e->params, i) : NULL;
 }
 
 void confsmoe_expert_zero_grad(confsmoe_expert *e)
 {
-    if (!e)
-        return;
-    for (int i = 0; i < N_PARAMS; i++)
-        memset(e->grad[i]->data, 0, e->grad[i]->nbytes);
+    if (e)
+        csm_params_zero_grad(&e->params);
 }

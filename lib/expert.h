@@ -3,6 +3,10 @@
 #define CONFSMOE_EXPERT_H
 
 #include "internal.h"
+#include "params.h"
+
+/* The expert's parameter list (w1, b1, w2, b2), which a model appends to its own. */
+const csm_params *csm_expert_param_list(const confsmoe_expert *e);
 
 /* Floats per row that a training forward keeps for backward: GELU(pre) and GELU'(pre), h each. */
 #define CSM_EXPERT_KEPT(h) (2 * (h))

@@ -8,8 +8,10 @@
 
 #include "confnet.h"
 #include "expert.h"
+#include "gate.h"
 #include "internal.h"
 #include "kernels.h"
+#include "layout.h"
 #include "load_loss.h"
 #include "params.h"
 #include "router.h"
@@ -197,10 +199,9 @@ static confsmoe_status build(confsmoe_gate *g)
     const confsmoe_gate_params *p = &g->p;
     const int32_t E = g->n_experts;
     const bool confidence = p->combine == CONFSMOE_COMBINE_CONFIDENCE;
-    const int32_t max_params = 2 + (confidence ? CONFNET_PARAMS * E + 2 : 0);
     confsmoe_ctx *ctx = g->ctx;
     g->router.per_expert = csm_calloc(ctx, (size_t)E, sizeof(float));
-    if (!csm_params_reserve(ctx, &g->params, max_params) || !g->router.per_expert || !csm_usage_init(ctx, &g->last, E) ||
+    if (!g->router.per_expert || !csm_usage_init(ctx, &g->last, E) ||
         !csm_usage_init(ctx, &g->total, E) || !csm_usage_init(ctx, &g->mark_last, E) ||
         !csm_usage_init(ctx, &g->mark_total, E))
         return CONFSMOE_E_NOMEM;
@@ -284,10 +285,10 @@ static confsmoe_status create(confsmoe_ctx *ctx, const char *fn, const confsmoe_
         if (ok)
             memcpy(g->experts, experts, (size_t)n_experts * sizeof *experts);
     }
-    const uint64_t rng_at_entry = ctx->rng_counter;
+    const uint64_t rng_at_entry = csm_rng_tell(ctx);
     s = ok ? build(g) : CONFSMOE_E_NOMEM;
     if (s != CONFSMOE_OK) {
-        ctx->rng_counter = rng_at_entry;
+        csm_rng_seek(ctx, rng_at_entry);
         confsmoe_gate_destroy(g);
         return csm_fail(ctx, s, "%s: out of memory for E=%" PRId32 ", d=%" PRId64, fn, n_experts, p->d);
     }
@@ -358,77 +359,57 @@ static void release_saved(confsmoe_saved *base)
     csm_ctx_release(ctx);
 }
 
-/* One block for the header and every array; sizes follow the gate's options. What the experts
- * keep for backward, whose size depends on the routing, gets a second block later. */
-static gate_saved *alloc_saved(confsmoe_gate *g, int64_t n, bool training)
+/* The header and every array of a forward's saved state, sized by the gate's options
+ * (layout.h); returns the header. Products by k, d and C are checked by the layout. */
+static gate_saved *gate_saved_parts(csm_layout *l, const confsmoe_gate *g, int64_t n, bool training, gate_saved *view)
 {
     const size_t E = (size_t)g->n_experts, k = (size_t)g->p.k, d = (size_t)g->p.d, N = (size_t)n;
     const size_t C = (size_t)g->p.n_classes;
     const bool confidence = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE;
     const bool noisy = g->p.noisy && training;
     const bool conf_loss = confidence && training;
-    size_t nk;
-    if (!csm_mul_size(N, k, &nk))
-        return NULL;
-    struct {
-        size_t at, count, elem;
-    } part[20] = {
-        {0, 1, sizeof(gate_saved)},
-        {0, N * (training ? d : 0), sizeof(float)},       /* x */
-        {0, N * E, sizeof(float)},                        /* u_clean */
-        {0, noisy ? N * E : 0, sizeof(float)},            /* u */
-        {0, noisy ? N * E : 0, sizeof(float)},            /* h */
-        {0, noisy ? N * E : 0, sizeof(float)},            /* eps */
-        {0, noisy ? N * E : 0, sizeof(float)},            /* sigma */
-        {0, nk, sizeof(int32_t)},                         /* idx */
-        {0, nk, sizeof(float)},                           /* g */
-        {0, nk, sizeof(float)},                           /* c */
-        {0, E + 1, sizeof(int64_t)},                      /* offset */
-        {0, nk, sizeof(int64_t)},                         /* row_of */
-        {0, nk, sizeof(int64_t)},                         /* slot_of */
-        {0, nk, d * sizeof(float)},                       /* yb */
-        {0, nk, sizeof(float)},                           /* s */
-        {0, confidence ? nk : 0, 3 * sizeof(float)},      /* cache.mean, cache.rstd, cache.z */
-        {0, conf_loss ? nk : 0, C * sizeof(float)},       /* probs */
-        {0, conf_loss ? N : 0, C * sizeof(uint8_t) + sizeof(int32_t)}, /* labels */
-        {0, N, sizeof(uint8_t)},                          /* present */
-        {0, E + 1, sizeof(size_t)},                       /* kept_at */
-    };
-    /* N * E and N * d fit: x and the router output exist. Products by k, d and C are checked by layout. */
-    size_t total = 0;
-    for (size_t i = 0; i < sizeof part / sizeof *part; i++)
-        if (!csm_layout_add(&total, part[i].count, part[i].elem, &part[i].at))
-            return NULL;
-    char *block = gate_alloc(g, total);
+    const size_t nk = N * k; /* wraps only if idx's part overflowed, after which every part is NULL */
+    gate_saved *header = CSM_LAYOUT_ARRAY(l, gate_saved, 1);
+    view->x = training ? CSM_LAYOUT_ROWS(l, float, N, d) : NULL;
+    view->u_clean = CSM_LAYOUT_ROWS(l, float, N, E);
+    view->u = noisy ? CSM_LAYOUT_ROWS(l, float, N, E) : view->u_clean;
+    view->h = noisy ? CSM_LAYOUT_ROWS(l, float, N, E) : NULL;
+    view->eps = noisy ? CSM_LAYOUT_ROWS(l, float, N, E) : NULL;
+    view->sigma = noisy ? CSM_LAYOUT_ROWS(l, float, N, E) : NULL;
+    view->idx = CSM_LAYOUT_ROWS(l, int32_t, N, k);
+    view->g = CSM_LAYOUT_ROWS(l, float, N, k);
+    view->c = CSM_LAYOUT_ROWS(l, float, N, k);
+    view->offset = CSM_LAYOUT_ARRAY(l, int64_t, E + 1);
+    view->row_of = CSM_LAYOUT_ROWS(l, int64_t, N, k);
+    view->slot_of = CSM_LAYOUT_ROWS(l, int64_t, N, k);
+    view->yb = CSM_LAYOUT_ROWS(l, float, nk, d);
+    view->s = CSM_LAYOUT_ROWS(l, float, N, k);
+    view->cache.mean = CSM_LAYOUT_ROWS(l, float, N, confidence ? k : 0);
+    view->cache.rstd = CSM_LAYOUT_ROWS(l, float, N, confidence ? k : 0);
+    view->cache.z = CSM_LAYOUT_ROWS(l, float, N, confidence ? k : 0);
+    view->probs = CSM_LAYOUT_ROWS(l, float, conf_loss ? nk : 0, C);
+    view->labels = CSM_LAYOUT_ARRAY(l, int32_t, conf_loss ? N : 0);
+    view->multi_labels = CSM_LAYOUT_ROWS(l, uint8_t, conf_loss ? N : 0, C);
+    view->present = CSM_LAYOUT_ARRAY(l, uint8_t, N);
+    view->kept_at = CSM_LAYOUT_ARRAY(l, size_t, E + 1);
+    return header;
+}
+
+/* One block for the header and every array. What the experts keep for backward, whose size
+ * depends on the routing, gets a second block later. */
+static gate_saved *gate_alloc_saved(confsmoe_gate *g, int64_t n, bool training)
+{
+    gate_saved view = {0};
+    csm_layout l = csm_layout_measure();
+    size_t bytes;
+    gate_saved_parts(&l, g, n, training, &view);
+    char *block = csm_layout_size(&l, &bytes) ? gate_alloc(g, bytes) : NULL;
     if (!block)
         return NULL;
-    gate_saved *s = (gate_saved *)block;
-    memset(s, 0, sizeof *s);
+    csm_layout_place(&l, block);
+    gate_saved *s = gate_saved_parts(&l, g, n, training, &view);
+    *s = view;
     s->arena = g->arena;
-#define AT(i, type) ((type *)(block + part[i].at))
-    s->x = training ? AT(1, float) : NULL;
-    s->u_clean = AT(2, float);
-    s->u = noisy ? AT(3, float) : s->u_clean;
-    s->h = noisy ? AT(4, float) : NULL;
-    s->eps = noisy ? AT(5, float) : NULL;
-    s->sigma = noisy ? AT(6, float) : NULL;
-    s->idx = AT(7, int32_t);
-    s->g = AT(8, float);
-    s->c = AT(9, float);
-    s->offset = AT(10, int64_t);
-    s->row_of = AT(11, int64_t);
-    s->slot_of = AT(12, int64_t);
-    s->yb = AT(13, float);
-    s->s = AT(14, float);
-    s->cache.mean = AT(15, float);
-    s->cache.rstd = s->cache.mean + nk;
-    s->cache.z = s->cache.rstd + nk;
-    s->probs = AT(16, float);
-    s->labels = AT(17, int32_t);
-    s->multi_labels = (uint8_t *)(s->labels + (conf_loss ? N : 0));
-    s->present = AT(18, uint8_t);
-    s->kept_at = AT(19, size_t);
-#undef AT
     s->base.ctx = csm_ctx_retain(g->ctx);
     s->base.owner = g;
     s->base.release = release_saved;
@@ -739,8 +720,8 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     if (g->shard_total && g->p.compat && n != g->shard_total)
         return csm_fail(g->ctx, CONFSMOE_E_UNSUPPORTED,
                         "gate_forward: compat dispatches slots across the whole batch, which a shard of it cannot");
-    const uint64_t rng_at_entry = g->ctx->rng_counter;
-    gate_saved *s = alloc_saved(g, n, training);
+    const uint64_t rng_at_entry = csm_rng_tell(g->ctx);
+    gate_saved *s = gate_alloc_saved(g, n, training);
     /* The load-loss work. */
     const size_t load_bytes = 2 * (size_t)E * sizeof(double);
     double *load_work = gate_alloc(g, load_bytes);
@@ -772,11 +753,12 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     /* Route. */
     csm_router_logits(&g->router, xin, n, s->u_clean);
     if (s->eps) {
-        /* Token t's noise is that of its index in the whole batch (its shard's first + t). */
+        /* The call takes the noise of the whole batch; token t's is that of its index in it (its
+         * shard's first + t). */
         memcpy(s->u, s->u_clean, (size_t)(n * E) * sizeof(float));
-        g->ctx->rng_counter = rng_at_entry + (uint64_t)csm_gate_noise_draws(g, first);
-        csm_router_add_noise(&g->router, g->ctx, xin, n, s->u, s->h, s->eps);
-        g->ctx->rng_counter = rng_at_entry + (uint64_t)csm_gate_noise_draws(g, total_tokens);
+        const uint64_t base = csm_rng_reserve(g->ctx, (uint64_t)csm_gate_noise_draws(g, total_tokens));
+        csm_substream noise = csm_rng_at(g->ctx, base + (uint64_t)csm_gate_noise_draws(g, first));
+        csm_router_add_noise(&g->router, &noise, xin, n, s->u, s->h, s->eps);
         for (int64_t i = 0; i < n * E; i++)
             s->sigma[i] = csm_softplus(s->h[i]) + 0.01f;
     }
@@ -798,7 +780,7 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
         scratch = gate_alloc(g, scratch_bytes);
     if (!ok || !scratch) {
         /* A failed call leaves the RNG stream where it was, so a retry draws the same noise. */
-        g->ctx->rng_counter = rng_at_entry;
+        csm_rng_seek(g->ctx, rng_at_entry);
         if (kept)
             csm_lent_free(g->ctx, g->arena, kept, 0);
         csm_lent_free(g->ctx, g->arena, load_work, load_bytes);
@@ -807,7 +789,7 @@ confsmoe_status confsmoe_gate_forward(confsmoe_gate *g, const confsmoe_tensor *x
     }
     s->kept_block = kept;
     if (!g->experts && (st = exchange_forward(g, s, xin, training)) != CONFSMOE_OK) {
-        g->ctx->rng_counter = rng_at_entry;
+        csm_rng_seek(g->ctx, rng_at_entry);
         csm_lent_free(g->ctx, g->arena, scratch, scratch_bytes);
         csm_lent_free(g->ctx, g->arena, load_work, load_bytes);
         s->base.release(&s->base);
@@ -914,13 +896,33 @@ static bool overlaps(const confsmoe_tensor *a, const confsmoe_tensor *b)
     return pa < pb + b->nbytes && pb < pa + a->nbytes;
 }
 
+/* The arrays of one backward call (layout.h). */
+static void gate_backward_parts(csm_layout *l, const confsmoe_gate *g, const gate_saved *s, bool own_dx, bool block_dx,
+                                size_t all_workers, backward_work *w)
+{
+    const size_t E = (size_t)g->n_experts, k = (size_t)g->p.k, d = (size_t)g->p.d, N = (size_t)s->n;
+    const size_t C = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE ? (size_t)g->p.n_classes : 0;
+    const size_t nk = N * k; /* fits: the saved state holds n k rows of d floats */
+    w->dweight = CSM_LAYOUT_ARRAY(l, float, nk);
+    w->dc = CSM_LAYOUT_ARRAY(l, float, nk);
+    w->ds = CSM_LAYOUT_ARRAY(l, float, nk);
+    w->dg = CSM_LAYOUT_ARRAY(l, float, nk);
+    w->du = CSM_LAYOUT_ROWS(l, float, N, E);
+    w->dsigma = CSM_LAYOUT_ROWS(l, float, N, E);
+    w->dz = CSM_LAYOUT_ROWS(l, float, nk, C);
+    w->scratch = CSM_LAYOUT_ARRAY(l, float, N * E > k ? N * E : k);
+    w->dx = CSM_LAYOUT_ROWS(l, float, own_dx ? N : 0, d);
+    w->dxb = CSM_LAYOUT_ROWS(l, float, block_dx ? nk : 0, d);
+    w->dyblock = g->experts ? NULL : CSM_LAYOUT_ROWS(l, float, nk, d);
+    w->work = CSM_LAYOUT_ARRAY(l, double, 2 * E);
+    w->worker = CSM_LAYOUT_ARRAY(l, float, all_workers);
+}
+
 /* Everything backward needs, allocated before any gradient changes: after this it cannot fail. */
 static void *backward_alloc(confsmoe_gate *g, const gate_saved *s, bool own_dx, bool block_dx, int workers,
                             backward_work *w, size_t *bytes)
 {
     const size_t E = (size_t)g->n_experts, k = (size_t)g->p.k, d = (size_t)g->p.d, N = (size_t)s->n;
-    const size_t C = g->p.combine == CONFSMOE_COMBINE_CONFIDENCE ? (size_t)g->p.n_classes : 0;
-    const size_t nk = N * k, scratch = N * E > k ? N * E : k;
     size_t rows_h, rows_max, per_worker, all_workers;
     if (!expert_sizes(g, s, &rows_max, &rows_h) || rows_h > SIZE_MAX / 4 || rows_max > SIZE_MAX / 4 / d ||
         3 * rows_max * d > SIZE_MAX / 2 - rows_h - 2 * d)
@@ -930,29 +932,20 @@ static void *backward_alloc(confsmoe_gate *g, const gate_saved *s, bool own_dx, 
     per_worker = 3 * rows_max * d + rows_h + 2 * d;
     if (!csm_mul_size(per_worker, (size_t)workers, &all_workers))
         return NULL;
-    enum { PARTS = 13 };
-    size_t at[PARTS], total = 0;
-    const size_t count[PARTS] = {nk, nk, nk, nk, N * E, N * E, nk * C, scratch, own_dx ? N * d : 0,
-                                 block_dx ? nk * d : 0, g->experts ? 0 : nk * d, 2 * E, all_workers};
-    for (int i = 0; i < PARTS; i++)
-        if (!csm_layout_add(&total, count[i], i == PARTS - 2 ? sizeof(double) : sizeof(float), &at[i]))
-            return NULL;
-    char *block = gate_alloc(g, total);
+    csm_layout l = csm_layout_measure();
+    gate_backward_parts(&l, g, s, own_dx, block_dx, all_workers, w);
+    char *block = csm_layout_size(&l, bytes) ? gate_alloc(g, *bytes) : NULL;
     if (!block)
         return NULL;
-    *bytes = total;
-    float **f[] = {&w->dweight, &w->dc, &w->ds, &w->dg, &w->du, &w->dsigma, &w->dz, &w->scratch, &w->dx, &w->dxb,
-                   &w->dyblock};
-    for (size_t i = 0; i < sizeof f / sizeof *f; i++)
-        *f[i] = (float *)(block + at[i]);
-    w->work = (double *)(block + at[PARTS - 2]);
-    w->worker = (float *)(block + at[PARTS - 1]);
-    w->dyblock = g->experts ? NULL : w->dyblock;
+    csm_layout_place(&l, block);
+    gate_backward_parts(&l, g, s, own_dx, block_dx, all_workers, w);
     w->rows_max = rows_max;
     w->per_worker = per_worker;
-    /* Zero what accumulates: dg, du and dsigma are contiguous, dz comes next. */
-    memset(w->dg, 0, at[6] - at[3]);
-    memset(w->work, 0, 2 * E * sizeof(double));
+    /* Zero what accumulates. */
+    memset(w->dg, 0, N * k * sizeof *w->dg);
+    memset(w->du, 0, N * E * sizeof *w->du);
+    memset(w->dsigma, 0, N * E * sizeof *w->dsigma);
+    memset(w->work, 0, 2 * E * sizeof *w->work);
     return block;
 }
 
@@ -1207,18 +1200,20 @@ int32_t confsmoe_gate_n_params(const confsmoe_gate *g) { return g ? g->params.co
 
 const char *confsmoe_gate_param_name(const confsmoe_gate *g, int32_t i)
 {
-    return g && i >= 0 && i < g->params.count ? g->params.names[i] : NULL;
+    return g ? csm_params_name(&g->params, i) : NULL;
 }
 
 confsmoe_tensor *confsmoe_gate_param(confsmoe_gate *g, int32_t i)
 {
-    return g && i >= 0 && i < g->params.count ? g->params.param[i] : NULL;
+    return g ? csm_params_param(&g->params, i) : NULL;
 }
 
 confsmoe_tensor *confsmoe_gate_grad(confsmoe_gate *g, int32_t i)
 {
-    return g && i >= 0 && i < g->params.count ? g->params.grad[i] : NULL;
+    return g ? csm_params_grad(&g->params, i) : NULL;
 }
+
+const csm_params *csm_gate_param_list(const confsmoe_gate *g) { return &g->params; }
 
 void confsmoe_gate_zero_grad(confsmoe_gate *g)
 {

@@ -16,6 +16,8 @@
 #include "imputer.h"
 #include "internal.h"
 #include "kernels.h"
+#include "layout.h"
+#include "params.h"
 #include "sized.h"
 
 #define LN_EPS 1e-5f
@@ -29,12 +31,13 @@ struct confsmoe_imputer {
     confsmoe_ctx *ctx;
     confsmoe_imputer_params p;
     int64_t top_t;                     /* T before the cap at each sample's candidate count */
-    int32_t n_params;
-    int32_t role_of[N_ROLES];          /* view index -> role */
-    confsmoe_tensor *param[N_ROLES];   /* by role; NULL when absent */
+    csm_params params;                 /* the present roles, in role order */
+    confsmoe_tensor *param[N_ROLES];   /* entries of params by role; NULL when absent */
     confsmoe_tensor *grad[N_ROLES];
     csm_arena *arena;                  /* lent for backward's work block (NULL: none) */
 };
+
+const csm_params *csm_imputer_param_list(const confsmoe_imputer *imp) { return &imp->params; }
 
 void csm_imputer_set_arena(confsmoe_imputer *imp, csm_arena *arena) { imp->arena = arena; }
 
@@ -135,11 +138,8 @@ void confsmoe_imputer_destroy(confsmoe_imputer *imp)
 {
     if (!imp)
         return;
-    for (int i = 0; i < N_ROLES; i++) {
-        confsmoe_tensor_destroy(imp->param[i]);
-        confsmoe_tensor_destroy(imp->grad[i]);
-    }
     confsmoe_ctx *ctx = imp->ctx;
+    csm_params_free(ctx, &imp->params);
     csm_free(ctx, imp);
     csm_ctx_release(ctx);
 }
@@ -175,15 +175,12 @@ confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_impute
         if ((r == V_W || r == V_B) && !p->separate_value)
             continue;
         const bool matrix = r == Q_W || r == KV_W || r == V_W;
-        const int64_t dims[2] = {d, d};
-        s = confsmoe_tensor_create(ctx, CONFSMOE_F32, matrix ? 2 : 1, dims, &imp->param[r]);
-        if (s == CONFSMOE_OK)
-            s = confsmoe_tensor_create(ctx, CONFSMOE_F32, matrix ? 2 : 1, dims, &imp->grad[r]);
+        s = csm_params_new(ctx, &imp->params, role_names[r], matrix ? 2 : 1, d, d, &imp->param[r]);
         if (s != CONFSMOE_OK) {
             confsmoe_imputer_destroy(imp);
             return csm_fail(ctx, s, "imputer_create: out of memory for d=%" PRId64, d);
         }
-        imp->role_of[imp->n_params++] = r;
+        imp->grad[r] = imp->params.grad[imp->params.count - 1];
     }
     /* nn.Linear: U(+-1/sqrt(fan_in)), drawn in view order; nn.LayerNorm: weight 1, bias 0. */
     const float bound = 1.0f / sqrtf((float)d);
@@ -196,31 +193,27 @@ confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_impute
     return CONFSMOE_OK;
 }
 
-int32_t confsmoe_imputer_n_params(const confsmoe_imputer *imp) { return imp ? imp->n_params : -1; }
+int32_t confsmoe_imputer_n_params(const confsmoe_imputer *imp) { return imp ? imp->params.count : -1; }
 
 const char *confsmoe_imputer_param_name(const confsmoe_imputer *imp, int32_t i)
 {
-    return imp && i >= 0 && i < imp->n_params ? role_names[imp->role_of[i]] : NULL;
+    return imp ? csm_params_name(&imp->params, i) : NULL;
 }
 
 confsmoe_tensor *confsmoe_imputer_param(confsmoe_imputer *imp, int32_t i)
 {
-    return imp && i >= 0 && i < imp->n_params ? imp->param[imp->role_of[i]] : NULL;
+    return imp ? csm_params_param(&imp->params, i) : NULL;
 }
 
 confsmoe_tensor *confsmoe_imputer_grad(confsmoe_imputer *imp, int32_t i)
 {
-    return imp && i >= 0 && i < imp->n_params ? imp->grad[imp->role_of[i]] : NULL;
+    return imp ? csm_params_grad(&imp->params, i) : NULL;
 }
 
 void confsmoe_imputer_zero_grad(confsmoe_imputer *imp)
 {
-    if (!imp)
-        return;
-    for (int32_t i = 0; i < imp->n_params; i++) {
-        confsmoe_tensor *g = imp->grad[imp->role_of[i]];
-        memset(g->data, 0, g->nbytes);
-    }
+    if (imp)
+        csm_params_zero_grad(&imp->params);
 }
 
 /* Checks avail u8 [B, M] with values 0 or 1. */
@@ -303,25 +296,24 @@ confsmoe_status csm_imputer_fill_at(confsmoe_imputer *imp, int32_t m, const conf
 
     /* All means are computed before x changes, so that a NaN in the pool leaves x untouched. */
     const int64_t K = draws < P ? draws : P;
-    size_t total = 0, at_means, at_acc, at_picked, at_marks;
     const size_t mark_words = ((size_t)P + 63) / 64;
-    float *means;
-    double *acc;
-    int64_t *picked;
-    uint64_t *marks;
+    float *means = NULL;
+    double *acc = NULL;
+    int64_t *picked = NULL;
+    uint64_t *marks = NULL;
     char *block = NULL;
-    if (csm_layout_add(&total, (size_t)n_missing, (size_t)row * sizeof(float), &at_means) &&
-        csm_layout_add(&total, (size_t)row, sizeof(double), &at_acc) &&
-        csm_layout_add(&total, (size_t)K, sizeof(int64_t), &at_picked) &&
-        csm_layout_add(&total, mark_words, sizeof(uint64_t), &at_marks))
-        block = csm_alloc(ctx, total);
-    if (!block)
-        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for %" PRId64 " missing rows of %" PRId64, fn,
-                        n_missing, row);
-    means = (float *)(block + at_means);
-    acc = (double *)(block + at_acc);
-    picked = (int64_t *)(block + at_picked);
-    marks = (uint64_t *)(block + at_marks);
+    size_t bytes;
+    csm_layout l = csm_layout_measure();
+    for (int pass = 0; pass < 2; pass++) {
+        means = CSM_LAYOUT_ROWS(&l, float, (size_t)n_missing, (size_t)row);
+        acc = CSM_LAYOUT_ARRAY(&l, double, (size_t)row);
+        picked = CSM_LAYOUT_ARRAY(&l, int64_t, (size_t)K);
+        marks = CSM_LAYOUT_ARRAY(&l, uint64_t, mark_words);
+        if (pass == 0 && (!csm_layout_size(&l, &bytes) || !(block = csm_alloc(ctx, bytes))))
+            return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for %" PRId64 " missing rows of %" PRId64, fn,
+                            n_missing, row);
+        csm_layout_place(&l, block);
+    }
     memset(marks, 0, mark_words * sizeof *marks);
 
     const float *src = csm_f32(pool);
@@ -396,9 +388,10 @@ confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const co
     if (!missing || x->numel == 0)
         return CONFSMOE_OK;
     /* The call's draws take one stream position; a failed call takes none. */
-    st = csm_imputer_fill_at(imp, m, pool, draws, avail, x, imp->ctx->rng_counter, 0);
-    if (st == CONFSMOE_OK)
-        imp->ctx->rng_counter++;
+    const uint64_t base = csm_rng_reserve(imp->ctx, 1);
+    st = csm_imputer_fill_at(imp, m, pool, draws, avail, x, base, 0);
+    if (st != CONFSMOE_OK)
+        csm_rng_seek(imp->ctx, base);
     return st;
 }
 
@@ -444,70 +437,54 @@ static bool count_plan(const confsmoe_imputer *imp, const uint8_t *avail, int64_
     return true;
 }
 
-/* One block for the header and every array (the inference path uses it as scratch). */
-static imputer_saved *alloc_saved(const confsmoe_imputer *imp, const plan_sizes *z, uint64_t **rank)
+/* The header and every array of a forward's saved state (layout.h); returns the header. */
+static imputer_saved *imputer_saved_parts(csm_layout *l, const confsmoe_imputer *imp, const plan_sizes *z,
+                                          imputer_saved *view, uint64_t **rank)
 {
     const size_t d = (size_t)imp->p.d, nq = (size_t)(z->n_pairs * imp->p.tokens), nk = (size_t)z->nk;
     const size_t na = (size_t)z->na;
-    const bool compat = imp->p.compat, separate = imp->p.separate_value;
-    struct {
-        size_t at, count, elem;
-    } part[19] = {
-        {0, 1, sizeof(imputer_saved)},
-        {0, (size_t)z->n_pairs, sizeof(missing_pair)},
-        {0, (size_t)z->n_samples, sizeof(sample_plan)},
-        {0, nk, sizeof(int64_t)},                  /* src_row */
-        {0, nq, d * sizeof(float)},                /* ybar */
-        {0, nq, d * sizeof(float)},                /* q */
-        {0, nk, d * sizeof(float)},                /* g */
-        {0, nk, d * sizeof(float)},                /* kv */
-        {0, separate ? nk : 0, d * sizeof(float)}, /* v */
-        {0, na, sizeof(float)},                    /* p */
-        {0, na, sizeof(float)},                    /* w */
-        {0, na, sizeof(uint8_t)},                  /* keep */
-        {0, nq, d * sizeof(float)},                /* x_pre */
-        {0, nq, sizeof(float)},                    /* mean1 */
-        {0, nq, sizeof(float)},                    /* rstd1 */
-        {0, compat ? nq : 0, d * sizeof(float)},   /* y1 */
-        {0, compat ? nq : 0, sizeof(float)},       /* mean2 */
-        {0, compat ? nq : 0, sizeof(float)},       /* rstd2 */
-        {0, (size_t)z->max_cand, sizeof(uint64_t)}, /* ranking scratch */
-    };
-    size_t total = 0;
-    for (size_t i = 0; i < sizeof part / sizeof *part; i++)
-        if (!csm_layout_add(&total, part[i].count, part[i].elem, &part[i].at))
-            return NULL;
-    char *block = csm_alloc(imp->ctx, total);
+    const bool compat = imp->p.compat;
+    imputer_saved *header = CSM_LAYOUT_ARRAY(l, imputer_saved, 1);
+    view->pairs = CSM_LAYOUT_ARRAY(l, missing_pair, (size_t)z->n_pairs);
+    view->plans = CSM_LAYOUT_ARRAY(l, sample_plan, (size_t)z->n_samples);
+    view->src_row = CSM_LAYOUT_ARRAY(l, int64_t, nk);
+    view->ybar = CSM_LAYOUT_ROWS(l, float, nq, d);
+    view->q = CSM_LAYOUT_ROWS(l, float, nq, d);
+    view->g = CSM_LAYOUT_ROWS(l, float, nk, d);
+    view->kv = CSM_LAYOUT_ROWS(l, float, nk, d);
+    view->v = imp->p.separate_value ? CSM_LAYOUT_ROWS(l, float, nk, d) : view->kv;
+    view->p = CSM_LAYOUT_ARRAY(l, float, na);
+    view->w = CSM_LAYOUT_ARRAY(l, float, na);
+    view->keep = CSM_LAYOUT_ARRAY(l, uint8_t, na);
+    view->x_pre = CSM_LAYOUT_ROWS(l, float, nq, d);
+    view->mean1 = CSM_LAYOUT_ARRAY(l, float, nq);
+    view->rstd1 = CSM_LAYOUT_ARRAY(l, float, nq);
+    view->y1 = compat ? CSM_LAYOUT_ROWS(l, float, nq, d) : NULL;
+    view->mean2 = compat ? CSM_LAYOUT_ARRAY(l, float, nq) : NULL;
+    view->rstd2 = compat ? CSM_LAYOUT_ARRAY(l, float, nq) : NULL;
+    *rank = CSM_LAYOUT_ARRAY(l, uint64_t, (size_t)z->max_cand); /* keep_top's ranking scratch */
+    return header;
+}
+
+/* One block for the header and every array (the inference path uses it as scratch). */
+static imputer_saved *imputer_alloc_saved(const confsmoe_imputer *imp, const plan_sizes *z, uint64_t **rank)
+{
+    imputer_saved view = {0};
+    csm_layout l = csm_layout_measure();
+    size_t bytes;
+    imputer_saved_parts(&l, imp, z, &view, rank);
+    char *block = csm_layout_size(&l, &bytes) ? csm_alloc(imp->ctx, bytes) : NULL;
     if (!block)
         return NULL;
-    imputer_saved *s = (imputer_saved *)block;
-    memset(s, 0, sizeof *s);
-#define AT(i, type) ((type *)(block + part[i].at))
-    s->pairs = AT(1, missing_pair);
-    s->plans = AT(2, sample_plan);
-    s->src_row = AT(3, int64_t);
-    s->ybar = AT(4, float);
-    s->q = AT(5, float);
-    s->g = AT(6, float);
-    s->kv = AT(7, float);
-    s->v = separate ? AT(8, float) : s->kv;
-    s->p = AT(9, float);
-    s->w = AT(10, float);
-    s->keep = AT(11, uint8_t);
-    s->x_pre = AT(12, float);
-    s->mean1 = AT(13, float);
-    s->rstd1 = AT(14, float);
-    s->y1 = compat ? AT(15, float) : NULL;
-    s->mean2 = compat ? AT(16, float) : NULL;
-    s->rstd2 = compat ? AT(17, float) : NULL;
-    *rank = AT(18, uint64_t);
-#undef AT
+    csm_layout_place(&l, block);
+    imputer_saved *s = imputer_saved_parts(&l, imp, z, &view, rank);
+    *s = view;
     s->base.ctx = csm_ctx_retain(imp->ctx);
     s->base.owner = imp;
     s->base.release = release_saved;
     s->n_pairs = z->n_pairs;
     s->n_samples = z->n_samples;
-    s->nq = (int64_t)nq;
+    s->nq = z->n_pairs * imp->p.tokens;
     s->nk = z->nk;
     s->na = z->na;
     s->max_block = z->max_block;
@@ -716,7 +693,7 @@ confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_t
     imputer_saved *s = NULL;
     uint64_t *rank = NULL;
     if (count_plan(imp, avail->data, B, &z))
-        s = alloc_saved(imp, &z, &rank);
+        s = imputer_alloc_saved(imp, &z, &rank);
     if (!s)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for B=%" PRId64 " with %" PRId64 " missing pairs", fn,
                         B, z.n_pairs);
@@ -785,24 +762,31 @@ typedef struct {
     float *dw, *dz;    /* [max_block] gradient of the weights, then of the logits */
 } backward_work;
 
-static void *backward_alloc(const confsmoe_imputer *imp, const imputer_saved *s, backward_work *w, size_t *bytes)
+/* The arrays of one backward call (layout.h). */
+static void imputer_backward_parts(csm_layout *l, const confsmoe_imputer *imp, const imputer_saved *s,
+                                   backward_work *w)
 {
     const size_t d = (size_t)imp->p.d, nq = (size_t)s->nq, nk = (size_t)s->nk, mb = (size_t)s->max_block;
-    const size_t count[8] = {nq * d, nq * d, nq * d, nk * d, imp->p.separate_value ? nk * d : 0, nk * d, mb, mb};
-    size_t at[8], total = 0;
-    for (int i = 0; i < 8; i++)
-        if (!csm_layout_add(&total, count[i], sizeof(float), &at[i]))
-            return NULL;
-    char *block = csm_lent_alloc(imp->ctx, imp->arena, total);
+    w->d_a = CSM_LAYOUT_ROWS(l, float, nq, d);
+    w->d_b = CSM_LAYOUT_ROWS(l, float, nq, d);
+    w->dq = CSM_LAYOUT_ROWS(l, float, nq, d);
+    w->dkv = CSM_LAYOUT_ROWS(l, float, nk, d);
+    w->dv = imp->p.separate_value ? CSM_LAYOUT_ROWS(l, float, nk, d) : w->dkv;
+    w->dg = CSM_LAYOUT_ROWS(l, float, nk, d);
+    w->dw = CSM_LAYOUT_ARRAY(l, float, mb);
+    w->dz = CSM_LAYOUT_ARRAY(l, float, mb);
+}
+
+static void *backward_alloc(const confsmoe_imputer *imp, const imputer_saved *s, backward_work *w, size_t *bytes)
+{
+    csm_layout l = csm_layout_measure();
+    imputer_backward_parts(&l, imp, s, w);
+    char *block = csm_layout_size(&l, bytes) ? csm_lent_alloc(imp->ctx, imp->arena, *bytes) : NULL;
     if (!block)
         return NULL;
-    memset(block, 0, total);
-    *bytes = total;
-    float **f[8] = {&w->d_a, &w->d_b, &w->dq, &w->dkv, &w->dv, &w->dg, &w->dw, &w->dz};
-    for (int i = 0; i < 8; i++)
-        *f[i] = (float *)(block + at[i]);
-    if (!imp->p.separate_value)
-        w->dv = w->dkv;
+    memset(block, 0, *bytes);
+    csm_layout_place(&l, block);
+    imputer_backward_parts(&l, imp, s, w);
     return block;
 }
 

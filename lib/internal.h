@@ -77,25 +77,33 @@ confsmoe_ctx *csm_ctx_retain(confsmoe_ctx *ctx);
 void csm_ctx_release(confsmoe_ctx *ctx);
 /* Multiply with overflow detection: false when a*b does not fit. */
 bool csm_mul_size(size_t a, size_t b, size_t *out);
-/* Lays out one block of many buffers: reserves count * elem bytes at a 64-byte
- * boundary, stores its offset, and grows *total. False on overflow. */
-bool csm_layout_add(size_t *total, size_t count, size_t elem, size_t *offset);
 
-/* rng.c: the ctx's counter-based stream. */
+/* rng.c: the ctx's counter-based stream. Output i depends on the seed and i alone, so a layer
+ * takes its draws at positions it chose (csm_rng_reserve, then a cursor or substreams at the
+ * base) and only rng.c moves the stream. */
 void csm_rng_seed(confsmoe_ctx *ctx, uint64_t seed);
+/* The position of the next draw; moving it back makes a failed call draw nothing. */
+uint64_t csm_rng_tell(const confsmoe_ctx *ctx);
+void csm_rng_seek(confsmoe_ctx *ctx, uint64_t position);
+/* Takes the next n positions and returns the first. */
+uint64_t csm_rng_reserve(confsmoe_ctx *ctx, uint64_t n);
 uint64_t csm_rng_u64(confsmoe_ctx *ctx);
 float csm_rng_uniform(confsmoe_ctx *ctx, float lo, float hi);  /* [lo, hi) */
-float csm_rng_normal(confsmoe_ctx *ctx);
-#define CSM_NORMAL_DRAWS 2  /* stream positions one csm_rng_normal takes */
-/* Item `index` of a batch whose draws take the one stream position `base`: a stream of its
- * own, so that an item's draws depend on its index alone, not on how many draws the items
- * before it took (which a shard of a batch cannot know). */
+#define CSM_NORMAL_DRAWS 2  /* stream positions one csm_substream_normal takes */
+/* A cursor over the ctx stream itself, or over item `index` of a batch whose draws take the one
+ * stream position `base`: a stream of its own, so that an item's draws depend on its index
+ * alone, not on how many draws the items before it took (which a shard of a batch cannot
+ * know). Neither moves the ctx stream. */
 typedef struct {
     uint64_t key, counter;
 } csm_substream;
+csm_substream csm_rng_at(const confsmoe_ctx *ctx, uint64_t position);
 csm_substream csm_rng_substream(const confsmoe_ctx *ctx, uint64_t base, uint64_t index);
 uint64_t csm_substream_u64(csm_substream *s);
 float csm_substream_uniform(csm_substream *s, float lo, float hi);  /* [lo, hi) */
+float csm_substream_normal(csm_substream *s);
+/* csm_dropout_mask (kernels.h) over the ctx stream from `position` on. */
+void csm_rng_dropout_mask(const confsmoe_ctx *ctx, uint64_t position, float p, uint8_t *keep, int64_t n);
 
 /* tensor.c: a tensor's f32 data, and argument checks for entry points. */
 static inline float *csm_f32(const confsmoe_tensor *t) { return (float *)t->data; }

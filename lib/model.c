@@ -5,9 +5,12 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "expert.h"
+#include "gate.h"
 #include "imputer.h"
 #include "internal.h"
 #include "kernels.h"
+#include "layout.h"
 #include "params.h"
 #include "sized.h"
 #include "threads.h"
@@ -101,7 +104,7 @@ static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_model_para
     if (p->n_experts < 1)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: n_experts is %" PRId32 ", must be >= 1", fn,
                         p->n_experts);
-    /* build() counts the parameters in int32. */
+    /* The parameter list counts in int32 (params.h). */
     if (2 * (int64_t)p->n_modalities + 8 * (int64_t)p->n_experts + 64 > INT32_MAX)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: too many modalities or experts", fn);
     if (p->heads < 1 || p->d % p->heads != 0)
@@ -188,25 +191,6 @@ void confsmoe_model_destroy(confsmoe_model *model)
     csm_ctx_release(ctx);
 }
 
-static void borrow_all(csm_params *list, const char *prefix, int32_t n, const char *(*name)(const void *, int32_t),
-                       confsmoe_tensor *(*param)(void *, int32_t), confsmoe_tensor *(*grad)(void *, int32_t),
-                       void *owner)
-{
-    for (int32_t i = 0; i < n; i++)
-        csm_params_borrow(list, prefix, name(owner, i), param(owner, i), grad(owner, i));
-}
-
-/* Adapters from the typed parameter views to borrow_all's generic signature. */
-static const char *expert_name(const void *o, int32_t i) { return confsmoe_expert_param_name(o, i); }
-static confsmoe_tensor *expert_param(void *o, int32_t i) { return confsmoe_expert_param(o, i); }
-static confsmoe_tensor *expert_grad(void *o, int32_t i) { return confsmoe_expert_grad(o, i); }
-static const char *gate_name(const void *o, int32_t i) { return confsmoe_gate_param_name(o, i); }
-static confsmoe_tensor *gate_param(void *o, int32_t i) { return confsmoe_gate_param(o, i); }
-static confsmoe_tensor *gate_grad(void *o, int32_t i) { return confsmoe_gate_grad(o, i); }
-static const char *imputer_name(const void *o, int32_t i) { return confsmoe_imputer_param_name(o, i); }
-static confsmoe_tensor *imputer_param(void *o, int32_t i) { return confsmoe_imputer_param(o, i); }
-static confsmoe_tensor *imputer_grad(void *o, int32_t i) { return confsmoe_imputer_grad(o, i); }
-
 static confsmoe_status build(confsmoe_model *model)
 {
     confsmoe_ctx *ctx = model->ctx;
@@ -221,11 +205,7 @@ static confsmoe_status build(confsmoe_model *model)
     model->pool = csm_calloc(ctx, (size_t)M, sizeof *model->pool);
     model->pool_mean = csm_calloc(ctx, (size_t)M, sizeof *model->pool_mean);
     model->pool_rows = csm_calloc(ctx, (size_t)M, sizeof *model->pool_rows);
-    /* Own: 2 per encoder, pos, 4 LayerNorms, 4 attention and 2 readout linears. */
-    const int32_t own = 2 * M + 1 + 8 + 8 + 4;
-    const int32_t room = own + 4 * E + (2 + 4 * E + 2) + 8;
-    if (!model->enc || !model->experts || !model->pool || !model->pool_mean || !model->pool_rows ||
-        !csm_params_reserve(ctx, &model->params, room))
+    if (!model->enc || !model->experts || !model->pool || !model->pool_mean || !model->pool_rows)
         return CONFSMOE_E_NOMEM;
 
     for (int32_t m = 0; m < M; m++) {
@@ -247,8 +227,9 @@ static confsmoe_status build(confsmoe_model *model)
         if ((s = confsmoe_expert_create(ctx, d, hidden, &model->experts[e])) != CONFSMOE_OK)
             return s;
         snprintf(name, sizeof name, "expert.%" PRId32, e);
-        borrow_all(&model->params, name, confsmoe_expert_n_params(model->experts[e]), expert_name, expert_param,
-                   expert_grad, model->experts[e]);
+        if ((s = csm_params_borrow_all(ctx, &model->params, name, csm_expert_param_list(model->experts[e]))) !=
+            CONFSMOE_OK)
+            return s;
     }
     confsmoe_gate_params gp;
     confsmoe_gate_params_init(&gp);
@@ -269,10 +250,9 @@ static confsmoe_status build(confsmoe_model *model)
     gp.load_loss_weight = p->load_loss_weight;
     gp.conf_loss_weight = p->conf_loss_weight;
     gp.compat = p->compat;
-    if ((s = confsmoe_gate_create(ctx, &gp, model->experts, E, &model->gate)) != CONFSMOE_OK)
+    if ((s = confsmoe_gate_create(ctx, &gp, model->experts, E, &model->gate)) != CONFSMOE_OK ||
+        (s = csm_params_borrow_all(ctx, &model->params, "gate", csm_gate_param_list(model->gate))) != CONFSMOE_OK)
         return s;
-    borrow_all(&model->params, "gate", confsmoe_gate_n_params(model->gate), gate_name, gate_param, gate_grad,
-               model->gate);
     if (p->imputation == CONFSMOE_IMPUTE_TWO_STAGE) {
         confsmoe_imputer_params ip;
         confsmoe_imputer_params_init(&ip);
@@ -284,10 +264,10 @@ static confsmoe_status build(confsmoe_model *model)
         ip.renormalize = p->renormalize;
         ip.separate_value = p->separate_value;
         ip.compat = p->compat;
-        if ((s = confsmoe_imputer_create(ctx, &ip, &model->imputer)) != CONFSMOE_OK)
+        if ((s = confsmoe_imputer_create(ctx, &ip, &model->imputer)) != CONFSMOE_OK ||
+            (s = csm_params_borrow_all(ctx, &model->params, "imputer", csm_imputer_param_list(model->imputer))) !=
+                CONFSMOE_OK)
             return s;
-        borrow_all(&model->params, "imputer", confsmoe_imputer_n_params(model->imputer), imputer_name,
-                   imputer_param, imputer_grad, model->imputer);
     }
     if ((s = new_linear(model, "readout", (int64_t)M * d, d, &model->readout)) != CONFSMOE_OK ||
         (s = new_layernorm(model, "ln_out", &model->ln_out)) != CONFSMOE_OK ||
@@ -324,11 +304,11 @@ confsmoe_status confsmoe_model_create(confsmoe_ctx *ctx, const confsmoe_model_pa
         memcpy(model->features, p->features, (size_t)p->n_modalities * sizeof *model->features);
         model->p.features = model->features;
     }
-    const uint64_t rng_at_entry = ctx->rng_counter;
+    const uint64_t rng_at_entry = csm_rng_tell(ctx);
     s = model->features ? build(model) : CONFSMOE_E_NOMEM;
     if (s != CONFSMOE_OK) {
         /* A failed call changes no state: the RNG goes back to where it was (as in gate_create). */
-        ctx->rng_counter = rng_at_entry;
+        csm_rng_seek(ctx, rng_at_entry);
         /* The child's own message is more precise, unless it was a bare allocation failure here. */
         char detail[CSM_ERROR_CAP];
         snprintf(detail, sizeof detail, "%s", ctx->last_error);
@@ -344,17 +324,17 @@ int32_t confsmoe_model_n_params(const confsmoe_model *model) { return model ? mo
 
 const char *confsmoe_model_param_name(const confsmoe_model *model, int32_t i)
 {
-    return model && i >= 0 && i < model->params.count ? model->params.names[i] : NULL;
+    return model ? csm_params_name(&model->params, i) : NULL;
 }
 
 confsmoe_tensor *confsmoe_model_param(confsmoe_model *model, int32_t i)
 {
-    return model && i >= 0 && i < model->params.count ? model->params.param[i] : NULL;
+    return model ? csm_params_param(&model->params, i) : NULL;
 }
 
 confsmoe_tensor *confsmoe_model_grad(confsmoe_model *model, int32_t i)
 {
-    return model && i >= 0 && i < model->params.count ? model->params.grad[i] : NULL;
+    return model ? csm_params_grad(&model->params, i) : NULL;
 }
 
 void confsmoe_model_zero_grad(confsmoe_model *model)
@@ -415,14 +395,28 @@ confsmoe_status confsmoe_model_set_pool(confsmoe_model *model, int32_t m, const 
 typedef struct gradients gradients;
 typedef gradients *gradients_ptr;
 
+/* Where the draws of one call sit in the ctx stream: the first position of each part, in the
+ * order the parts are laid out. model_reserve_draws computes it once per call and reserves
+ * the total; every draw site takes its base from it. A training step draws every part, predict
+ * only stage 1's; a part drawn for the global batch takes the same positions in every shard. */
+typedef struct {
+    uint64_t modality_dropout;  /* one position: substream b per sample (drop_modalities) */
+    uint64_t stage_one;         /* one position: substream b M + m per (sample, modality) (imputer.h) */
+    uint64_t attention;         /* csm_dropout_draws(L L) per (sample, head), in that order */
+    uint64_t residual;          /* csm_dropout_draws(d) per row (sample, token) */
+    uint64_t gate_noise;        /* gate_noise_per_call for each modality's gate call, in order */
+    uint64_t gate_noise_per_call;
+    uint64_t end;               /* the position after the call */
+} model_draws;
+
 /* Everything one forward computes and its backward reads. Rows of [B L, d] arrays are
  * (sample b, token l) with l = m S + s; per-modality arrays are [M, B S, ...].
  *
  * Memory: the attention weights are not kept. Forward computes them one (sample, head) at
  * a time in an L x L scratch, and backward recomputes them the same way (one more Q K^T and
- * softmax per head, bit-identical). Dropout masks are not kept either: the ctx RNG is
- * counter-based, so backward regenerates the very same draws from the counter values that
- * forward recorded. */
+ * softmax per head, bit-identical). The residual dropout masks are not kept either: the ctx
+ * RNG is counter-based, so backward regenerates the very same draws from the stream positions
+ * in draws. */
 typedef struct {
     int64_t B;
     int64_t first, global_B;  /* these samples' place in their global batch (0 and B unless a shard) */
@@ -438,7 +432,7 @@ typedef struct {
     size_t scratch_stride;              /* floats per worker */
     bool dropout;                       /* training with dropout > 0 */
     uint8_t *attn_keep;                 /* [B, heads, L, L] the attention dropout draws (with dropout) */
-    uint64_t attn_counter, resid_counter; /* ctx RNG counter of the first attention / residual draw */
+    model_draws draws;                  /* the call's stream positions */
     float *Hm, *sum_, *ln2_stats, *ln3_stats;  /* [M, B S, d], [M, B S, d], [M, 2 B S] x 2 */
     float *Z, *F;                       /* [B S, d] scratch of one gate call */
     float *H2;                          /* [B L, d] the attention output, then the MoE layer's output,
@@ -467,92 +461,70 @@ static void *cached_block(confsmoe_model *model, void **cache, size_t *size, siz
     return block;
 }
 
-static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, workspace *w)
+/* The arrays of one call's workspace (layout.h). */
+static void workspace_parts(csm_layout *l, const confsmoe_model *model, workspace *w)
 {
     const confsmoe_model_params *p = &model->p;
     const size_t M = (size_t)p->n_modalities, S = (size_t)p->tokens, d = (size_t)p->d, L = M * S;
-    const size_t k = (size_t)p->k, C = (size_t)p->n_classes, b = (size_t)B;
-    const int workers = csm_parallel_workers(model->ctx, B);
-    const size_t stride = 3 * L * L + (d + 3) / 4;
+    const size_t k = (size_t)p->k, C = (size_t)p->n_classes, b = (size_t)w->B;
+    w->x = CSM_LAYOUT_ARRAY(l, float *, M);
+    for (size_t m = 0; m < M; m++) {
+        float *x = CSM_LAYOUT_ROWS(l, float, b * S, (size_t)model->features[m]);
+        if (w->x) /* placed */
+            w->x[m] = x;
+    }
+    w->tok = CSM_LAYOUT_ROWS(l, float, b * S, d);
+    w->X = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    w->Xn = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    w->ln1_stats = CSM_LAYOUT_ARRAY(l, float, 2 * b * L);
+    w->Q = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    w->K = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    w->V = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    w->ctx_ = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    w->scratch = CSM_LAYOUT_ROWS(l, float, w->scratch_stride, (size_t)w->workers);
+    w->Hm = CSM_LAYOUT_ROWS(l, float, M * b * S, d);
+    w->sum_ = CSM_LAYOUT_ROWS(l, float, M * b * S, d);
+    w->ln2_stats = CSM_LAYOUT_ARRAY(l, float, 2 * M * b * S);
+    w->ln3_stats = CSM_LAYOUT_ARRAY(l, float, 2 * M * b * S);
+    w->Z = CSM_LAYOUT_ROWS(l, float, b * S, d);
+    w->F = CSM_LAYOUT_ROWS(l, float, b * S, d);
+    w->H2 = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    w->slots = CSM_LAYOUT_ROWS(l, float, M * b * S * k, d);
+    w->pooled = CSM_LAYOUT_ROWS(l, float, b * M, d);
+    w->r = CSM_LAYOUT_ROWS(l, float, b, d);
+    w->rn = CSM_LAYOUT_ROWS(l, float, b, d);
+    w->ln_out_stats = CSM_LAYOUT_ARRAY(l, float, 2 * b);
+    w->logits = CSM_LAYOUT_ROWS(l, float, b, C);
+    w->tok_labels = CSM_LAYOUT_ARRAY(l, int32_t, b * S);
+    w->tok_multi_labels = CSM_LAYOUT_ROWS(l, uint8_t, b * S, C);
+    w->tok_present = CSM_LAYOUT_ARRAY(l, uint8_t, b * S);
+    w->gate_weight = CSM_LAYOUT_ARRAY(l, float, M);
+    w->gate_saved = CSM_LAYOUT_ARRAY(l, confsmoe_saved *, M);
     /* Backward reads forward's attention draws rather than drawing them again: 1 byte per
      * weight (23 MB at the paper's batch) against the draws' share of a step. */
-    const bool dropout = training && p->dropout > 0.0f;
-    size_t total = 0, at[20], n = 0;
-    size_t x_total = 0;
-    for (size_t m = 0; m < M; m++)
-        x_total += b * S * (size_t)model->features[m];
-#define RESERVE(count, elem)                                          \
-    do {                                                              \
-        if (!csm_layout_add(&total, (count), (elem), &at[n++]))        \
-            return NULL;                                              \
-    } while (0)
-    RESERVE(x_total, sizeof(float));               /* 0 x */
-    RESERVE(b * S * d, sizeof(float));             /* 1 tok */
-    RESERVE(b * L * d, sizeof(float));             /* 2 X */
-    RESERVE(b * L * d, sizeof(float));             /* 3 Xn */
-    RESERVE(2 * b * L, sizeof(float));             /* 4 ln1 */
-    RESERVE(4 * b * L * d, sizeof(float));         /* 5 Q K V ctx */
-    RESERVE(stride * (size_t)workers, sizeof(float)); /* 6 per-worker scratch */
-    RESERVE(2 * M * b * S * d, sizeof(float));     /* 7 Hm sum */
-    RESERVE(4 * M * b * S, sizeof(float));         /* 8 ln2 ln3 */
-    RESERVE(2 * b * S * d, sizeof(float));         /* 9 Z F */
-    RESERVE(b * L * d, sizeof(float));             /* 10 H2 */
-    RESERVE(M * b * S * k * d, sizeof(float));     /* 11 slots */
-    RESERVE(b * M * d + 2 * b * d + 2 * b + b * C, sizeof(float)); /* 12 pooled r rn ln_out logits */
-    RESERVE(b * S, sizeof(int32_t));               /* 13 tok_labels */
-    RESERVE(b * S * C, sizeof(uint8_t));           /* 14 tok_multi_labels */
-    RESERVE(b * S, sizeof(uint8_t));               /* 15 tok_present */
-    RESERVE(M, sizeof(float));                     /* 16 gate_weight */
-    RESERVE(M, sizeof(confsmoe_saved *));          /* 17 gate_saved */
-    RESERVE(M, sizeof(float *));                   /* 18 x */
-    RESERVE(dropout ? b * (size_t)p->heads * L * L : 0, sizeof(uint8_t)); /* 19 attn_keep */
-#undef RESERVE
-    char *block = cached_block(model, &model->ws_cache, &model->ws_cache_size, total);
-    if (!block)
-        return NULL;
+    w->attn_keep = w->dropout ? CSM_LAYOUT_ROWS(l, uint8_t, b * (size_t)p->heads, L * L) : NULL;
+}
+
+static void *workspace_alloc(confsmoe_model *model, int64_t B, bool training, workspace *w)
+{
+    const size_t d = (size_t)model->p.d, L = (size_t)model->tokens_total;
     memset(w, 0, sizeof *w);
     w->B = B;
     w->training = training;
-    w->dropout = dropout;
-#define AT(i, type) ((type *)(block + at[i]))
-    w->x = AT(18, float *);
-    w->attn_keep = dropout ? AT(19, uint8_t) : NULL;
-    float *x = AT(0, float);
-    for (size_t m = 0; m < M; m++) {
-        w->x[m] = x;
-        x += b * S * (size_t)model->features[m];
-    }
-    w->tok = AT(1, float);
-    w->X = AT(2, float);
-    w->Xn = AT(3, float);
-    w->ln1_stats = AT(4, float);
-    w->Q = AT(5, float);
-    w->K = w->Q + b * L * d;
-    w->V = w->K + b * L * d;
-    w->ctx_ = w->V + b * L * d;
-    w->workers = workers;
-    w->scratch = AT(6, float);
-    w->scratch_stride = stride;
-    w->Hm = AT(7, float);
-    w->sum_ = w->Hm + M * b * S * d;
-    w->ln2_stats = AT(8, float);
-    w->ln3_stats = w->ln2_stats + 2 * M * b * S;
-    w->Z = AT(9, float);
-    w->F = w->Z + b * S * d;
-    w->H2 = AT(10, float);
-    w->slots = AT(11, float);
-    w->pooled = AT(12, float);
-    w->r = w->pooled + b * M * d;
-    w->rn = w->r + b * d;
-    w->ln_out_stats = w->rn + b * d;
-    w->logits = w->ln_out_stats + 2 * b;
-    w->tok_labels = AT(13, int32_t);
-    w->tok_multi_labels = AT(14, uint8_t);
-    w->tok_present = AT(15, uint8_t);
-    w->gate_weight = AT(16, float);
-    w->gate_saved = AT(17, confsmoe_saved *);
-    memset(w->gate_saved, 0, M * sizeof *w->gate_saved);
-#undef AT
+    w->dropout = training && model->p.dropout > 0.0f;
+    w->workers = csm_parallel_workers(model->ctx, B);
+    w->scratch_stride = 3 * L * L + (d + 3) / 4;
+    csm_layout l = csm_layout_measure();
+    size_t bytes;
+    workspace_parts(&l, model, w);
+    char *block = csm_layout_size(&l, &bytes)
+                      ? cached_block(model, &model->ws_cache, &model->ws_cache_size, bytes)
+                      : NULL;
+    if (!block)
+        return NULL;
+    csm_layout_place(&l, block);
+    workspace_parts(&l, model, w);
+    memset(w->gate_saved, 0, (size_t)model->p.n_modalities * sizeof *w->gate_saved);
     return block;
 }
 
@@ -708,10 +680,6 @@ static confsmoe_status stage_one(confsmoe_model *model, const confsmoe_tensor *c
     const int32_t M = model->p.n_modalities;
     const int64_t B = w->B, S = model->p.tokens;
     const uint8_t *a = avail->data;
-    /* The draws of every modality take one stream position (step_draws). */
-    const uint64_t base = model->ctx->rng_counter;
-    if (stage_one_draws(model, w->training))
-        model->ctx->rng_counter++;
     confsmoe_status s = CONFSMOE_OK;
     for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
         const int64_t width = S * model->features[m];
@@ -732,7 +700,8 @@ static confsmoe_status stage_one(confsmoe_model *model, const confsmoe_tensor *c
         if (s == CONFSMOE_OK)
             s = wrap(model, CONFSMOE_F32, 3, model->pool_rows[m], S, model->features[m], 0, model->pool[m], &pool);
         if (s == CONFSMOE_OK)
-            s = csm_imputer_fill_at(model->imputer, m, pool, model->p.draws, avail, x, base, w->first);
+            s = csm_imputer_fill_at(model->imputer, m, pool, model->p.draws, avail, x, w->draws.stage_one,
+                                    w->first);
         confsmoe_tensor_destroy(x);
         confsmoe_tensor_destroy(pool);
     }
@@ -775,9 +744,9 @@ static const float *attention_weights(const confsmoe_model *model, const workspa
     const float kept = 1.0f / (1.0f - model->p.dropout);
     uint8_t *keep = attention_keep(model, w, b, h);
     if (!backward)
-        csm_dropout_mask(model->ctx->rng_key,
-                         w->attn_counter + (uint64_t)((w->first + b) * heads + h) * csm_dropout_draws(L * L),
-                         model->p.dropout, keep, L * L);
+        csm_rng_dropout_mask(model->ctx,
+                             w->draws.attention + (uint64_t)((w->first + b) * heads + h) * csm_dropout_draws(L * L),
+                             model->p.dropout, keep, L * L);
     csm_mask_scale(a->P_w, a->P, keep, kept, L * L);
     return a->P_w;
 }
@@ -806,24 +775,19 @@ static void attention_forward_task(void *arg, int64_t first, int64_t last, int w
 
 static void attention_forward(confsmoe_model *model, workspace *w)
 {
-    const int64_t B = w->B, L = model->tokens_total, heads = model->p.heads;
+    const int64_t B = w->B, L = model->tokens_total;
     linear_forward(&model->q, w->Xn, B * L, w->Q);
     linear_forward(&model->k, w->Xn, B * L, w->K);
     linear_forward(&model->v, w->Xn, B * L, w->V);
-    /* The draws of head (b, h) are csm_dropout_draws(L L) consecutive outputs of the ctx stream,
-     * in (b, h) order over the global batch. */
-    w->attn_counter = model->ctx->rng_counter;
     attn_task task = {model, w, NULL};
     csm_parallel_for(model->ctx, B, 1, attention_forward_task, &task);
-    if (w->dropout)
-        model->ctx->rng_counter += (uint64_t)(w->global_B * heads) * csm_dropout_draws(L * L);
     /* A = o(ctx) lands in H2, free until the MoE layer writes it. */
     linear_forward(&model->o, w->ctx_, B * L, w->H2);
 }
 
 /* The attention output joins the residual: H = X + Dropout(A), or A + Dropout(A) under compat,
  * written straight into the per-modality layout Hm. Row (b, l) of A takes csm_dropout_draws(d) draws, in
- * row-major order over the global batch, from w->resid_counter on. */
+ * row-major order over the global batch, from w->draws.residual on. */
 static void residual_task(void *arg, int64_t first, int64_t last, int worker)
 {
     const attn_task *t = arg;
@@ -842,19 +806,16 @@ static void residual_task(void *arg, int64_t first, int64_t last, int worker)
                 csm_add(dst, br, ar, d);
                 continue;
             }
-            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)(w->first * L + row) * csm_dropout_draws(d),
-                             model->p.dropout, keep, d);
+            csm_rng_dropout_mask(model->ctx, w->draws.residual + (uint64_t)(w->first * L + row) * csm_dropout_draws(d),
+                                 model->p.dropout, keep, d);
             csm_add_masked(dst, br, ar, keep, kept, d);
         }
 }
 
 static void residual_forward(confsmoe_model *model, workspace *w)
 {
-    w->resid_counter = model->ctx->rng_counter;
     attn_task task = {model, w, NULL};
     csm_parallel_for(model->ctx, w->B, 1, residual_task, &task);
-    if (w->dropout)
-        model->ctx->rng_counter += (uint64_t)(w->global_B * model->tokens_total) * csm_dropout_draws(model->p.d);
 }
 
 /* Each modality's gate call returns its own mean loss; weighting them by their share of the
@@ -915,7 +876,9 @@ static confsmoe_status moe_forward(confsmoe_model *model, const confsmoe_tensor 
         if (s == CONFSMOE_OK && labels)
             s = model->p.multilabel ? wrap(model, CONFSMOE_U8, 2, rows, C, 0, 0, w->tok_multi_labels, &lab)
                                     : wrap(model, CONFSMOE_I32, 1, rows, 0, 0, 0, w->tok_labels, &lab);
-        /* The gate's noise follows the tokens' places in the global batch. */
+        /* The gate's noise follows the tokens' places in the global batch; the call reserves it
+         * from the stream's position, which is its part of the table. */
+        csm_rng_seek(model->ctx, w->draws.gate_noise + (uint64_t)m * w->draws.gate_noise_per_call);
         if (s == CONFSMOE_OK)
             s = confsmoe_gate_set_shard(model->gate, w->first * S, w->global_B * S);
         if (s == CONFSMOE_OK)
@@ -934,6 +897,7 @@ static confsmoe_status moe_forward(confsmoe_model *model, const confsmoe_tensor 
         layernorm_forward(&model->ln3, sum, rows, d, w->tok, w->ln3_stats + m * 2 * rows);
         scatter_modality(w->tok, w->H2, B, S, L, d, m, false);
     }
+    csm_rng_seek(model->ctx, w->draws.end);
     return s;
 }
 
@@ -1037,33 +1001,42 @@ struct gradients {
     float *dsum, *dZ, *dtok;         /* [B S, d] */
 };
 
-static void *gradients_alloc(confsmoe_model *model, int64_t B, gradients *g)
+/* The arrays of one backward call (layout.h). */
+static void gradients_parts(csm_layout *l, const confsmoe_model *model, int64_t B, gradients *g)
 {
     const size_t M = (size_t)model->p.n_modalities, S = (size_t)model->p.tokens, d = (size_t)model->p.d;
     const size_t L = M * S, b = (size_t)B, C = (size_t)model->p.n_classes, k = (size_t)model->p.k;
-    const size_t sizes[] = {b * C, b * d, b * d, b * M * d, b * L * d, b * L * d, b * L * d, b * L * d, b * L * d,
-                            b * L * d, M * b * S * k * d, b * S * d, b * S * d, b * S * d};
-    float *G[6];
-    float **slots[] = {&g->dlogits, &g->drn, &g->dr, &g->dpooled, &G[0], &G[1], &G[2], &G[3], &G[4], &G[5],
-                       &g->dslots, &g->dsum, &g->dZ, &g->dtok};
-    enum { N = sizeof sizes / sizeof *sizes };
-    size_t at[N], total = 0;
-    for (size_t i = 0; i < N; i++)
-        if (!csm_layout_add(&total, sizes[i], sizeof(float), &at[i]))
-            return NULL;
-    char *block = cached_block(model, &model->grad_cache, &model->grad_cache_size, total);
+    g->dlogits = CSM_LAYOUT_ROWS(l, float, b, C);
+    g->drn = CSM_LAYOUT_ROWS(l, float, b, d);
+    g->dr = CSM_LAYOUT_ROWS(l, float, b, d);
+    g->dpooled = CSM_LAYOUT_ROWS(l, float, b * M, d);
+    g->dH3 = g->dH = g->dX = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    g->dH2 = g->dA = g->dXn = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    g->dctx = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    g->dV = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    g->dQ = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    g->dK = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    g->dslots = CSM_LAYOUT_ROWS(l, float, M * b * S * k, d);
+    g->dsum = CSM_LAYOUT_ROWS(l, float, b * S, d);
+    g->dZ = CSM_LAYOUT_ROWS(l, float, b * S, d);
+    g->dtok = CSM_LAYOUT_ROWS(l, float, b * S, d);
+}
+
+static void *gradients_alloc(confsmoe_model *model, int64_t B, gradients *g)
+{
+    csm_layout l = csm_layout_measure();
+    size_t bytes;
+    gradients_parts(&l, model, B, g);
+    char *block = csm_layout_size(&l, &bytes)
+                      ? cached_block(model, &model->grad_cache, &model->grad_cache_size, bytes)
+                      : NULL;
     if (!block)
         return NULL;
-    for (size_t i = 0; i < N; i++)
-        *slots[i] = (float *)(block + at[i]);
-    g->dH3 = g->dH = g->dX = G[0];
-    g->dH2 = g->dA = g->dXn = G[1];
-    g->dctx = G[2];
-    g->dV = G[3];
-    g->dQ = G[4];
-    g->dK = G[5];
+    csm_layout_place(&l, block);
+    gradients_parts(&l, model, B, g);
     /* Stage 2 (or nothing) adds into dslots; everything else is written before it is read. */
-    memset(g->dslots, 0, sizes[10] * sizeof(float));
+    const size_t slot_floats = (size_t)(model->p.n_modalities * B * model->p.tokens * model->p.k * model->p.d);
+    memset(g->dslots, 0, slot_floats * sizeof(float));
     return block;
 }
 
@@ -1120,8 +1093,8 @@ static void residual_backward_task(void *arg, int64_t first, int64_t last, int w
         const float *dHr = g->dH + row * d;
         float *dAr = g->dA + row * d;
         if (w->dropout) {
-            csm_dropout_mask(model->ctx->rng_key, w->resid_counter + (uint64_t)(w->first * L + row) * csm_dropout_draws(d),
-                             model->p.dropout, keep, d);
+            csm_rng_dropout_mask(model->ctx, w->draws.residual + (uint64_t)(w->first * L + row) * csm_dropout_draws(d),
+                                 model->p.dropout, keep, d);
             csm_mask_scale(dAr, dHr, keep, kept, d);
         } else {
             memcpy(dAr, dHr, (size_t)d * sizeof *dAr);
@@ -1255,17 +1228,34 @@ static int64_t count_present(const uint8_t *avail, int64_t cells)
     return n;
 }
 
-/* Stream positions one training step on a global batch of B samples takes, in the order its
- * parts take them: modality dropout, stage 1, attention dropout, residual dropout, then the
- * noise of each modality's gate call. A shard with no samples moves the stream by this much. */
-static uint64_t step_draws(const confsmoe_model *model, int64_t B)
+/* Reserves the draws of one call on a global batch of B samples (training: a step; else
+ * predict) and lays them out. */
+static model_draws model_reserve_draws(confsmoe_model *model, int64_t B, bool training)
 {
     const confsmoe_model_params *p = &model->p;
     const uint64_t L = (uint64_t)model->tokens_total, b = (uint64_t)B;
-    uint64_t n = (p->modality_dropout > 0.0f) + stage_one_draws(model, true);
-    if (p->dropout > 0.0f)
-        n += b * (uint64_t)p->heads * csm_dropout_draws((int64_t)(L * L)) + b * L * csm_dropout_draws(p->d);
-    return n + (uint64_t)p->n_modalities * (uint64_t)csm_gate_noise_draws(model->gate, B * p->tokens);
+    const bool dropout = training && p->dropout > 0.0f;
+    model_draws at;
+    uint64_t n = 0;
+    at.modality_dropout = n;
+    n += training && p->modality_dropout > 0.0f;
+    at.stage_one = n;
+    n += stage_one_draws(model, training);
+    at.attention = n;
+    n += dropout ? b * (uint64_t)p->heads * csm_dropout_draws((int64_t)(L * L)) : 0;
+    at.residual = n;
+    n += dropout ? b * L * csm_dropout_draws(p->d) : 0;
+    at.gate_noise_per_call = training ? (uint64_t)csm_gate_noise_draws(model->gate, B * p->tokens) : 0;
+    at.gate_noise = n;
+    n += (uint64_t)p->n_modalities * at.gate_noise_per_call;
+    const uint64_t base = csm_rng_reserve(model->ctx, n);
+    at.modality_dropout += base;
+    at.stage_one += base;
+    at.attention += base;
+    at.residual += base;
+    at.gate_noise += base;
+    at.end = base + n;
+    return at;
 }
 
 /* The shard checks of confsmoe_model_step_shard: global_avail [B_global, M] holds avail at `first`. */
@@ -1318,7 +1308,7 @@ static confsmoe_status train_step(confsmoe_model *model, const char *fn, const c
     const int64_t B = avail->dims[0], Bg = global_avail->dims[0], M = model->p.n_modalities;
     if (B == 0) {
         /* Nothing to compute; the stream moves as it does for the other shards. */
-        model->ctx->rng_counter += step_draws(model, Bg);
+        model_reserve_draws(model, Bg, true);
         if (loss)
             *loss = 0.0f;
         if (task)
@@ -1355,7 +1345,8 @@ static confsmoe_status train_step(confsmoe_model *model, const char *fn, const c
     if (model->imputer)
         csm_imputer_set_arena(model->imputer, arena);
     float aux = 0.0f, task_value = 0.0f;
-    const uint64_t rng_at_entry = model->ctx->rng_counter;
+    const uint64_t rng_at_entry = csm_rng_tell(model->ctx);
+    w.draws = model_reserve_draws(model, Bg, true);
     csm_gate_usage_mark(model->gate);
     /* backward accumulates into the parameter gradients as it goes and can still fail part-way
      * (an allocation in the gate or the imputer): a copy of them goes back in that case, so
@@ -1374,7 +1365,7 @@ static confsmoe_status train_step(confsmoe_model *model, const char *fn, const c
         s = kept ? wrap(model, CONFSMOE_U8, 2, B, M, 0, 0, kept + first * M, &kept_avail)
                  : csm_fail(model->ctx, CONFSMOE_E_NOMEM, "out of memory for the modality-dropout mask");
         if (s == CONFSMOE_OK) {
-            drop_modalities(model, global_avail->data, Bg, model->ctx->rng_counter++, kept);
+            drop_modalities(model, global_avail->data, Bg, w.draws.modality_dropout, kept);
             w.global_present = count_present(kept, Bg * M);
             avail = kept_avail;
         }
@@ -1410,7 +1401,7 @@ static confsmoe_status train_step(confsmoe_model *model, const char *fn, const c
     model->arena_need = arena->wanted;
     csm_arena_reset(arena);
     if (s != CONFSMOE_OK) {
-        model->ctx->rng_counter = rng_at_entry;  /* a failed step draws nothing */
+        csm_rng_seek(model->ctx, rng_at_entry);  /* a failed step draws nothing */
         csm_gate_usage_rollback(model->gate);
         char detail[CSM_ERROR_CAP];
         snprintf(detail, sizeof detail, "%s", model->ctx->last_error);
@@ -1460,14 +1451,15 @@ confsmoe_status confsmoe_model_predict(confsmoe_model *model, const confsmoe_ten
     w.global_B = w.B;
     w.global_present = count_present(avail->data, avail->nbytes);
     float aux = 0.0f;
-    const uint64_t rng_at_entry = model->ctx->rng_counter;
+    const uint64_t rng_at_entry = csm_rng_tell(model->ctx);
+    w.draws = model_reserve_draws(model, w.B, false);
     csm_gate_usage_mark(model->gate);
     s = forward(model, inputs, avail, NULL, &w, &aux);
     if (s == CONFSMOE_OK)
         memcpy(logits->data, w.logits, logits->nbytes);
     workspace_release(model, &w);
     if (s != CONFSMOE_OK) {
-        model->ctx->rng_counter = rng_at_entry;  /* a failed predict draws nothing */
+        csm_rng_seek(model->ctx, rng_at_entry);  /* a failed predict draws nothing */
         csm_gate_usage_rollback(model->gate);
         char detail[CSM_ERROR_CAP];
         snprintf(detail, sizeof detail, "%s", model->ctx->last_error);

@@ -46,13 +46,13 @@ void csm_router_logits(const csm_router *r, const float *x, int64_t n, float *u)
     }
 }
 
-void csm_router_add_noise(const csm_router *r, confsmoe_ctx *ctx, const float *x, int64_t n, float *u, float *h,
+void csm_router_add_noise(const csm_router *r, csm_substream *noise, const float *x, int64_t n, float *u, float *h,
                           float *eps)
 {
     const int64_t total = n * r->n_experts;
     csm_gemm(false, false, n, r->n_experts, r->d, 1.0f, x, csm_f32(r->wn), 0.0f, h);
     for (int64_t i = 0; i < total; i++) {
-        eps[i] = csm_rng_normal(ctx);
+        eps[i] = csm_substream_normal(noise);
         u[i] += eps[i] * (csm_softplus(h[i]) + 0.01f);
     }
 }

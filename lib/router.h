@@ -16,8 +16,8 @@ typedef struct {
 /* Clean logits u [n, E] of x [n, d]. */
 void csm_router_logits(const csm_router *r, const float *x, int64_t n, float *u);
 /* Adds eps * (softplus(h) + 0.01) to u, with h = x W_noise and eps ~ N(0, 1) drawn
- * row-major from the ctx; keeps h and eps for backward. */
-void csm_router_add_noise(const csm_router *r, confsmoe_ctx *ctx, const float *x, int64_t n, float *u, float *h,
+ * row-major from `noise` (n E CSM_NORMAL_DRAWS positions); keeps h and eps for backward. */
+void csm_router_add_noise(const csm_router *r, csm_substream *noise, const float *x, int64_t n, float *u, float *h,
                           float *eps);
 /* Indices of the k largest u of each row, best first; ties go to the lower index. */
 void csm_router_topk(const float *u, int64_t n, int32_t n_experts, int32_t k, int32_t *idx);

@@ -2,8 +2,8 @@
  * called directly: offsets, 64-byte rounding, roll-back of the most recent block only, and the
  * `missed` / `wanted` bookkeeping, against values worked out by hand from the rules in the
  * arena's header comment. */
+#include "arena.h"
 #include "internal.h"
-#include "kernels.h"
 #include "testutil.h"
 
 enum { ARENA_BYTES = 256 };

@@ -91,7 +91,8 @@ START_TEST(test_noise_adds_eps_times_softplus)
         x[i] = (float)trng_uniform(&rng, -2, 2);
     for (int i = 0; i < N * E; i++)
         u[i] = u0[i] = (float)trng_uniform(&rng, -1, 1);
-    csm_router_add_noise(&f.r, f.ctx, x, N, u, h, eps);
+    csm_substream noise = csm_rng_at(f.ctx, 0);
+    csm_router_add_noise(&f.r, &noise, x, N, u, h, eps);
     const float *wn = f32(f.r.wn);
     double sum = 0, sum2 = 0;
     for (int t = 0; t < N; t++)
