@@ -13,6 +13,16 @@
  *   bench model --B b --S s --F f1,f2,.. --d d --h h --E e --k k --C c --missing r
  *       One full training step of the model of docs/MODEL.md, section 6: zero_grad, model_step,
  *       Adam step.
+ *   bench membw [--mb m] [--threads t] [--reps r]
+ *       STREAM-style copy (c = a) and triad (a = b + s c) over three arrays of m MiB each (default:
+ *       4x the last-level cache, at least 256 MiB), split over t threads, the best of --reps
+ *       passes: the memory bandwidth of the physical bound.
+ *
+ * gate and model take --threads t: confsmoe_ctx_params.n_threads (0, the default, leaves the
+ * library's fallback: CONFSMOE_NUM_THREADS, else 1). They print the matrix-multiply FLOPs
+ * (flops; bound_flops adds the stage-2 imputer's, which depend on the missing cells) and the
+ * bytes the non-GEMM passes must move (nongemm_bytes, by pass in nongemm_bytes_by_pass): the
+ * two terms of the physical bound (docs/PERFORMANCE.md, "The bound").
  *
  * Each prints one JSON object on stdout. Times are wall-clock (CLOCK_MONOTONIC), the
  * median of --reps timed runs after --warmup untimed ones. RSS from /proc/self/status:
@@ -28,6 +38,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+#include <pthread.h>
+#endif
 
 #define CHECK(call)                                                                                 \
     do {                                                                                            \
@@ -43,16 +58,17 @@
 
 typedef struct {
     int64_t N, d, h, B, S;
-    int32_t E, k, C, reps, warmup, M;
-    int64_t F[16];
+    int32_t E, k, C, reps, warmup, M, threads;
+    int64_t F[16], mb;
     double missing;
     uint64_t seed;
 } options;
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: bench sgemm|gate|model [--N n] [--d d] [--h h] [--E e] [--k k] [--C c] [--B b] [--S s]\n"
-                    "                               [--F f1,f2,...] [--missing r] [--reps r] [--warmup w] [--seed s]\n");
+    fprintf(stderr, "usage: bench sgemm|gate|model|membw [--N n] [--d d] [--h h] [--E e] [--k k] [--C c] [--B b]\n"
+                    "             [--S s] [--F f1,f2,...] [--missing r] [--reps r] [--warmup w] [--seed s]\n"
+                    "             [--threads t] [--mb m]\n");
     exit(2);
 }
 
@@ -89,6 +105,10 @@ static options parse(int argc, char **argv)
             o.missing = atof(v);
         else if (!strcmp(a, "--seed"))
             o.seed = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--threads"))
+            o.threads = atoi(v);
+        else if (!strcmp(a, "--mb"))
+            o.mb = atoll(v);
         else if (!strcmp(a, "--F")) {
             o.M = 0;
             for (char *s = (char *)v; *s && o.M < 16;) {
@@ -99,7 +119,7 @@ static options parse(int argc, char **argv)
         } else
             usage();
     }
-    if (o.reps < 1 || o.warmup < 0 || o.E < 1 || o.k < 1 || o.k > o.E || o.M < 1)
+    if (o.reps < 1 || o.warmup < 0 || o.E < 1 || o.k < 1 || o.k > o.E || o.M < 1 || o.threads < 0 || o.mb < 0)
         usage();
     return o;
 }
@@ -249,6 +269,256 @@ static int run_sgemm(const options *o)
     return 0;
 }
 
+/* ------------------------------------------------------------------ the physical bound
+ *
+ * The bound of a row is its matrix-multiply FLOPs at the measured sgemm peak plus the bytes its
+ * non-GEMM passes must move at the measured memory bandwidth (docs/PERFORMANCE.md, "The bound").
+ * The byte counts follow docs/MODEL.md and the passes of lib/gate.c, lib/expert.c, lib/confnet.c,
+ * lib/model.c and lib/imputer.c, on one rule: every non-GEMM pass reads each tensor it needs once
+ * and writes each tensor it produces once, 4 bytes a float or index, 1 a dropout-mask element.
+ * GEMM operands are the FLOP term's, not counted here; a bias add or a reduction (db) fused into
+ * a neighbouring pass adds nothing; parameters are counted only by the optimizer. */
+
+typedef struct {
+    double softmax, layernorm, gelu, dropout, dispatch_combine, residual, stage1, stage2, optimizer;
+} pass_bytes;
+
+static double pass_bytes_total(const pass_bytes *b)
+{
+    return b->softmax + b->layernorm + b->gelu + b->dropout + b->dispatch_combine + b->residual + b->stage1 +
+           b->stage2 + b->optimizer;
+}
+
+static void print_pass_bytes(const pass_bytes *b)
+{
+    printf("\"nongemm_bytes\": %.6g, \"nongemm_bytes_by_pass\": {\"softmax\": %.6g, \"layernorm\": %.6g, "
+           "\"gelu\": %.6g, \"dropout\": %.6g, \"dispatch_combine\": %.6g, \"residual\": %.6g, \"stage1\": %.6g, "
+           "\"stage2\": %.6g, \"optimizer\": %.6g}, ",
+           pass_bytes_total(b), b->softmax, b->layernorm, b->gelu, b->dropout, b->dispatch_combine, b->residual,
+           b->stage1, b->stage2, b->optimizer);
+}
+
+/* LayerNorm over `rows` rows of d: forward reads x and writes y; backward reads dy and x (the
+ * statistics are recomputed or kept, O(rows)) and writes dx. */
+static void layernorm_bytes(double rows, double d, pass_bytes *b) { b->layernorm += 4.0 * rows * d * (2.0 + 3.0); }
+
+/* One confidence-gate call forward + backward over N tokens, nk = N k slots (frozen router,
+ * token confidence, single label; docs/MODEL.md, sections 3.3, 4):
+ * forward:  top-k reads the router logits [N, E], writes the routes [nk]; dispatch reads x's rows
+ *           [nk, d] (the gathered block feeds the first GEMM from cache); bias + GELU reads the
+ *           pre-activation [nk, h], writes the activation [nk, h]; the ConfNet (LN statistics and
+ *           v . LN(y), fused) reads y [nk, d], writes c [nk]; the target softmax reads the logits
+ *           [nk, C], writes p [nk]; the combination reads y [nk, d], c, writes out [N, d];
+ * backward: the combination reads dy [N, d] and y [nk, d], writes dY [nk, d]; the target softmax
+ *           reads its logits and writes their gradient [nk, C]; the ConfNet reads y and updates dY
+ *           (read + write) [nk, d]; GELU' reads dact and the pre-activation, writes dpre [nk, h];
+ *           dW1 = dpre^T x gathers x's rows again [nk, d]; the scatter of dx reads the slots'
+ *           rows [nk, d], writes dx [N, d]. */
+static void gate_bytes(int64_t N_, int64_t d_, int64_t h_, int64_t E_, int64_t k_, int64_t C_, pass_bytes *b)
+{
+    const double N = (double)N_, d = (double)d_, h = (double)h_, E = (double)E_, C = (double)C_;
+    const double nk = N * (double)k_;
+    b->softmax += 4.0 * (N * E + nk) + 4.0 * (nk * C + nk) + 4.0 * 2.0 * nk * C;
+    b->dispatch_combine += 4.0 * nk * d + 4.0 * (nk * d + nk + N * d)               /* gather, combine */
+                           + 4.0 * (N * d + 2.0 * nk * d) + 4.0 * nk * d + 4.0 * (nk * d + N * d);
+    b->gelu += 4.0 * 2.0 * nk * h + 4.0 * 3.0 * nk * h;
+    b->layernorm += 4.0 * (nk * d + nk) + 4.0 * 3.0 * nk * d;                          /* the ConfNets */
+}
+
+/* One training step of the model (docs/MODEL.md, section 6) with the mask `avail` [B, M], on top
+ * of the three gate calls (gate_bytes, N = B S each). L = M S, BLd = B L d floats:
+ * stage 1 reads K' = min(draws, pool) pool rows [S, F_m] and writes one, per missing (b, m);
+ * the encoder bias + positions read tok and write X (BLd); LN1, LN2 and LN3 (LN2, LN3 per
+ * modality over B S rows), LN_imp (S rows per missing cell) and LN_out (B rows) as layernorm_bytes;
+ * attention, per (sample, head): the softmax reads the scores and writes the weights [L, L], the
+ * dropout writes their mask (1 byte) and backward reads it, the softmax backward reads the
+ * weights and their gradient and writes the scores' gradient; the residual X + Dropout(A) reads
+ * X and A, writes H (BLd), its mask 1 byte each way, backward reads dH and writes dA; the MoE
+ * residual H_m + F_m before LN3 reads both (2 B S d per modality), and LN2's gradient is added
+ * into dH (read + write); stage 2, per missing (b, m) with L_b candidates: the slot mean reads
+ * [S, k, d], writes [S, d]; per (s, j) the softmax and top-T read and write [S, k, L_b] forward
+ * and backward; the mean's gradient reads [S, d], updates [S, k, d]; the readout's mean reads H
+ * (BLd) and backward writes its gradient (BLd); the optimizer (zero_grad, Adam) writes g, reads
+ * p, g, m, v and writes p, m, v: 32 bytes a parameter. Also the imputer's matrix FLOPs, which
+ * model_flops leaves out: per sample with a missing cell, kv of its k L_b candidate slots; per
+ * missing cell, q (S rows), the scores and the weighted sum (2 S k L_b d each); 3x for backward. */
+static void model_bytes(const options *o, const uint8_t *avail, int64_t n_params, pass_bytes *b,
+                        double *imputer_flops)
+{
+    const double B = (double)o->B, S = (double)o->S, d = (double)o->d, M = o->M, L = M * S, H = 4.0;
+    const double BLd = B * L * d, k = (double)o->k, draws = 10.0, pool_rows = 512.0;
+    const double K = draws < pool_rows ? draws : pool_rows;
+    b->residual += 4.0 * 2.0 * BLd;                                     /* encoder bias + positions */
+    layernorm_bytes(B * L, d, b);                                       /* LN1 */
+    b->softmax += 4.0 * B * H * L * L * (2.0 + 3.0);
+    b->dropout += 2.0 * B * H * L * L + 2.0 * BLd;                      /* attention and residual masks */
+    b->residual += 4.0 * 3.0 * BLd + 4.0 * 2.0 * BLd;                   /* X + Dropout(A), its backward */
+    for (int32_t m = 0; m < o->M; m++) {
+        gate_bytes(o->B * o->S, o->d, o->h, o->E, o->k, o->C, b);
+        layernorm_bytes(B * S, d, b);                                   /* LN2 */
+        layernorm_bytes(B * S, d, b);                                   /* LN3 */
+        b->residual += 4.0 * 2.0 * B * S * d + 4.0 * 2.0 * B * S * d;   /* H_m + F_m; dH += dLN2 */
+    }
+    *imputer_flops = 0.0;
+    for (int64_t s = 0; s < o->B; s++) {
+        double present = 0.0, missing = 0.0;
+        for (int32_t m = 0; m < o->M; m++) {
+            present += avail[s * o->M + m] != 0;
+            if (!avail[s * o->M + m]) {
+                missing += 1.0;
+                b->stage1 += 4.0 * (K + 1.0) * S * (double)o->F[m];
+            }
+        }
+        if (missing == 0.0)
+            continue;
+        const double Lb = present * S;
+        *imputer_flops += 3.0 * 2.0 * Lb * k * d * d + missing * 3.0 * (2.0 * S * d * d + 2.0 * 2.0 * S * k * Lb * d);
+        b->stage2 += missing * 4.0 * ((S * k * d + S * d) + 2.0 * S * k * Lb + 3.0 * S * k * Lb + (S * d + 2.0 * S * k * d));
+        layernorm_bytes(missing * S, d, b);                             /* LN_imp */
+    }
+    b->residual += 4.0 * 2.0 * BLd;                                     /* readout mean, its backward */
+    layernorm_bytes(B, d, b);                                           /* LN_out */
+    b->optimizer += 32.0 * (double)n_params;
+}
+
+/* ------------------------------------------------------------------ memory bandwidth */
+
+/* Runs fn(arg, worker, workers) on `workers` threads (the caller is worker 0), with the
+ * mechanism of the library's own threads: the OpenMP team when the library is built for OpenMP
+ * (meson.build passes -fopenmp then), else POSIX threads. */
+typedef void (*membw_fn)(void *arg, int worker, int workers);
+
+#ifndef _OPENMP
+typedef struct {
+    membw_fn fn;
+    void *arg;
+    int worker, workers;
+} membw_thread_arg;
+
+static void *membw_thread_main(void *p)
+{
+    const membw_thread_arg *t = p;
+    t->fn(t->arg, t->worker, t->workers);
+    return NULL;
+}
+#endif
+
+static void membw_run(int workers, membw_fn fn, void *arg)
+{
+#ifdef _OPENMP
+#pragma omp parallel num_threads(workers)
+    fn(arg, omp_get_thread_num(), omp_get_num_threads());
+#else
+    pthread_t threads[64];
+    membw_thread_arg args[64];
+    int started = 1;
+    for (int w = 1; w < workers && w < 64; w++, started++) {
+        args[w] = (membw_thread_arg){fn, arg, w, workers};
+        if (pthread_create(&threads[w], NULL, membw_thread_main, &args[w]) != 0)
+            break;
+    }
+    fn(arg, 0, workers);
+    for (int w = 1; w < started; w++)
+        pthread_join(threads[w], NULL);
+#endif
+}
+
+typedef struct {
+    float *a, *b, *c;
+    int64_t n;
+    int triad;
+} membw_pass;
+
+/* One thread's contiguous share of a pass (the same share each pass: first touch placed it). */
+static void membw_kernel(void *arg, int worker, int workers)
+{
+    const membw_pass *p = arg;
+    const int64_t begin = p->n * worker / workers, end = p->n * (worker + 1) / workers;
+    float *restrict a = p->a, *restrict c = p->c;
+    const float *restrict b = p->b;
+    if (p->triad)
+        for (int64_t i = begin; i < end; i++)
+            a[i] = b[i] + 3.0f * c[i];
+    else
+        for (int64_t i = begin; i < end; i++)
+            c[i] = a[i];
+}
+
+static void membw_init(void *arg, int worker, int workers)
+{
+    const membw_pass *p = arg;
+    for (int64_t i = p->n * worker / workers; i < p->n * (worker + 1) / workers; i++) {
+        p->a[i] = 1.0f;
+        p->b[i] = 2.0f;
+        p->c[i] = 0.5f;
+    }
+}
+
+/* The last-level cache in bytes from sysfs (the highest index of cpu0), or 0. */
+static int64_t last_level_cache_bytes(void)
+{
+    int64_t best = 0;
+    for (int i = 0; i < 8; i++) {
+        char path[96], text[32];
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            break;
+        if (fgets(text, sizeof text, f)) {
+            char *unit;
+            int64_t v = strtoll(text, &unit, 10);
+            v *= *unit == 'M' ? 1 << 20 : *unit == 'K' ? 1 << 10 : 1;
+            best = v > best ? v : best;
+        }
+        fclose(f);
+    }
+    return best;
+}
+
+/* STREAM's byte counts (no write-allocate traffic): copy moves 8 bytes an element, triad 12. */
+static int run_membw(const options *o)
+{
+    const int64_t llc = last_level_cache_bytes();
+    int64_t bytes = o->mb > 0 ? o->mb << 20 : 4 * llc;
+    if (o->mb == 0 && bytes < (INT64_C(256) << 20))
+        bytes = INT64_C(256) << 20;
+    const int workers = o->threads > 0 ? o->threads : 1;
+    membw_pass p = {.n = bytes / (int64_t)sizeof(float)};
+    p.a = malloc((size_t)bytes);
+    p.b = malloc((size_t)bytes);
+    p.c = malloc((size_t)bytes);
+    if (!p.a || !p.b || !p.c) {
+        fprintf(stderr, "bench membw: cannot allocate 3 x %" PRId64 " MiB\n", bytes >> 20);
+        return 1;
+    }
+    membw_run(workers, membw_init, &p);
+    double best[2] = {1e30, 1e30};
+    for (int r = 0; r < o->reps; r++)
+        for (p.triad = 0; p.triad < 2; p.triad++) {
+            const double t0 = now();
+            membw_run(workers, membw_kernel, &p);
+            best[p.triad] = fmin(best[p.triad], now() - t0);
+        }
+    /* Reading the arrays keeps the passes from being optimised away. */
+    const double check = (double)p.a[p.n - 1] + (double)p.c[p.n / 2];
+    const double elems = (double)p.n;
+    printf("{\"what\": \"membw\", \"threads\": %d, \"array_mib\": %" PRId64 ", \"llc_mib\": %.1f, \"passes\": %d, "
+           "\"copy_gbps\": %.2f, \"triad_gbps\": %.2f, \"median_s\": %.6g, \"check\": %g, \"peak_rss_mb\": %.1f, "
+           "\"threads_mechanism\": \"%s\"}\n",
+           workers, bytes >> 20, (double)llc / (1 << 20), o->reps, 8.0 * elems / best[0] * 1e-9,
+           12.0 * elems / best[1] * 1e-9, best[1], check, status_mb("VmHWM"),
+#ifdef _OPENMP
+           "openmp"
+#else
+           "pthreads"
+#endif
+    );
+    free(p.a);
+    free(p.b);
+    free(p.c);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ gate */
 
 /* Matrix-multiply FLOPs of one confidence-gate forward + backward (frozen router):
@@ -268,6 +538,7 @@ static int run_gate(const options *o)
     confsmoe_ctx_params cp;
     confsmoe_ctx_params_init(&cp);
     cp.seed = o->seed;
+    cp.n_threads = o->threads;
     CHECK(confsmoe_ctx_create(&cp, &ctx));
     confsmoe_expert **experts = calloc((size_t)o->E, sizeof *experts);
     for (int32_t e = 0; e < o->E; e++)
@@ -323,9 +594,13 @@ static int run_gate(const options *o)
     double med = median(t, o->reps);
     printf("{\"what\": \"gate\", \"N\": %" PRId64 ", \"d\": %" PRId64 ", \"h\": %" PRId64
            ", \"E\": %d, \"k\": %d, \"C\": %d, \"median_s\": %.6g, \"fwd_mean_s\": %.6g, \"flops\": %.6g, "
-           "\"gflops\": %.2f, \"max_load_fraction\": %.3f, \"base_rss_mb\": %.1f, \"peak_rss_mb\": %.1f, ",
-           o->N, o->d, o->h, o->E, o->k, o->C, med, fwd_sum / o->reps, flops, flops / med * 1e-9,
-           stats.max_load_fraction, base, status_mb("VmHWM"));
+           "\"bound_flops\": %.6g, \"gflops\": %.2f, \"max_load_fraction\": %.3f, \"threads\": %d, "
+           "\"base_rss_mb\": %.1f, \"peak_rss_mb\": %.1f, ",
+           o->N, o->d, o->h, o->E, o->k, o->C, med, fwd_sum / o->reps, flops, flops, flops / med * 1e-9,
+           stats.max_load_fraction, o->threads, base, status_mb("VmHWM"));
+    pass_bytes bytes = {0};
+    gate_bytes(o->N, o->d, o->h, o->E, o->k, o->C, &bytes);
+    print_pass_bytes(&bytes);
     print_times(times, nt);
     printf("}\n");
     free(t);
@@ -368,6 +643,7 @@ static int run_model(const options *o)
     confsmoe_ctx_params cp;
     confsmoe_ctx_params_init(&cp);
     cp.seed = o->seed;
+    cp.n_threads = o->threads;
     CHECK(confsmoe_ctx_create(&cp, &ctx));
     confsmoe_model_params mp;
     confsmoe_model_params_init(&mp);
@@ -435,16 +711,24 @@ static int run_model(const options *o)
             t[r] = t1 - t0;
     }
     const double flops = model_flops(o);
+    int64_t n_params = 0;
+    for (int32_t i = 0; i < confsmoe_model_n_params(model); i++)
+        n_params += confsmoe_tensor_numel(confsmoe_model_param(model, i));
+    pass_bytes bytes = {0};
+    double imputer_flops = 0.0;
+    model_bytes(o, a, n_params, &bytes, &imputer_flops);
     double times[1024];
     int nt = o->reps < 1024 ? o->reps : 1024;
     memcpy(times, t, sizeof(double) * (size_t)nt);
     double med = median(t, o->reps);
     printf("{\"what\": \"model\", \"B\": %" PRId64 ", \"S\": %" PRId64 ", \"M\": %d, \"d\": %" PRId64
            ", \"h\": %" PRId64 ", \"E\": %d, \"k\": %d, \"C\": %d, \"missing_cells\": %" PRId64
-           ", \"median_s\": %.6g, \"flops\": %.6g, \"gflops\": %.2f, \"first_loss\": %.5f, \"last_loss\": %.5f, "
-           "\"base_rss_mb\": %.1f, \"peak_rss_mb\": %.1f, ",
-           B, S, M, o->d, o->h, o->E, o->k, o->C, n_missing, med, flops, flops / med * 1e-9, first, loss, base,
-           status_mb("VmHWM"));
+           ", \"median_s\": %.6g, \"flops\": %.6g, \"bound_flops\": %.6g, \"gflops\": %.2f, \"first_loss\": %.5f, "
+           "\"last_loss\": %.5f, \"threads\": %d, \"parameters\": %" PRId64 ", \"base_rss_mb\": %.1f, "
+           "\"peak_rss_mb\": %.1f, ",
+           B, S, M, o->d, o->h, o->E, o->k, o->C, n_missing, med, flops, flops + imputer_flops, flops / med * 1e-9,
+           first, loss, o->threads, n_params, base, status_mb("VmHWM"));
+    print_pass_bytes(&bytes);
     print_times(times, nt);
     printf("}\n");
     free(t);
@@ -471,6 +755,8 @@ int main(int argc, char **argv)
         return run_gate(&o);
     if (!strcmp(argv[1], "model"))
         return run_model(&o);
+    if (!strcmp(argv[1], "membw"))
+        return run_membw(&o);
     usage();
     return 2;
 }

@@ -7,12 +7,17 @@ speed, tests/parity/ compares values). It is written the way a PyTorch user woul
 one batched call per expert over its tokens (argsort by expert, split), a ConfNet per
 expert on that expert's rows, index_add for the combination, nn.Linear / nn.LayerNorm.
 
-    torch_ref.py gate  --N n --d d --h h --E e --k k --C c [--reps r] [--warmup w] [--threads t]
+    torch_ref.py gate  --N n --d d --h h --E e --k k --C c [--reps r] [--warmup w] [--threads t] [--compile]
     torch_ref.py model --B b --S s --F f1,f2,.. --d d --h h --E e --k k --C c --missing r ...
 
 Each prints one JSON object on stdout, with the same fields as tests/bench/bench.c:
 median_s over --reps timed runs after --warmup untimed ones, base_rss_mb (after set-up) and
 peak_rss_mb (VmHWM at the end; it includes the interpreter and libtorch, see base_rss_mb).
+
+--compile (PyTorch 2.x only) times torch.compile of the same module (default backend), wrapped
+once before the warm-up; compilation happens in the warm-up calls (at least 2), whose first
+call's time is compile_s. graphs_compiled_in_timed_runs counts the graphs Dynamo compiled during
+the timed runs (0 when the warm-up absorbed all compilation). The optimizer step stays eager.
 """
 import argparse
 import json
@@ -223,9 +228,38 @@ def timed(fn, reps, warmup):
     return med, times
 
 
+def compiled_graphs():
+    """Graphs Dynamo has compiled in this process so far (0 without torch.compile)."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except (ImportError, KeyError, AttributeError):
+        return 0
+
+
+def timed_compiled(fn, a):
+    """timed(), with the warm-up's first call reported as compile_s and the graphs compiled
+    during the timed runs counted (docstring, --compile)."""
+    warmup = max(a.warmup, 2) if a.compile else a.warmup
+    if warmup == 0:
+        med, times = timed(fn, a.reps, 0)
+        return med, times, dict(warmup=0, compiled=False)
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    graphs = compiled_graphs()
+    med, times = timed(fn, a.reps, warmup - 1)
+    extra = dict(warmup=warmup, first_call_s=first, compiled=a.compile)
+    if a.compile:
+        extra.update(compile_s=first, graphs_compiled=graphs,
+                     graphs_compiled_in_timed_runs=compiled_graphs() - graphs)
+    return med, times, extra
+
+
 def run_gate(a):
     torch.manual_seed(a.seed)
     gate = ConfGate(a.d, a.h, a.E, a.k, a.C)
+    call = torch.compile(gate) if a.compile else gate
     x = (torch.rand(a.N, a.d) * 2 - 1).requires_grad_(True)
     dy = (torch.rand(a.N, a.d) * 2 - 1) / a.N
     labels = torch.randint(0, a.C, (a.N,))
@@ -237,16 +271,17 @@ def run_gate(a):
             p.grad = None
         x.grad = None
         t0 = time.perf_counter()
-        y, L_conf, _ = gate(x, labels)
+        y, L_conf, _ = call(x, labels)
         fwd.append(time.perf_counter() - t0)
         ((y * dy).sum() + L_conf).backward()
 
     base = status_mb("VmRSS")
-    med, times = timed(step, a.reps, a.warmup)
+    med, times, extra = timed_compiled(step, a)
     flops = gate_flops(a.N, a.d, a.h, a.E, a.k, a.C)
+    timed_fwd = fwd[len(fwd) - a.reps:]
     return dict(what="gate", N=a.N, d=a.d, h=a.h, E=a.E, k=a.k, C=a.C, median_s=med,
-                fwd_mean_s=sum(fwd[a.warmup:]) / max(1, len(fwd) - a.warmup), flops=flops,
-                gflops=flops / med * 1e-9, base_rss_mb=base, peak_rss_mb=status_mb("VmHWM"), times_s=times)
+                fwd_mean_s=sum(timed_fwd) / len(timed_fwd), flops=flops, gflops=flops / med * 1e-9,
+                base_rss_mb=base, peak_rss_mb=status_mb("VmHWM"), times_s=times, **extra)
 
 
 def run_model(a):
@@ -254,6 +289,7 @@ def run_model(a):
     M, B, S = len(a.F), a.B, a.S
     model = Model(a.F, S, a.d, a.h, a.E, a.k, a.C)
     model.train()
+    call = torch.compile(model) if a.compile else model
     xs = [torch.rand(B, S, f) * 2 - 1 for f in a.F]
     pools = [torch.rand(512, S, f) * 2 - 1 for f in a.F]
     # Every sample keeps one random modality; the other cells drop with p = missing.
@@ -266,18 +302,18 @@ def run_model(a):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = model(xs, avail, labels, pools)
+        loss = call(xs, avail, labels, pools)
         loss.backward()
         opt.step()
         losses.append(float(loss))
 
     base = status_mb("VmRSS")
-    med, times = timed(step, a.reps, a.warmup)
+    med, times, extra = timed_compiled(step, a)
     flops = model_flops(a)
     return dict(what="model", B=B, S=S, M=M, d=a.d, h=a.h, E=a.E, k=a.k, C=a.C,
                 missing_cells=int((avail == 0).sum()), median_s=med, flops=flops, gflops=flops / med * 1e-9,
                 first_loss=losses[0], last_loss=losses[-1], base_rss_mb=base, peak_rss_mb=status_mb("VmHWM"),
-                times_s=times)
+                times_s=times, **extra)
 
 
 def main():
@@ -297,7 +333,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--compile", action="store_true", help="time torch.compile of the module (PyTorch 2.x)")
     a = ap.parse_args()
+    if a.compile and (not hasattr(torch, "compile") or int(torch.__version__.split(".")[0]) < 2):
+        print("torch_ref.py: --compile needs PyTorch 2.x (torch.compile); this is torch %s (%s)"
+              % (torch.__version__, sys.executable), file=sys.stderr)
+        return 2
     torch.set_num_threads(a.threads)
     out = run_gate(a) if a.what == "gate" else run_model(a)
     out["torch"] = torch.__version__
