@@ -310,6 +310,9 @@ typedef struct confsmoe_gate_params {
     size_t struct_size;       /* the caller's sizeof(confsmoe_gate_params), set by _init() */
     int64_t d;                /* token width; every expert's d (required, no default) */
     int32_t k;                /* experts per token, 1 <= k <= E (default 2) */
+    /* Settings from a CONFSMOE_* list are int32_t, not enum types, in every public struct: an
+     * enum's size is the compiler's choice, and the ABI baseline (abi/) and the bindings
+     * (ctypes, C++) fix these fields at 4 bytes. */
     int32_t router;           /* CONFSMOE_ROUTER_* (default SOFTMAX) */
     int32_t noisy;            /* 1: noisy top-k in training, u += eps (softplus(z W_noise) + 0.01),
                                  eps ~ N(0, 1) from the ctx RNG (default 0) */

@@ -1,8 +1,11 @@
 /* The two-stage imputer of missing modalities (docs/MODEL.md, section 5).
- * Stage 1 (fill) replaces a missing sample's raw input with the mean of K distinct pool rows.
+ * Stage 1 (fill: a missing sample's raw input becomes the mean of K distinct pool rows) is
+ * lib/stage1.c's, which the model also uses without an imputer; this file checks the public
+ * confsmoe_imputer_fill's arguments and hands them to it.
  * Stage 2 (forward/backward) lets each missing token attend, per expert slot, over the expert
  * outputs of the modalities present for the same sample, keeps the top T weights, and adds
- * the result to the layer output before a LayerNorm.
+ * the result to the layer output before a LayerNorm. This file creates the imputer and runs
+ * stage 2's forward; imputer_backward.c runs its backward.
  *
  * Stage 2 is gather-based: for each sample that misses a modality, the slot rows of its
  * present modalities (the candidates, shared by all of its missing modalities) are gathered
@@ -14,77 +17,21 @@
 #include <string.h>
 
 #include "imputer.h"
+#include "imputer_internal.h"
 #include "internal.h"
 #include "kernels.h"
 #include "layout.h"
 #include "params.h"
 #include "sized.h"
+#include "stage1.h"
 
 #define LN_EPS 1e-5f
 
-/* Parameters by role; V_W and V_B exist only with separate_value. */
-enum { Q_W, Q_B, KV_W, KV_B, V_W, V_B, LN_W, LN_B, N_ROLES };
-
 static const char *const role_names[N_ROLES] = {"q.w", "q.b", "kv.w", "kv.b", "v.w", "v.b", "ln.weight", "ln.bias"};
-
-struct confsmoe_imputer {
-    confsmoe_ctx *ctx;
-    confsmoe_imputer_params p;
-    int64_t top_t;                     /* T before the cap at each sample's candidate count */
-    csm_params params;                 /* the present roles, in role order */
-    confsmoe_tensor *param[N_ROLES];   /* entries of params by role; NULL when absent */
-    confsmoe_tensor *grad[N_ROLES];
-    csm_arena *arena;                  /* lent for backward's work block (NULL: none) */
-};
 
 const csm_params *csm_imputer_param_list(const confsmoe_imputer *imp) { return &imp->params; }
 
 void csm_imputer_set_arena(confsmoe_imputer *imp, csm_arena *arena) { imp->arena = arena; }
-
-/* One missing (sample, modality): its S query tokens are rows pair * S .. pair * S + S - 1 of
- * the per-query arrays. */
-typedef struct {
-    int64_t b;
-    int32_t m;
-    bool zero_query;  /* compat: the reference's query is zeros for this modality */
-} missing_pair;
-
-/* One sample with at least one missing modality. Its queries are contiguous (pairs are sorted
- * by sample, then modality); its candidates are the S tokens of each present modality, ordered
- * by modality then token, stored slot-major: candidate c of slot j is row kv_row + j L + c. */
-typedef struct {
-    int64_t q_row, n_query;  /* rows of the per-query arrays */
-    int64_t kv_row, n_cand;  /* n_cand = L_b; 0 when no other modality is present */
-    int64_t att;             /* first element of its k attention blocks of n_query x L_b */
-    int64_t kept;            /* T capped at L_b */
-} sample_plan;
-
-/* What one forward keeps: a copy of everything backward reads, so that the host may reuse
- * its h, slots and avail buffers right after forward. */
-typedef struct {
-    confsmoe_saved base;
-    int64_t B;
-    int64_t n_pairs, n_samples;
-    int64_t nq;              /* missing tokens: n_pairs * S */
-    int64_t nk;              /* gathered candidate slot rows */
-    int64_t na;              /* attention elements */
-    int64_t max_block;       /* largest n_query x L_b of one sample */
-    missing_pair *pairs;     /* [n_pairs] */
-    sample_plan *plans;      /* [n_samples] */
-    int64_t *src_row;        /* [nk] row of slots (viewed as [M B S k, d]) each candidate came from */
-    float *ybar;             /* [nq, d] mean over the slots of each missing token */
-    float *q;                /* [nq, d] queries (zero rows under compat's zero query) */
-    float *g;                /* [nk, d] gathered candidate slot rows */
-    float *kv;               /* [nk, d] keys (and values unless separate_value) */
-    float *v;                /* [nk, d] values with separate_value, else == kv */
-    float *p;                /* [na] softmax over the candidates */
-    float *w;                /* [na] kept (and maybe renormalised) weights, 0 elsewhere */
-    uint8_t *keep;           /* [na] 1 = in the top T */
-    float *x_pre;            /* [nq, d] h + Ihat */
-    float *mean1, *rstd1;    /* [nq] LayerNorm of x_pre */
-    float *y1;               /* [nq, d] compat: the first LayerNorm's output */
-    float *mean2, *rstd2;    /* [nq] compat: the second LayerNorm */
-} imputer_saved;
 
 /* ------------------------------------------------------------------ parameters */
 
@@ -105,9 +52,9 @@ void confsmoe_imputer_params_init_sized(confsmoe_imputer_params *p, size_t struc
 
 size_t confsmoe_sizeof_imputer_params(void) { return sizeof(confsmoe_imputer_params); }
 
-static bool is_flag(int32_t v) { return v == 0 || v == 1; }
+static bool imputer_is_flag(int32_t v) { return v == 0 || v == 1; }
 
-static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_imputer_params *p)
+static confsmoe_status imputer_check_params(confsmoe_ctx *ctx, const confsmoe_imputer_params *p)
 {
     static const char fn[] = "imputer_create";
     if (p->d < 1)
@@ -121,7 +68,7 @@ static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_imputer_pa
     if (p->top_t < 0)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: top_t is %" PRId32 ", must be >= 0 (0 = default)", fn,
                         p->top_t);
-    if (!is_flag(p->renormalize) || !is_flag(p->separate_value) || !is_flag(p->compat))
+    if (!imputer_is_flag(p->renormalize) || !imputer_is_flag(p->separate_value) || !imputer_is_flag(p->compat))
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
                         "%s: renormalize, separate_value and compat must be 0 or 1", fn);
     /* The tensors the imputer accepts must be describable: M S k d (one slot row per token and
@@ -158,7 +105,7 @@ confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_impute
                                        CSM_IMPUTER_PARAMS_MIN);
     p = &full;
     if (s == CONFSMOE_OK)
-        s = check_params(ctx, p);
+        s = imputer_check_params(ctx, p);
     if (s != CONFSMOE_OK)
         return s;
     confsmoe_imputer *imp = csm_calloc(ctx, 1, sizeof *imp);
@@ -217,8 +164,8 @@ void confsmoe_imputer_zero_grad(confsmoe_imputer *imp)
 }
 
 /* Checks avail u8 [B, M] with values 0 or 1. */
-static confsmoe_status check_avail(confsmoe_ctx *ctx, const char *fn, const confsmoe_tensor *avail, int64_t B,
-                                   int64_t M)
+static confsmoe_status imputer_check_avail(confsmoe_ctx *ctx, const char *fn, const confsmoe_tensor *avail, int64_t B,
+                                           int64_t M)
 {
     const int64_t dims[2] = {B, M};
     confsmoe_status s = csm_expect_tensor(ctx, fn, "avail", avail, CONFSMOE_U8, 2, dims);
@@ -233,21 +180,10 @@ static confsmoe_status check_avail(confsmoe_ctx *ctx, const char *fn, const conf
     return CONFSMOE_OK;
 }
 
-/* ------------------------------------------------------------------ stage 1 */
+/* ------------------------------------------------------------------ stage 1 (stage1.c) */
 
-/* Uniform in [0, n), n >= 1, without modulo bias: draws in the incomplete top block are redrawn. */
-static uint64_t uniform_below(csm_substream *stream, uint64_t n)
-{
-    const uint64_t limit = UINT64_MAX - UINT64_MAX % n;
-    uint64_t r;
-    do
-        r = csm_substream_u64(stream);
-    while (r >= limit);
-    return r % n;
-}
-
-static confsmoe_status check_fill(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool, int32_t draws,
-                                  const confsmoe_tensor *avail, const confsmoe_tensor *x)
+static confsmoe_status imputer_check_fill(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool, int32_t draws,
+                                          const confsmoe_tensor *avail, const confsmoe_tensor *x)
 {
     static const char fn[] = "imputer_fill";
     confsmoe_ctx *ctx = imp->ctx;
@@ -277,100 +213,7 @@ static confsmoe_status check_fill(confsmoe_imputer *imp, int32_t m, const confsm
         return s;
     if (pool->dims[0] < 1)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: pool has 0 rows, needs >= 1", fn);
-    return check_avail(ctx, fn, avail, x->dims[0], M);
-}
-
-confsmoe_status csm_imputer_fill_at(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool, int32_t draws,
-                                    const confsmoe_tensor *avail, confsmoe_tensor *x, uint64_t base, int64_t first)
-{
-    static const char fn[] = "imputer_fill";
-    confsmoe_ctx *ctx = imp->ctx;
-    const int64_t B = x->dims[0], M = imp->p.n_modalities, P = pool->dims[0];
-    const int64_t row = x->numel / (B > 0 ? B : 1);  /* elements of one sample's input */
-    const uint8_t *present = avail->data;
-    int64_t n_missing = 0;
-    for (int64_t b = 0; b < B; b++)
-        n_missing += !present[b * M + m];
-    if (n_missing == 0 || row == 0)
-        return CONFSMOE_OK;
-
-    /* All means are computed before x changes, so that a NaN in the pool leaves x untouched. */
-    const int64_t K = draws < P ? draws : P;
-    const size_t mark_words = ((size_t)P + 63) / 64;
-    float *means = NULL;
-    double *acc = NULL;
-    int64_t *picked = NULL;
-    uint64_t *marks = NULL;
-    char *block = NULL;
-    size_t bytes;
-    csm_layout l = csm_layout_measure();
-    for (int pass = 0; pass < 2; pass++) {
-        means = CSM_LAYOUT_ROWS(&l, float, (size_t)n_missing, (size_t)row);
-        acc = CSM_LAYOUT_ARRAY(&l, double, (size_t)row);
-        picked = CSM_LAYOUT_ARRAY(&l, int64_t, (size_t)K);
-        marks = CSM_LAYOUT_ARRAY(&l, uint64_t, mark_words);
-        if (pass == 0 && (!csm_layout_size(&l, &bytes) || !(block = csm_alloc(ctx, bytes))))
-            return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for %" PRId64 " missing rows of %" PRId64, fn,
-                            n_missing, row);
-        csm_layout_place(&l, block);
-    }
-    memset(marks, 0, mark_words * sizeof *marks);
-
-    const float *src = csm_f32(pool);
-    int64_t done = 0;
-    for (int64_t b = 0; b < B; b++) {
-        if (present[b * M + m])
-            continue;
-        if (K == P) {
-            /* The pool has no more rows than draws: all of them, no randomness needed. */
-            for (int64_t i = 0; i < P; i++)
-                picked[i] = i;
-        } else {
-            /* Floyd's algorithm: K distinct rows, each K-subset equally likely, K draws. */
-            csm_substream stream = csm_rng_substream(ctx, base, (uint64_t)((first + b) * M + m));
-            int64_t n = 0;
-            for (int64_t j = P - K; j < P; j++) {
-                int64_t t = (int64_t)uniform_below(&stream, (uint64_t)j + 1);
-                if (marks[t / 64] >> (t % 64) & 1)
-                    t = j;
-                marks[t / 64] |= UINT64_C(1) << (t % 64);
-                picked[n++] = t;
-            }
-            for (int64_t i = 0; i < K; i++)
-                marks[picked[i] / 64] = 0;
-        }
-        memset(acc, 0, (size_t)row * sizeof *acc);
-        for (int64_t i = 0; i < K; i++) {
-            const float *r = src + picked[i] * row;
-            for (int64_t c = 0; c < row; c++)
-                acc[c] += r[c];
-        }
-        float *dst = means + done * row;
-        for (int64_t c = 0; c < row; c++) {
-            /* The sum of finite floats is finite in double: a non-finite mean means a drawn row has NaN/Inf.
-             * Only drawn rows are checked, so a large pool is not scanned on every call. */
-            if (ctx->check_finite && !isfinite(acc[c])) {
-                int64_t bad = picked[0];
-                for (int64_t i = 0; i < K; i++)
-                    if (!isfinite(src[picked[i] * row + c]))
-                        bad = picked[i];
-                csm_free(ctx, block);
-                return csm_fail(ctx, CONFSMOE_E_NUMERIC,
-                                "%s: pool row %" PRId64 " has a NaN or Inf at element %" PRId64
-                                " (finite checks are on)",
-                                fn, bad, c);
-            }
-            dst[c] = (float)(acc[c] / (double)K);
-        }
-        done++;
-    }
-    float *out = csm_f32(x);
-    done = 0;
-    for (int64_t b = 0; b < B; b++)
-        if (!present[b * M + m])
-            memcpy(out + b * row, means + (done++) * row, (size_t)row * sizeof(float));
-    csm_free(ctx, block);
-    return CONFSMOE_OK;
+    return imputer_check_avail(ctx, fn, avail, x->dims[0], M);
 }
 
 confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool, int32_t draws,
@@ -378,7 +221,7 @@ confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const co
 {
     if (!imp)
         return CONFSMOE_E_INVALID_ARGUMENT;
-    confsmoe_status st = check_fill(imp, m, pool, draws, avail, x);
+    confsmoe_status st = imputer_check_fill(imp, m, pool, draws, avail, x);
     if (st != CONFSMOE_OK)
         return st;
     const uint8_t *present = avail->data;
@@ -389,7 +232,8 @@ confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const co
         return CONFSMOE_OK;
     /* The call's draws take one stream position; a failed call takes none. */
     const uint64_t base = csm_rng_reserve(imp->ctx, 1);
-    st = csm_imputer_fill_at(imp, m, pool, draws, avail, x, base, 0);
+    st = csm_stage1_fill_draws(imp->ctx, "imputer_fill", csm_f32(pool), pool->dims[0], draws, present, x->dims[0],
+                               imp->p.n_modalities, m, x->numel / x->dims[0], csm_f32(x), base, 0);
     if (st != CONFSMOE_OK)
         csm_rng_seek(imp->ctx, base);
     return st;
@@ -397,7 +241,7 @@ confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_t m, const co
 
 /* ------------------------------------------------------------------ stage 2: saved state */
 
-static void release_saved(confsmoe_saved *s)
+static void imputer_release_saved(confsmoe_saved *s)
 {
     confsmoe_ctx *ctx = s->ctx;
     csm_free(ctx, s);
@@ -410,7 +254,7 @@ typedef struct {
 } plan_sizes;
 
 /* False when a size overflows. */
-static bool count_plan(const confsmoe_imputer *imp, const uint8_t *avail, int64_t B, plan_sizes *z)
+static bool imputer_count_plan(const confsmoe_imputer *imp, const uint8_t *avail, int64_t B, plan_sizes *z)
 {
     const int64_t M = imp->p.n_modalities, S = imp->p.tokens, k = imp->p.k;
     memset(z, 0, sizeof *z);
@@ -481,7 +325,7 @@ static imputer_saved *imputer_alloc_saved(const confsmoe_imputer *imp, const pla
     *s = view;
     s->base.ctx = csm_ctx_retain(imp->ctx);
     s->base.owner = imp;
-    s->base.release = release_saved;
+    s->base.release = imputer_release_saved;
     s->n_pairs = z->n_pairs;
     s->n_samples = z->n_samples;
     s->nq = z->n_pairs * imp->p.tokens;
@@ -493,8 +337,9 @@ static imputer_saved *imputer_alloc_saved(const confsmoe_imputer *imp, const pla
 
 /* ------------------------------------------------------------------ stage 2: forward */
 
-static confsmoe_status check_forward(confsmoe_imputer *imp, const confsmoe_tensor *h, const confsmoe_tensor *slots,
-                                     const confsmoe_tensor *avail, const confsmoe_tensor *out)
+static confsmoe_status imputer_check_forward(confsmoe_imputer *imp, const confsmoe_tensor *h,
+                                             const confsmoe_tensor *slots, const confsmoe_tensor *avail,
+                                             const confsmoe_tensor *out)
 {
     static const char fn[] = "imputer_forward";
     confsmoe_ctx *ctx = imp->ctx;
@@ -506,7 +351,7 @@ static confsmoe_status check_forward(confsmoe_imputer *imp, const confsmoe_tenso
     const int64_t B = h->dims[0];
     const int64_t slot_dims[4] = {M, B * S, imp->p.k, d}, out_dims[3] = {B, M * S, d};
     if ((s = csm_expect_tensor(ctx, fn, "slots", slots, CONFSMOE_F32, 4, slot_dims)) != CONFSMOE_OK ||
-        (s = check_avail(ctx, fn, avail, B, M)) != CONFSMOE_OK ||
+        (s = imputer_check_avail(ctx, fn, avail, B, M)) != CONFSMOE_OK ||
         (s = csm_expect_tensor(ctx, fn, "out", out, CONFSMOE_F32, 3, out_dims)) != CONFSMOE_OK ||
         (s = csm_expect_finite(ctx, fn, "h", h)) != CONFSMOE_OK)
         return s;
@@ -515,8 +360,8 @@ static confsmoe_status check_forward(confsmoe_imputer *imp, const confsmoe_tenso
 
 /* Lists the missing pairs and per-sample plans, and gathers the candidates' slot rows
  * (slot-major per sample), the missing tokens' mean slot and their h rows. */
-static void gather(const confsmoe_imputer *imp, imputer_saved *s, const uint8_t *avail, const float *h,
-                   const float *slots)
+static void imputer_gather(const confsmoe_imputer *imp, imputer_saved *s, const uint8_t *avail, const float *h,
+                           const float *slots)
 {
     const int64_t M = imp->p.n_modalities, S = imp->p.tokens, k = imp->p.k, d = imp->p.d, B = s->B;
     int64_t pair = 0, sample = 0, kv_row = 0, att = 0;
@@ -638,7 +483,7 @@ static void keep_top(const float *p, int64_t L, int64_t kept, bool renormalize, 
 }
 
 /* Queries, keys, values, attention and the residual x_pre = h + Ihat, for every missing token. */
-static void attend(const confsmoe_imputer *imp, imputer_saved *s, uint64_t *rank)
+static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64_t *rank)
 {
     const int64_t k = imp->p.k, d = imp->p.d, S = imp->p.tokens;
     const float scale = 1.0f / sqrtf((float)d);
@@ -685,22 +530,22 @@ confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_t
     confsmoe_ctx *ctx = imp->ctx;
     if (saved)
         *saved = NULL;
-    confsmoe_status st = check_forward(imp, h, slots, avail, out);
+    confsmoe_status st = imputer_check_forward(imp, h, slots, avail, out);
     if (st != CONFSMOE_OK)
         return st;
     const int64_t B = h->dims[0], S = imp->p.tokens, d = imp->p.d;
     plan_sizes z;
     imputer_saved *s = NULL;
     uint64_t *rank = NULL;
-    if (count_plan(imp, avail->data, B, &z))
+    if (imputer_count_plan(imp, avail->data, B, &z))
         s = imputer_alloc_saved(imp, &z, &rank);
     if (!s)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for B=%" PRId64 " with %" PRId64 " missing pairs", fn,
                         B, z.n_pairs);
     s->B = B;
     /* Everything is read from h and slots before out (which may be h) is written. */
-    gather(imp, s, avail->data, csm_f32(h), csm_f32(slots));
-    attend(imp, s, rank);
+    imputer_gather(imp, s, avail->data, csm_f32(h), csm_f32(slots));
+    imputer_attend(imp, s, rank);
 
     if (out->data != h->data && h->nbytes > 0)
         memmove(out->data, h->data, h->nbytes);
@@ -722,208 +567,5 @@ confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_t
         *saved = &s->base;
     else
         s->base.release(&s->base);
-    return CONFSMOE_OK;
-}
-
-/* ------------------------------------------------------------------ stage 2: backward */
-
-static confsmoe_status check_backward(confsmoe_imputer *imp, const confsmoe_saved *saved,
-                                      const confsmoe_tensor *dout, const confsmoe_tensor *dh,
-                                      const confsmoe_tensor *dslots)
-{
-    static const char fn[] = "imputer_backward";
-    confsmoe_ctx *ctx = imp->ctx;
-    if (!saved)
-        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: saved is NULL", fn);
-    if (saved->owner != imp)
-        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: saved comes from another layer's forward", fn);
-    if (saved->consumed)
-        return csm_fail(ctx, CONFSMOE_E_STATE, "%s: backward already ran on this saved handle", fn);
-    const int64_t B = ((const imputer_saved *)saved)->B, M = imp->p.n_modalities, S = imp->p.tokens,
-                  d = imp->p.d;
-    const int64_t dims[3] = {B, M * S, d}, slot_dims[4] = {M, B * S, imp->p.k, d};
-    confsmoe_status s = csm_expect_tensor(ctx, fn, "dout", dout, CONFSMOE_F32, 3, dims);
-    if (s == CONFSMOE_OK && dh)
-        s = csm_expect_tensor(ctx, fn, "dh", dh, CONFSMOE_F32, 3, dims);
-    if (s == CONFSMOE_OK && dslots)
-        s = csm_expect_tensor(ctx, fn, "dslots", dslots, CONFSMOE_F32, 4, slot_dims);
-    if (s == CONFSMOE_OK)
-        s = csm_expect_finite(ctx, fn, "dout", dout);
-    return s;
-}
-
-/* Scratch of one backward call. */
-typedef struct {
-    float *d_a, *d_b;  /* [nq, d] LayerNorm gradients; one ends as dIhat, the other is reused for dybar */
-    float *dq;         /* [nq, d] */
-    float *dkv;        /* [nk, d] */
-    float *dv;         /* [nk, d] with separate_value, else == dkv */
-    float *dg;         /* [nk, d] gradient of the gathered slot rows */
-    float *dw, *dz;    /* [max_block] gradient of the weights, then of the logits */
-} backward_work;
-
-/* The arrays of one backward call (layout.h). */
-static void imputer_backward_parts(csm_layout *l, const confsmoe_imputer *imp, const imputer_saved *s,
-                                   backward_work *w)
-{
-    const size_t d = (size_t)imp->p.d, nq = (size_t)s->nq, nk = (size_t)s->nk, mb = (size_t)s->max_block;
-    w->d_a = CSM_LAYOUT_ROWS(l, float, nq, d);
-    w->d_b = CSM_LAYOUT_ROWS(l, float, nq, d);
-    w->dq = CSM_LAYOUT_ROWS(l, float, nq, d);
-    w->dkv = CSM_LAYOUT_ROWS(l, float, nk, d);
-    w->dv = imp->p.separate_value ? CSM_LAYOUT_ROWS(l, float, nk, d) : w->dkv;
-    w->dg = CSM_LAYOUT_ROWS(l, float, nk, d);
-    w->dw = CSM_LAYOUT_ARRAY(l, float, mb);
-    w->dz = CSM_LAYOUT_ARRAY(l, float, mb);
-}
-
-static void *backward_alloc(const confsmoe_imputer *imp, const imputer_saved *s, backward_work *w, size_t *bytes)
-{
-    csm_layout l = csm_layout_measure();
-    imputer_backward_parts(&l, imp, s, w);
-    char *block = csm_layout_size(&l, bytes) ? csm_lent_alloc(imp->ctx, imp->arena, *bytes) : NULL;
-    if (!block)
-        return NULL;
-    memset(block, 0, *bytes);
-    csm_layout_place(&l, block);
-    imputer_backward_parts(&l, imp, s, w);
-    return block;
-}
-
-/* Through the attention of every sample: dIhat -> dq, dkv, dv. */
-static void attention_backward(const confsmoe_imputer *imp, const imputer_saved *s, const float *dihat,
-                               backward_work *w)
-{
-    const int64_t k = imp->p.k, d = imp->p.d;
-    const float scale = 1.0f / sqrtf((float)d);
-    for (int64_t i = 0; i < s->n_samples; i++) {
-        const sample_plan *plan = &s->plans[i];
-        const int64_t nq = plan->n_query, L = plan->n_cand;
-        if (L == 0)
-            continue;
-        const float *di = dihat + plan->q_row * d, *q = s->q + plan->q_row * d;
-        float *dq = w->dq + plan->q_row * d;
-        for (int64_t j = 0; j < k; j++) {
-            const int64_t cand = plan->kv_row + j * L, at = plan->att + j * nq * L;
-            const float *p = s->p + at, *wt = s->w + at;
-            const uint8_t *keep = s->keep + at;
-            /* Ihat = W V: dW = dIhat V^T, dV += W^T dIhat. */
-            csm_gemm(false, true, nq, L, d, 1.0f, di, s->v + cand * d, 0.0f, w->dw);
-            csm_gemm(true, false, L, d, nq, 1.0f, wt, di, 1.0f, w->dv + cand * d);
-            for (int64_t r = 0; r < nq; r++) {
-                float *dwr = w->dw + r * L;
-                const float *pr = p + r * L, *wr = wt + r * L;
-                const uint8_t *kr = keep + r * L;
-                if (imp->p.renormalize) {
-                    /* w = p / sum_kept p: dp = (dw - <dw, w>_kept) / sum_kept p on kept entries. */
-                    double sum = 0.0, dot = 0.0;
-                    for (int64_t c = 0; c < L; c++)
-                        if (kr[c]) {
-                            sum += pr[c];
-                            dot += (double)dwr[c] * wr[c];
-                        }
-                    for (int64_t c = 0; c < L; c++)
-                        dwr[c] = kr[c] ? (float)(((double)dwr[c] - dot) / sum) : 0.0f;
-                } else {
-                    for (int64_t c = 0; c < L; c++)
-                        dwr[c] = kr[c] ? dwr[c] : 0.0f;
-                }
-                /* The top-T set is a constant; the softmax still spans all L candidates. */
-                csm_softmax_backward_row(pr, dwr, w->dz + r * L, L);
-            }
-            /* logits = q kv^T / sqrt(d). */
-            csm_gemm(false, false, nq, d, L, scale, w->dz, s->kv + cand * d, 1.0f, dq);
-            csm_gemm(true, false, L, d, nq, scale, w->dz, q, 1.0f, w->dkv + cand * d);
-        }
-    }
-}
-
-confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved *saved, const confsmoe_tensor *dout,
-                                          confsmoe_tensor *dh, confsmoe_tensor *dslots)
-{
-    if (!imp)
-        return CONFSMOE_E_INVALID_ARGUMENT;
-    confsmoe_status st = check_backward(imp, saved, dout, dh, dslots);
-    if (st != CONFSMOE_OK)
-        return st;
-    imputer_saved *s = (imputer_saved *)saved;
-    const int64_t M = imp->p.n_modalities, S = imp->p.tokens, k = imp->p.k, d = imp->p.d, B = s->B;
-    backward_work w;
-    size_t block_bytes = 0;
-    void *block = backward_alloc(imp, s, &w, &block_bytes);
-    if (!block)
-        return csm_fail(imp->ctx, CONFSMOE_E_NOMEM, "imputer_backward: out of memory for %" PRId64 " missing tokens",
-                        s->nq);
-    saved->consumed = true;
-
-    /* The imputed rows of dout, gathered before dh (which may be dout) is written. */
-    const float *gout = csm_f32(dout);
-    for (int64_t i = 0; i < s->n_pairs; i++)
-        memcpy(w.d_a + i * S * d, gout + (s->pairs[i].b * M + s->pairs[i].m) * S * d,
-               (size_t)(S * d) * sizeof(float));
-    const float *gamma = csm_f32(imp->param[LN_W]);
-    float *dgamma = csm_f32(imp->grad[LN_W]), *dbeta = csm_f32(imp->grad[LN_B]);
-    float *dihat = w.d_b, *spare = w.d_a;
-    if (imp->p.compat) {
-        csm_layernorm_backward(s->y1, s->mean2, s->rstd2, gamma, w.d_a, w.d_b, dgamma, dbeta, s->nq, d, false);
-        csm_layernorm_backward(s->x_pre, s->mean1, s->rstd1, gamma, w.d_b, w.d_a, dgamma, dbeta, s->nq, d, false);
-        dihat = w.d_a;
-        spare = w.d_b;
-    } else {
-        csm_layernorm_backward(s->x_pre, s->mean1, s->rstd1, gamma, w.d_a, w.d_b, dgamma, dbeta, s->nq, d, false);
-    }
-
-    attention_backward(imp, s, dihat, &w);
-    /* A zero query is a constant: nothing flows into W_q or the slots through it. */
-    for (int64_t i = 0; i < s->n_pairs; i++)
-        if (s->pairs[i].zero_query)
-            memset(w.dq + i * S * d, 0, (size_t)(S * d) * sizeof(float));
-
-    /* Projections: q = Wq ybar + bq, kv = Wk g + bk, v = Wv g + bv. */
-    if (imp->p.separate_value && s->nk > 0) {
-        csm_gemm(true, false, d, d, s->nk, 1.0f, w.dv, s->g, 1.0f, csm_f32(imp->grad[V_W]));
-        csm_add_column_sums(csm_f32(imp->grad[V_B]), w.dv, s->nk, d);
-        csm_gemm(false, false, s->nk, d, d, 1.0f, w.dv, csm_f32(imp->param[V_W]), 0.0f, w.dg);
-    }
-    if (s->nk > 0) {
-        csm_gemm(true, false, d, d, s->nk, 1.0f, w.dkv, s->g, 1.0f, csm_f32(imp->grad[KV_W]));
-        csm_add_column_sums(csm_f32(imp->grad[KV_B]), w.dkv, s->nk, d);
-        csm_gemm(false, false, s->nk, d, d, 1.0f, w.dkv, csm_f32(imp->param[KV_W]),
-                 imp->p.separate_value ? 1.0f : 0.0f, w.dg);
-    }
-    float *dybar = spare;
-    if (s->nq > 0) {
-        csm_gemm(true, false, d, d, s->nq, 1.0f, w.dq, s->ybar, 1.0f, csm_f32(imp->grad[Q_W]));
-        csm_add_column_sums(csm_f32(imp->grad[Q_B]), w.dq, s->nq, d);
-        csm_gemm(false, false, s->nq, d, d, 1.0f, w.dq, csm_f32(imp->param[Q_W]), 0.0f, dybar);
-    }
-
-    if (dslots) {
-        float *ds = csm_f32(dslots);
-        for (int64_t r = 0; r < s->nk; r++) {
-            float *dst = ds + s->src_row[r] * d;
-            const float *src = w.dg + r * d;
-            for (int64_t c = 0; c < d; c++)
-                dst[c] += src[c];
-        }
-        /* ybar = mean_j slot_j: each slot of a missing token gets dybar / k. */
-        const float inv_k = 1.0f / (float)k;
-        for (int64_t i = 0; i < s->n_pairs; i++)
-            for (int64_t t = 0; t < S; t++) {
-                const float *src = dybar + (i * S + t) * d;
-                float *dst = ds + ((s->pairs[i].m * B + s->pairs[i].b) * S + t) * k * d;
-                for (int64_t j = 0; j < k; j++)
-                    for (int64_t c = 0; c < d; c++)
-                        dst[j * d + c] += src[c] * inv_k;
-            }
-    }
-    if (dh) {
-        if (dh->data != dout->data && dout->nbytes > 0)
-            memmove(dh->data, dout->data, dout->nbytes);
-        for (int64_t i = 0; i < s->n_pairs; i++)
-            memcpy(csm_f32(dh) + (s->pairs[i].b * M + s->pairs[i].m) * S * d, dihat + i * S * d,
-                   (size_t)(S * d) * sizeof(float));
-    }
-    csm_lent_free(imp->ctx, imp->arena, block, block_bytes);
     return CONFSMOE_OK;
 }

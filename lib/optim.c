@@ -41,7 +41,7 @@ void confsmoe_optim_params_init_sized(confsmoe_optim_params *p, size_t struct_si
 
 size_t confsmoe_sizeof_optim_params(void) { return sizeof(confsmoe_optim_params); }
 
-static confsmoe_status check_params(confsmoe_ctx *ctx, const confsmoe_optim_params *p)
+static confsmoe_status optim_check_params(confsmoe_ctx *ctx, const confsmoe_optim_params *p)
 {
     static const char fn[] = "optim_create";
     if (p->kind != CONFSMOE_OPTIM_ADAM && p->kind != CONFSMOE_OPTIM_SGD)
@@ -74,7 +74,7 @@ confsmoe_status confsmoe_optim_create(confsmoe_ctx *ctx, const confsmoe_optim_pa
                           : CONFSMOE_OK;
     p = &full;
     if (s == CONFSMOE_OK)
-        s = check_params(ctx, p);
+        s = optim_check_params(ctx, p);
     if (s != CONFSMOE_OK)
         return s;
     confsmoe_optim *o = csm_calloc(ctx, 1, sizeof *o);

@@ -54,8 +54,8 @@ static confsmoe_status describe(confsmoe_ctx *ctx, const char *fn, confsmoe_dtyp
     return CONFSMOE_OK;
 }
 
-static confsmoe_status create(confsmoe_ctx *ctx, const char *fn, confsmoe_dtype dtype, int32_t ndim,
-                              const int64_t *dims, void *wrap_data, bool wrap, confsmoe_tensor **out)
+static confsmoe_status tensor_create(confsmoe_ctx *ctx, const char *fn, confsmoe_dtype dtype, int32_t ndim,
+                                     const int64_t *dims, void *wrap_data, bool wrap, confsmoe_tensor **out)
 {
     if (!out)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: out is NULL", fn);
@@ -95,13 +95,13 @@ static confsmoe_status create(confsmoe_ctx *ctx, const char *fn, confsmoe_dtype 
 confsmoe_status confsmoe_tensor_create(confsmoe_ctx *ctx, confsmoe_dtype dtype, int32_t ndim,
                                        const int64_t *dims, confsmoe_tensor **out)
 {
-    return create(ctx, "tensor_create", dtype, ndim, dims, NULL, false, out);
+    return tensor_create(ctx, "tensor_create", dtype, ndim, dims, NULL, false, out);
 }
 
 confsmoe_status confsmoe_tensor_wrap(confsmoe_ctx *ctx, confsmoe_dtype dtype, int32_t ndim, const int64_t *dims,
                                      void *data, confsmoe_tensor **out)
 {
-    return create(ctx, "tensor_wrap", dtype, ndim, dims, data, true, out);
+    return tensor_create(ctx, "tensor_wrap", dtype, ndim, dims, data, true, out);
 }
 
 void confsmoe_tensor_destroy(confsmoe_tensor *t)

@@ -123,12 +123,68 @@ START_TEST(test_constant_row_gives_sigmoid_of_beta_dot_v_plus_b)
 }
 END_TEST
 
+START_TEST(test_block_maps_rows_to_slots_and_expert_level_takes_the_mean)
+{
+    /* Block row r is slot slot_of[r]: token level copies s to its slot, expert level gives
+     * every slot of the block the mean of s. */
+    const float y[4] = {1.0f, 2.0f, 2.0f, -1.0f}, gamma[2] = {1.0f, 1.0f}, beta[2] = {0.0f, 0.0f};
+    const float v[2] = {0.5f, -1.5f}, b[1] = {0.2f};
+    float unused[2] = {0}, unused_b[1] = {0};
+    const csm_confnet net = {.ln_weight = gamma, .ln_bias = beta, .w = v, .b = b, .d_ln_weight = unused,
+                             .d_ln_bias = unused, .dw = unused, .db = unused_b};
+    const int64_t slot_of[2] = {1, 0};
+    float s[2], mean[2], rstd[2], z[2], scratch[2], c[2];
+    for (int expert_level = 0; expert_level <= 1; expert_level++) {
+        const csm_confnet_block block = {&net, y, 2, 2, expert_level, slot_of, s, {mean, rstd, z}};
+        csm_confnet_block_forward(&block, c, scratch);
+        ck_assert_float_ne(s[0], s[1]);
+        if (expert_level) {
+            ck_assert_float_eq_tol(c[0], 0.5 * (s[0] + s[1]), 1e-7);
+            ck_assert_float_eq(c[1], c[0]);
+        } else {
+            ck_assert_float_eq(c[1], s[0]);
+            ck_assert_float_eq(c[0], s[1]);
+        }
+    }
+}
+END_TEST
+
+START_TEST(test_confidence_loss_by_hand)
+{
+    /* W = 0, b = 0: the target classifier gives 1/2 to each of C = 2 classes. Token 0 (present,
+     * c = 0.8) contributes (0.8 - 0.5)^2 = 0.09; token 1 is absent. compat divides by both rows. */
+    const float y[2] = {3.0f, -7.0f}, w[2] = {0.0f, 0.0f}, bias[2] = {0.0f, 0.0f}, c[2] = {0.8f, 0.3f};
+    const int64_t slot_of[2] = {0, 1};
+    const uint8_t present[2] = {1, 0};
+    const int32_t labels[2] = {0, 1};
+    float probs[4], den, dc[2] = {0.0f, 0.0f}, dz[4] = {9.0f, 9.0f, 9.0f, 9.0f};
+    csm_confidence_target t = {.k = 1, .d = 1, .n_classes = 2, .w = w, .b = bias, .slot_of = slot_of,
+                               .present = present, .labels = labels, .c = c, .probs = probs};
+    ck_assert_float_eq_tol(csm_confidence_loss_forward(&t, y, 2, &den), 0.09f, 1e-7);
+    ck_assert_float_eq(den, 1.0f);
+    ck_assert_float_eq_tol(probs[0], 0.5f, 1e-7);
+    /* d/dc of scale (c - p)^2 / 2 is scale (c - p); dz = -scale (c - p) p (onehot - p). */
+    csm_confidence_loss_rows(&t, 1.0f, false, 0, 2, dc, dz);
+    ck_assert_float_eq_tol(dc[0], 0.3f, 1e-7);
+    ck_assert_float_eq(dc[1], 0.0f);
+    ck_assert_float_eq_tol(dz[0], -0.075f, 1e-7);
+    ck_assert_float_eq_tol(dz[1], 0.075f, 1e-7);
+    ck_assert_float_eq(dz[2], 0.0f);
+    ck_assert_float_eq(dz[3], 0.0f);
+    t.compat = true;
+    ck_assert_float_eq_tol(csm_confidence_loss_forward(&t, y, 2, &den), 0.045f, 1e-7);
+    ck_assert_float_eq(den, 2.0f);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("private_confnet");
     TCase *tc = tcase_create("confnet");
     tcase_add_test(tc, test_forward_and_backward_against_reference);
     tcase_add_test(tc, test_constant_row_gives_sigmoid_of_beta_dot_v_plus_b);
+    tcase_add_test(tc, test_block_maps_rows_to_slots_and_expert_level_takes_the_mean);
+    tcase_add_test(tc, test_confidence_loss_by_hand);
     suite_add_tcase(s, tc);
     return test_run(s);
 }

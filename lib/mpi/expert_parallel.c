@@ -48,13 +48,13 @@ typedef struct {
 
 /* ------------------------------------------------------------------ the exchange */
 
-static confsmoe_status fail_text(char *error, size_t cap, confsmoe_status s)
+static confsmoe_status ep_fail_text(char *error, size_t cap, confsmoe_status s)
 {
     snprintf(error, cap, "%s", confsmoe_mpi_last_error());
     return s;
 }
 
-static bool grow(confsmoe_mpi_gate *g, size_t rows)
+static bool ep_grow(confsmoe_mpi_gate *g, size_t rows)
 {
     if (rows <= g->cap_rows)
         return true;
@@ -83,7 +83,7 @@ static bool grow(confsmoe_mpi_gate *g, size_t rows)
 /* The counts of a call whose block offsets are `offset` [E + 1]: how many rows go to each
  * rank and, from the ranks' counts, how many come from each source for each local expert.
  * With got_known, the received counts are the call's (backward) and no message is needed. */
-static confsmoe_status plan(confsmoe_mpi_gate *g, const int64_t *offset, const int64_t *got_known, size_t *total)
+static confsmoe_status ep_plan(confsmoe_mpi_gate *g, const int64_t *offset, const int64_t *got_known, size_t *total)
 {
     const int P = g->comm.size, E = g->n_experts, C = g->count;
     for (int q = 0; q < P; q++) {
@@ -133,13 +133,13 @@ static confsmoe_status plan(confsmoe_mpi_gate *g, const int64_t *offset, const i
         e_at += rows;
     }
     *total = (size_t)at;
-    if (s == CONFSMOE_OK && !grow(g, *total))
+    if (s == CONFSMOE_OK && !ep_grow(g, *total))
         s = cmpi_fail(CONFSMOE_E_NOMEM, "out of memory for %zu exchanged rows", *total);
     return s;
 }
 
 /* Rows source-major (as received) <-> expert-major (as the experts run). */
-static void reorder(const confsmoe_mpi_gate *g, const float *from, float *to, bool to_expert_major)
+static void ep_reorder(const confsmoe_mpi_gate *g, const float *from, float *to, bool to_expert_major)
 {
     const int P = g->comm.size, C = g->count;
     const size_t d = (size_t)g->d;
@@ -158,7 +158,7 @@ static void reorder(const confsmoe_mpi_gate *g, const float *from, float *to, bo
     }
 }
 
-static confsmoe_status wrap_rows(confsmoe_mpi_gate *g, float *data, int rows, confsmoe_tensor **out)
+static confsmoe_status ep_wrap_rows(confsmoe_mpi_gate *g, float *data, int rows, confsmoe_tensor **out)
 {
     const int64_t dims[2] = {rows, g->d};
     confsmoe_status s = confsmoe_tensor_wrap(g->ctx, CONFSMOE_F32, 2, dims, data, out);
@@ -166,13 +166,13 @@ static confsmoe_status wrap_rows(confsmoe_mpi_gate *g, float *data, int rows, co
 }
 
 /* Runs local expert j forward (saved != NULL: training) or backward on the expert-major rows. */
-static confsmoe_status run_expert(confsmoe_mpi_gate *g, int j, bool backward, confsmoe_saved **saved)
+static confsmoe_status ep_run_expert(confsmoe_mpi_gate *g, int j, bool backward, confsmoe_saved **saved)
 {
     const size_t at = (size_t)g->expert_at[j] * (size_t)g->d;
     confsmoe_tensor *in = NULL, *out = NULL;
-    confsmoe_status s = wrap_rows(g, g->work + at, g->expert_counts[j], &in);
+    confsmoe_status s = ep_wrap_rows(g, g->work + at, g->expert_counts[j], &in);
     if (s == CONFSMOE_OK)
-        s = wrap_rows(g, g->out + at, g->expert_counts[j], &out);
+        s = ep_wrap_rows(g, g->out + at, g->expert_counts[j], &out);
     if (s == CONFSMOE_OK) {
         s = backward ? confsmoe_expert_backward(g->experts[j], *saved, in, out)
                      : confsmoe_expert_forward(g->experts[j], in, out, saved);
@@ -185,20 +185,20 @@ static confsmoe_status run_expert(confsmoe_mpi_gate *g, int j, bool backward, co
 }
 
 /* Sends `rows` (block order) to the owners, runs the experts there, brings `result` back. */
-static confsmoe_status round_trip(confsmoe_mpi_gate *g, const float *rows, float *result, bool backward,
-                                  exchange_call *call)
+static confsmoe_status ep_round_trip(confsmoe_mpi_gate *g, const float *rows, float *result, bool backward,
+                                     exchange_call *call)
 {
     confsmoe_status s = cmpi_check(MPI_Alltoallv(rows, g->send_rows, g->send_at, g->row, g->recv, g->recv_rows,
                                                  g->recv_at, g->row, g->comm.comm),
                                    backward ? "MPI_Alltoallv of the output gradients" : "MPI_Alltoallv of the tokens");
     if (s != CONFSMOE_OK)
         return s;
-    reorder(g, g->recv, g->work, true);
+    ep_reorder(g, g->recv, g->work, true);
     for (int j = 0; j < g->count && s == CONFSMOE_OK; j++)
-        s = run_expert(g, j, backward, call ? &call->saved[j] : NULL);
+        s = ep_run_expert(g, j, backward, call ? &call->saved[j] : NULL);
     /* The ranks must meet in the return message even when an expert failed here: its rows
      * go back as they are, and the status says what happened. */
-    reorder(g, g->out, g->recv, false);
+    ep_reorder(g, g->out, g->recv, false);
     const confsmoe_status sent = cmpi_check(MPI_Alltoallv(g->recv, g->recv_rows, g->recv_at, g->row, result,
                                                           g->send_rows, g->send_at, g->row, g->comm.comm),
                                             backward ? "MPI_Alltoallv of the input gradients"
@@ -207,7 +207,7 @@ static confsmoe_status round_trip(confsmoe_mpi_gate *g, const float *rows, float
 }
 
 /* user, the confsmoe_mpi_gate, may already be destroyed. */
-static void release_call(void *user, void *state)
+static void ep_release_call(void *user, void *state)
 {
     (void)user;
     exchange_call *call = state;
@@ -220,8 +220,8 @@ static void release_call(void *user, void *state)
     confsmoe_ctx_free(call->ctx, call);
 }
 
-static confsmoe_status exchange_forward(void *user, const int64_t *offset, const float *x, float *y, int32_t training,
-                                        void **state, char *error, size_t cap)
+static confsmoe_status ep_exchange_forward(void *user, const int64_t *offset, const float *x, float *y,
+                                           int32_t training, void **state, char *error, size_t cap)
 {
     confsmoe_mpi_gate *g = user;
     *state = NULL;
@@ -239,20 +239,20 @@ static confsmoe_status exchange_forward(void *user, const int64_t *offset, const
         if (!call || !call->saved || !call->got) {
             /* The other ranks are on their way: this one still takes part in the messages
              * (running its experts as in inference), then reports. */
-            release_call(g, call);
+            ep_release_call(g, call);
             call = NULL;
             kept = CONFSMOE_E_NOMEM;
         }
     }
     size_t total = 0;
-    confsmoe_status s = plan(g, offset, NULL, &total);
+    confsmoe_status s = ep_plan(g, offset, NULL, &total);
     if (s == CONFSMOE_OK)
-        s = round_trip(g, x, y, false, call);
+        s = ep_round_trip(g, x, y, false, call);
     if (s == CONFSMOE_OK && kept != CONFSMOE_OK)
         s = cmpi_fail(kept, "out of memory for the exchange's state");
     if (s != CONFSMOE_OK) {
-        release_call(g, call);
-        return fail_text(error, cap, s);
+        ep_release_call(g, call);
+        return ep_fail_text(error, cap, s);
     }
     if (call)
         memcpy(call->got, g->got, got_n * sizeof *call->got);
@@ -260,17 +260,17 @@ static confsmoe_status exchange_forward(void *user, const int64_t *offset, const
     return CONFSMOE_OK;
 }
 
-static confsmoe_status exchange_backward(void *user, void *state, const int64_t *offset, const float *dy, float *dx,
-                                         char *error, size_t cap)
+static confsmoe_status ep_exchange_backward(void *user, void *state, const int64_t *offset, const float *dy, float *dx,
+                                            char *error, size_t cap)
 {
     confsmoe_mpi_gate *g = user;
     exchange_call *call = state;
     size_t total = 0;
-    confsmoe_status s = call ? plan(g, offset, call->got, &total)
+    confsmoe_status s = call ? ep_plan(g, offset, call->got, &total)
                              : cmpi_fail(CONFSMOE_E_STATE, "the forward kept no state for backward");
     if (s == CONFSMOE_OK)
-        s = round_trip(g, dy, dx, true, call);
-    return s == CONFSMOE_OK ? s : fail_text(error, cap, s);
+        s = ep_round_trip(g, dy, dx, true, call);
+    return s == CONFSMOE_OK ? s : ep_fail_text(error, cap, s);
 }
 
 /* ------------------------------------------------------------------ the gate */
@@ -300,7 +300,7 @@ void confsmoe_mpi_gate_destroy(confsmoe_mpi_gate *g)
 }
 
 /* The integer arrays of the exchange plan, in one place. */
-static bool alloc_plan(confsmoe_mpi_gate *g)
+static bool ep_alloc_plan(confsmoe_mpi_gate *g)
 {
     const size_t P = (size_t)g->comm.size, n = P > (size_t)g->count ? P : (size_t)g->count;
     g->send_rows = confsmoe_ctx_calloc(g->ctx, 6 * (n + 1), sizeof(int));
@@ -354,7 +354,7 @@ confsmoe_status confsmoe_mpi_gate_create(MPI_Comm comm, confsmoe_ctx *ctx, const
         g->first = g->lo[g->comm.rank];
         g->count = g->lo[g->comm.rank + 1] - g->first;
         g->experts = confsmoe_ctx_calloc(ctx, (size_t)g->count, sizeof *g->experts);
-        s = g->experts && alloc_plan(g) ? CONFSMOE_OK : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
+        s = g->experts && ep_alloc_plan(g) ? CONFSMOE_OK : cmpi_fail(CONFSMOE_E_NOMEM, "%s: out of memory", fn);
     }
     /* Every expert is drawn on every rank, so the streams stay together; each rank keeps its own. */
     for (int32_t e = 0; s == CONFSMOE_OK && e < n_experts; e++) {
@@ -368,7 +368,7 @@ confsmoe_status confsmoe_mpi_gate_create(MPI_Comm comm, confsmoe_ctx *ctx, const
             confsmoe_expert_destroy(expert);
     }
     if (s == CONFSMOE_OK) {
-        const confsmoe_gate_exchange exchange = {exchange_forward, exchange_backward, release_call, g};
+        const confsmoe_gate_exchange exchange = {ep_exchange_forward, ep_exchange_backward, ep_release_call, g};
         s = confsmoe_gate_create_exchange(ctx, p, n_experts, &exchange, &g->gate);
         if (s != CONFSMOE_OK)
             s = cmpi_from_ctx(ctx, s, "confsmoe_gate_create_exchange");
