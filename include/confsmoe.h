@@ -422,11 +422,16 @@ typedef struct confsmoe_imputer_params {
     int32_t n_modalities;     /* M >= 1 (required) */
     int64_t tokens;           /* S, tokens per modality (default 1) */
     int32_t k;                /* expert slots per token, the gate's k (default 2) */
-    int32_t top_t;            /* T; 0 (default) = max(1, floor((M - 1) S / 4)) */
+    int32_t top_t;            /* T; 0 (default) = max(1, floor((M - 1) S / 4)), per missing m with
+                                 modality_tokens: max(1, floor(sum_{m' != m} S_m' / 4)) */
     int32_t renormalize;      /* 1: kept weights renormalised to sum 1 (default 0) */
     int32_t separate_value;   /* 1: values from their own W_v, b_v (default 0: v = kv) */
     int32_t compat;           /* 1: reference defects: the query is zero unless sample 0 of
                                  the batch misses the modality, and LN runs twice (default 0) */
+    const int64_t *modality_tokens; /* S_m of each modality, M entries, each >= 1 (read at
+                                 create). NULL (default): `tokens` for every modality; when
+                                 given, `tokens` is ignored. The default T of a missing m is then
+                                 max(1, floor(sum_{m' != m} S_m' / 4)). Since 0.3.0 */
 } confsmoe_imputer_params;
 
 /* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
@@ -444,15 +449,19 @@ CONFSMOE_API confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_
                                                    int32_t draws, const confsmoe_tensor *avail,
                                                    confsmoe_tensor *x);
 
-/* Stage 2. h [B, M S, d] (the layer output, tokens of modality m at m S .. m S + S - 1),
- * slots [M, B S, k, d] (the gate's slots output of each modality's call), avail
- * u8 [B, M]. out [B, M S, d] is h with the missing rows imputed; it may be h itself.
+/* Stage 2. With L = sum_m S_m and o_m = sum_{m' < m} S_m' (L = M S and o_m = m S when every
+ * modality has S tokens): h [B, L, d] (the layer output, tokens of modality m at o_m ..
+ * o_m + S_m - 1), slots [B L, k, d] (the gate's slots output of each modality's call, one
+ * after the other: modality-major, the row of token s of sample b of modality m is
+ * B o_m + b S_m + s), or equivalently [M, B S, k, d] when every S_m is S; avail u8 [B, M].
+ * out [B, L, d] is h with the missing rows imputed; it may be h itself.
  * saved != NULL keeps what backward needs. */
 CONFSMOE_API confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_tensor *h,
                                                       const confsmoe_tensor *slots, const confsmoe_tensor *avail,
                                                       confsmoe_tensor *out, confsmoe_saved **saved);
-/* dout [B, M S, d] -> writes dh [B, M S, d] and adds into dslots [M, B S, k, d]
- * (either may be NULL); accumulates the imputer's parameter gradients. */
+/* dout [B, L, d] -> writes dh [B, L, d] and adds into dslots (slots' shape: [B L, k, d],
+ * or [M, B S, k, d] when every S_m is S) (either may be NULL); accumulates the imputer's
+ * parameter gradients. */
 CONFSMOE_API confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved *saved,
                                                        const confsmoe_tensor *dout, confsmoe_tensor *dh,
                                                        confsmoe_tensor *dslots);
@@ -509,8 +518,9 @@ CONFSMOE_API confsmoe_status confsmoe_optim_set_lr(confsmoe_optim *o, float lr);
  *   per modality: H_m <- LN3(H_m + MoE(LN2(H_m)))      (one gate, shared experts)
  *   stage-2 imputation of missing (b, m);  r = Linear(M d, d)(concat_m mean_s H_m)
  *   logits = Linear(d, C)(LN(r));  loss = CE (or BCE) + L_conf (+ load loss)
- * Inputs are M tensors x_m [B, S, F_m] (or [B, F_m] when S = 1), the mask
- * avail u8 [B, M] (1 = present) and labels i32 [B] (or u8 [B, C] multi-label). */
+ * Inputs are M tensors x_m [B, S_m, F_m] (or [B, F_m] when S_m = 1; S_m = tokens unless
+ * modality_tokens is given), the mask avail u8 [B, M] (1 = present) and labels i32 [B]
+ * (or u8 [B, C] multi-label). */
 typedef struct confsmoe_model confsmoe_model;
 
 /* The gate of the MoE layer: the paper's confidence gate, or a router-softmax baseline. */
@@ -545,7 +555,8 @@ typedef struct confsmoe_model_params {
     int32_t noisy;             /* noisy top-k in training (default 0) */
     int32_t imputation;        /* CONFSMOE_IMPUTE_* (default TWO_STAGE) */
     int32_t draws;             /* K of stage 1 (default 10) */
-    int32_t top_t;             /* T of stage 2; 0 (default) = max(1, floor((M - 1) S / 4)) */
+    int32_t top_t;             /* T of stage 2; 0 (default) = max(1, floor((M - 1) S / 4)), or per
+                                  missing m, max(1, floor(sum_{m' != m} S_m' / 4)) */
     int32_t renormalize;       /* stage 2 option (default 0) */
     int32_t separate_value;    /* stage 2 option (default 0) */
     float dropout;             /* on attention weights and on the attention output (default 0.1) */
@@ -562,6 +573,13 @@ typedef struct confsmoe_model_params {
                                   a sample whose every modality was dropped keeps one of its
                                   present ones, chosen uniformly (docs/MODEL.md, section 6).
                                   Default 0 (off, as in the paper) */
+    const int64_t *modality_tokens; /* S_m of each modality, M entries, each >= 1 (read at
+                                  create). NULL (default): `tokens` for every modality; when
+                                  given, `tokens` is ignored. Inputs and pools of modality m
+                                  are then [B, S_m, F_m] (or [B, F_m] when S_m = 1), the
+                                  attention runs over L = sum_m S_m tokens, and stage 2's
+                                  default T of a missing m is max(1, floor(sum_{m' != m} S_m' / 4))
+                                  (docs/MODEL.md, section 6). Since 0.3.0 */
 } confsmoe_model_params;
 
 /* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
@@ -572,8 +590,8 @@ CONFSMOE_API confsmoe_status confsmoe_model_create(confsmoe_ctx *ctx, const conf
                                                   confsmoe_model **out);
 CONFSMOE_API void confsmoe_model_destroy(confsmoe_model *model);
 
-/* The stage-1 pool of modality m: training inputs in which m is present, [P, S, F_m]
- * or [P, F_m], P >= 1. Copied. Needed before a batch that misses m. */
+/* The stage-1 pool of modality m: training inputs in which m is present, [P, S_m, F_m]
+ * or [P, F_m] when S_m = 1, P >= 1. Copied. Needed before a batch that misses m. */
 CONFSMOE_API confsmoe_status confsmoe_model_set_pool(confsmoe_model *model, int32_t m, const confsmoe_tensor *pool);
 
 /* One training step: forward (dropout, noise, modality dropout and fresh stage-1 draws on)

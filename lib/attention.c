@@ -93,15 +93,17 @@ static void attention_residual_task(void *arg, int64_t first, int64_t last, int 
     const attention_task *t = arg;
     const confsmoe_model *model = t->model;
     workspace *w = t->w;
-    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d;
+    const int64_t B = w->B, L = model->tokens_total, d = model->p.d;
     const float *A = w->H2, *base = model->p.compat ? w->H2 : w->X;
     const float kept = 1.0f / (1.0f - model->p.dropout);
     uint8_t *keep = attention_scratch_of(model, w, worker).keep;
     for (int64_t b = first; b < last; b++)
-        for (int64_t l = 0; l < L; l++) {
-            const int64_t row = b * L + l, m = l / S;
+        for (int64_t l = 0, m = 0; l < L; l++) {
+            while (l >= model->token_offset[m + 1])
+                m++;
+            const int64_t row = b * L + l, S = model->tokens[m], o = model->token_offset[m];
             const float *ar = A + row * d, *br = base + row * d;
-            float *dst = w->Hm + ((m * B + b) * S + l % S) * d;
+            float *dst = w->Hm + (B * o + b * S + (l - o)) * d;
             if (!w->dropout) {
                 csm_add(dst, br, ar, d);
                 continue;

@@ -1,4 +1,4 @@
-/* Private: the model's multi-head self-attention over its L = M S tokens and the residual
+/* Private: the model's multi-head self-attention over its L = sum_m S_m tokens and the residual
  * dropout after it, forward and backward, on the model's workspace (model.h). Forward draws
  * the attention dropout (kept in w->attn_keep for backward) and the residual dropout (redrawn
  * by backward from the same stream positions), from w->draws. */

@@ -6,8 +6,10 @@
  *   "optim.<name>.m"        F32, same shape: Adam's first moment or SGD's momentum buffer
  *   "optim.<name>.v"        F32, same shape: Adam's second moment (Adam only)
  *   "optim.<name>.step"     I64 [1]: updates applied to that parameter
- *   __metadata__            format, version, and the optimizer's kind and
- *                           hyperparameters (informative: load checks only the kind)
+ *   __metadata__            format, version, the model's "model.modality_tokens" (S_m of
+ *                           each modality, comma separated), and the optimizer's kind and
+ *                           hyperparameters (informative: load checks only the kind and the
+ *                           tokens)
  *
  * Load policy: every model parameter must be present with F32 dtype and the same
  * shape. A tensor whose name is neither a model parameter nor "optim.*" is rejected,
@@ -15,7 +17,9 @@
  * modalities) cannot load silently. With o == NULL the "optim.*" tensors are
  * ignored; with o != NULL each must be the state of a model parameter, and every
  * optimizer slot that tracks a model parameter must find its state. Slots tracking
- * other tensors are neither saved nor loaded.
+ * other tensors are neither saved nor loaded. The positional embedding's shape [L, d]
+ * fixes only L = sum_m S_m: "model.modality_tokens", when the file has it, must equal the
+ * model's S_m (files written before 0.3.0 lack it and load on the shapes alone).
  *
  * Messages go to the ctx of the model's parameters. Big-endian hosts are not
  * supported (CONFSMOE_E_UNSUPPORTED): the format is little-endian and the data
@@ -26,12 +30,14 @@
 #include <string.h>
 
 #include "internal.h"
+#include "model.h"
 #include "optim_state.h"
 #include "safetensors.h"
 
 #define WHO_CAP 256
 #define OPTIM_PREFIX "optim."
 #define FORMAT_NAME "confsmoe"
+#define TOKENS_KEY "model.modality_tokens"
 
 enum { MOMENT_M, MOMENT_V, STEP, N_STATE_KINDS };
 static const char *const state_suffix[N_STATE_KINDS] = {"m", "v", "step"};
@@ -170,6 +176,20 @@ static confsmoe_status plan_save(confsmoe_ctx *ctx, const char *who, confsmoe_mo
     return CONFSMOE_OK;
 }
 
+/* "S_0,S_1,...": the model's tokens per modality, allocated from ctx (NULL when out of memory). */
+static char *checkpoint_format_tokens(confsmoe_ctx *ctx, const confsmoe_model *model)
+{
+    const size_t cap = (size_t)model->p.n_modalities * 21 + 1; /* an int64 and a comma each */
+    char *text = csm_alloc(ctx, cap);
+    if (!text)
+        return NULL;
+    size_t at = 0;
+    text[0] = '\0';
+    for (int32_t m = 0; m < model->p.n_modalities; m++)
+        at += (size_t)snprintf(text + at, cap - at, "%s%" PRId64, m ? "," : "", model->tokens[m]);
+    return text;
+}
+
 confsmoe_status confsmoe_checkpoint_save(confsmoe_model *model, const confsmoe_optim *o, const char *path)
 {
     static const char fn[] = "checkpoint_save";
@@ -181,8 +201,12 @@ confsmoe_status confsmoe_checkpoint_save(confsmoe_model *model, const confsmoe_o
     snprintf(who, sizeof who, "%s: %s", fn, path);
 
     char lr[32], beta1[32], beta2[32], eps[32], momentum[32], weight_decay[32];
-    csm_st_meta meta[9] = {{"format", FORMAT_NAME}, {"version", confsmoe_version_string()}};
-    size_t n_meta = 2;
+    char *tokens = checkpoint_format_tokens(ctx, model);
+    if (!tokens)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory", who);
+    csm_st_meta meta[10] = {{"format", FORMAT_NAME}, {"version", confsmoe_version_string()},
+                            {TOKENS_KEY, tokens}};
+    size_t n_meta = 3;
     if (o) {
         const confsmoe_optim_params *hp = csm_optim_hparams(o);
         format_float(lr, sizeof lr, hp->lr);
@@ -204,6 +228,7 @@ confsmoe_status confsmoe_checkpoint_save(confsmoe_model *model, const confsmoe_o
     if (s == CONFSMOE_OK)
         s = csm_st_write(ctx, who, path, meta, n_meta, plan.entries, plan.n);
     save_plan_free(ctx, &plan);
+    csm_free(ctx, tokens);
     return s;
 }
 
@@ -341,6 +366,24 @@ static void load_plan_free(confsmoe_ctx *ctx, load_plan *plan)
     csm_free(ctx, plan->sorted);
 }
 
+/* The file's S_m, when it records them, are the model's. */
+static confsmoe_status check_tokens(confsmoe_ctx *ctx, const char *who, const confsmoe_model *model,
+                                    const csm_st_file *f)
+{
+    const char *stored = csm_st_meta_get(f, TOKENS_KEY);
+    if (!stored)
+        return CONFSMOE_OK;
+    char *want = checkpoint_format_tokens(ctx, model);
+    if (!want)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory", who);
+    confsmoe_status s = CONFSMOE_OK;
+    if (strcmp(stored, want) != 0)
+        s = csm_fail(ctx, CONFSMOE_E_FORMAT, "%s: the file's model has %s tokens per modality, this model %s", who,
+                     stored, want);
+    csm_free(ctx, want);
+    return s;
+}
+
 /* Validates the whole file against the model and the optimizer, changing nothing. */
 static confsmoe_status plan_load(confsmoe_ctx *ctx, const char *who, confsmoe_model *model, const confsmoe_optim *o,
                                  const csm_st_file *f, load_plan *plan)
@@ -367,6 +410,8 @@ static confsmoe_status plan_load(confsmoe_ctx *ctx, const char *who, confsmoe_mo
     }
     qsort(plan->sorted, (size_t)n_params, sizeof *plan->sorted, compare_name_entries);
     confsmoe_status s = check_names(ctx, who, f, plan->sorted, n_params, o != NULL);
+    if (s == CONFSMOE_OK)
+        s = check_tokens(ctx, who, model, f);
     if (s != CONFSMOE_OK || !o)
         return s;
     const char *kind = csm_st_meta_get(f, "optim.kind");

@@ -61,7 +61,7 @@ static confsmoe_status imputer_check_params(confsmoe_ctx *ctx, const confsmoe_im
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: d is %" PRId64 ", must be >= 1", fn, p->d);
     if (p->n_modalities < 1)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: n_modalities is %" PRId32 ", must be >= 1", fn, p->n_modalities);
-    if (p->tokens < 1)
+    if (!p->modality_tokens && p->tokens < 1)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: tokens is %" PRId64 ", must be >= 1", fn, p->tokens);
     if (p->k < 1)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: k is %" PRId32 ", must be >= 1", fn, p->k);
@@ -71,13 +71,22 @@ static confsmoe_status imputer_check_params(confsmoe_ctx *ctx, const confsmoe_im
     if (!imputer_is_flag(p->renormalize) || !imputer_is_flag(p->separate_value) || !imputer_is_flag(p->compat))
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
                         "%s: renormalize, separate_value and compat must be 0 or 1", fn);
-    /* The tensors the imputer accepts must be describable: M S k d (one slot row per token and
-     * slot, per sample) fits in int64 for one sample, and d x d fits for the weights. */
-    const int64_t M = p->n_modalities, S = p->tokens, k = p->k, d = p->d;
-    if (S > INT64_MAX / M || M * S > INT64_MAX / k || M * S * k > INT64_MAX / d || d > INT64_MAX / d)
+    /* The tensors the imputer accepts must be describable: L k d (one slot row per token and
+     * slot, per sample, L = sum_m S_m) fits in int64 for one sample, and d x d fits for the weights. */
+    const int64_t M = p->n_modalities, k = p->k, d = p->d;
+    int64_t L = 0;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t S = p->modality_tokens ? p->modality_tokens[m] : p->tokens;
+        if (S < 1)
+            return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: modality_tokens[%" PRId64 "] is %" PRId64 ", must be >= 1", fn,
+                            m, S);
+        if (S > INT64_MAX - L)
+            return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: the sum of the modalities' tokens overflows", fn);
+        L += S;
+    }
+    if (L > INT64_MAX / k || L * k > INT64_MAX / d || d > INT64_MAX / d)
         return csm_fail(ctx, CONFSMOE_E_NOMEM,
-                        "%s: sizes overflow for d=%" PRId64 ", M=%" PRId64 ", S=%" PRId64 ", k=%" PRId64, fn, d, M, S,
-                        k);
+                        "%s: sizes overflow for d=%" PRId64 ", L=%" PRId64 " tokens, k=%" PRId64, fn, d, L, k);
     return CONFSMOE_OK;
 }
 
@@ -87,6 +96,7 @@ void confsmoe_imputer_destroy(confsmoe_imputer *imp)
         return;
     confsmoe_ctx *ctx = imp->ctx;
     csm_params_free(ctx, &imp->params);
+    csm_free(ctx, imp->tokens);
     csm_free(ctx, imp);
     csm_ctx_release(ctx);
 }
@@ -113,9 +123,27 @@ confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_impute
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "imputer_create: out of memory");
     imp->ctx = csm_ctx_retain(ctx);
     imp->p = *p;
-    const int64_t M = p->n_modalities, S = p->tokens, d = p->d;
-    const int64_t default_t = (M - 1) * S / 4;
-    imp->top_t = p->top_t > 0 ? p->top_t : (default_t > 1 ? default_t : 1);
+    const int64_t M = p->n_modalities, d = p->d;
+    /* S_m, the offsets o_m and T_m in one block. */
+    imp->tokens = csm_calloc(ctx, (size_t)(3 * M + 1), sizeof *imp->tokens);
+    if (!imp->tokens) {
+        confsmoe_imputer_destroy(imp);
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "imputer_create: out of memory");
+    }
+    imp->offset = imp->tokens + M;
+    imp->top_t = imp->offset + M + 1;
+    imp->uniform = true;
+    for (int64_t m = 0; m < M; m++) {
+        imp->tokens[m] = p->modality_tokens ? p->modality_tokens[m] : p->tokens;
+        imp->offset[m + 1] = imp->offset[m] + imp->tokens[m];
+        imp->uniform = imp->uniform && imp->tokens[m] == imp->tokens[0];
+    }
+    imp->p.modality_tokens = imp->tokens;
+    /* T_m = max(1, floor(sum_{m' != m} S_m' / 4)): (M - 1) S / 4 when every S_m is S. */
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t default_t = (imp->offset[M] - imp->tokens[m]) / 4;
+        imp->top_t[m] = p->top_t > 0 ? p->top_t : (default_t > 1 ? default_t : 1);
+    }
 
     /* Every tensor first, then the draws: a failed create leaves the ctx RNG where it was. */
     for (int r = 0; r < N_ROLES; r++) {
@@ -180,6 +208,20 @@ static confsmoe_status imputer_check_avail(confsmoe_ctx *ctx, const char *fn, co
     return CONFSMOE_OK;
 }
 
+/* slots (or dslots) of a batch of B: [B L, k, d] modality-major, or [M, B S, k, d] when every
+ * S_m is S (the same memory). */
+confsmoe_status csm_imputer_expect_slots(const confsmoe_imputer *imp, const char *fn, const char *name,
+                                         const confsmoe_tensor *slots, int64_t B)
+{
+    const int64_t M = imp->p.n_modalities, k = imp->p.k, d = imp->p.d;
+    if (imp->uniform && slots && slots->ndim == 4) {
+        const int64_t dims[4] = {M, B * imp->tokens[0], k, d};
+        return csm_expect_tensor(imp->ctx, fn, name, slots, CONFSMOE_F32, 4, dims);
+    }
+    const int64_t dims[3] = {B * imp->offset[M], k, d};
+    return csm_expect_tensor(imp->ctx, fn, name, slots, CONFSMOE_F32, 3, dims);
+}
+
 /* ------------------------------------------------------------------ stage 1 (stage1.c) */
 
 static confsmoe_status imputer_check_fill(confsmoe_imputer *imp, int32_t m, const confsmoe_tensor *pool, int32_t draws,
@@ -187,13 +229,14 @@ static confsmoe_status imputer_check_fill(confsmoe_imputer *imp, int32_t m, cons
 {
     static const char fn[] = "imputer_fill";
     confsmoe_ctx *ctx = imp->ctx;
-    const int64_t M = imp->p.n_modalities, S = imp->p.tokens;
+    const int64_t M = imp->p.n_modalities;
     if (m < 0 || m >= M)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: m=%" PRId32 " is out of range 0..%" PRId64, fn, m,
                         M - 1);
+    const int64_t S = imp->tokens[m];
     if (draws < 1)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: draws is %" PRId32 ", must be >= 1", fn, draws);
-    /* x is [B, S, F] with the imputer's S, or [B, F] when S = 1 (vector views). */
+    /* x is [B, S_m, F] with the imputer's S_m, or [B, F] when S_m = 1 (vector views). */
     const int64_t any[CONFSMOE_MAX_DIMS] = {-1, -1, -1, -1};
     confsmoe_status s = csm_expect_tensor(ctx, fn, "x", x, CONFSMOE_F32, x ? x->ndim : 0, any);
     if (s != CONFSMOE_OK)
@@ -203,10 +246,12 @@ static confsmoe_status imputer_check_fill(confsmoe_imputer *imp, int32_t m, cons
                         x->ndim);
     if (x->ndim == 2 && S != 1)
         return csm_fail(ctx, CONFSMOE_E_SHAPE,
-                        "%s: x is [B, F] but the imputer has S=%" PRId64 " tokens: pass [B, S, F]", fn, S);
+                        "%s: x is [B, F] but modality %" PRId32 " has S=%" PRId64 " tokens: pass [B, S, F]", fn,
+                        m, S);
     if (x->ndim == 3 && x->dims[1] != S)
-        return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: x has S=%" PRId64 " tokens, the imputer has S=%" PRId64, fn,
-                        x->dims[1], S);
+        return csm_fail(ctx, CONFSMOE_E_SHAPE,
+                        "%s: x has S=%" PRId64 " tokens, modality %" PRId32 " of the imputer has S=%" PRId64, fn,
+                        x->dims[1], m, S);
     /* The pool has x's trailing shape. */
     const int64_t pool_dims[3] = {-1, x->dims[1], x->ndim == 3 ? x->dims[2] : 0};
     if ((s = csm_expect_tensor(ctx, fn, "pool", pool, CONFSMOE_F32, x->ndim, pool_dims)) != CONFSMOE_OK)
@@ -250,22 +295,25 @@ static void imputer_release_saved(confsmoe_saved *s)
 
 /* Sizes of one call's plan, counted from avail before anything is allocated. */
 typedef struct {
-    int64_t n_pairs, n_samples, nk, na, max_block, max_cand;
+    int64_t n_pairs, n_samples, nq, nk, na, max_block, max_cand;
 } plan_sizes;
 
 /* False when a size overflows. */
 static bool imputer_count_plan(const confsmoe_imputer *imp, const uint8_t *avail, int64_t B, plan_sizes *z)
 {
-    const int64_t M = imp->p.n_modalities, S = imp->p.tokens, k = imp->p.k;
+    const int64_t M = imp->p.n_modalities, k = imp->p.k;
     memset(z, 0, sizeof *z);
     for (int64_t b = 0; b < B; b++) {
-        int64_t missing = 0;
+        int64_t missing = 0, nq = 0;
         for (int64_t m = 0; m < M; m++)
-            missing += !avail[b * M + m];
+            if (!avail[b * M + m]) {
+                missing++;
+                nq += imp->tokens[m];
+            }
         if (missing == 0)
             continue;
-        /* L_b S-token candidates; products are bounded by M S k (checked at create) and B. */
-        const int64_t L = (M - missing) * S, nq = missing * S;
+        /* L_b candidates; products are bounded by L k (checked at create) and B. */
+        const int64_t L = imp->offset[M] - nq;
         if (nq > 0 && L > INT64_MAX / nq)
             return false;
         const int64_t block = nq * L;
@@ -273,6 +321,7 @@ static bool imputer_count_plan(const confsmoe_imputer *imp, const uint8_t *avail
             return false;
         z->n_pairs += missing;
         z->n_samples++;
+        z->nq += nq;
         z->nk += L * k;
         z->na += block * k;
         z->max_block = block > z->max_block ? block : z->max_block;
@@ -285,7 +334,7 @@ static bool imputer_count_plan(const confsmoe_imputer *imp, const uint8_t *avail
 static imputer_saved *imputer_saved_parts(csm_layout *l, const confsmoe_imputer *imp, const plan_sizes *z,
                                           imputer_saved *view, uint64_t **rank)
 {
-    const size_t d = (size_t)imp->p.d, nq = (size_t)(z->n_pairs * imp->p.tokens), nk = (size_t)z->nk;
+    const size_t d = (size_t)imp->p.d, nq = (size_t)z->nq, nk = (size_t)z->nk;
     const size_t na = (size_t)z->na;
     const bool compat = imp->p.compat;
     imputer_saved *header = CSM_LAYOUT_ARRAY(l, imputer_saved, 1);
@@ -328,7 +377,7 @@ static imputer_saved *imputer_alloc_saved(const confsmoe_imputer *imp, const pla
     s->base.release = imputer_release_saved;
     s->n_pairs = z->n_pairs;
     s->n_samples = z->n_samples;
-    s->nq = z->n_pairs * imp->p.tokens;
+    s->nq = z->nq;
     s->nk = z->nk;
     s->na = z->na;
     s->max_block = z->max_block;
@@ -343,14 +392,13 @@ static confsmoe_status imputer_check_forward(confsmoe_imputer *imp, const confsm
 {
     static const char fn[] = "imputer_forward";
     confsmoe_ctx *ctx = imp->ctx;
-    const int64_t M = imp->p.n_modalities, S = imp->p.tokens, d = imp->p.d;
-    const int64_t h_dims[3] = {-1, M * S, d};
+    const int64_t M = imp->p.n_modalities, L = imp->offset[M], d = imp->p.d;
+    const int64_t h_dims[3] = {-1, L, d};
     confsmoe_status s = csm_expect_tensor(ctx, fn, "h", h, CONFSMOE_F32, 3, h_dims);
     if (s != CONFSMOE_OK)
         return s;
-    const int64_t B = h->dims[0];
-    const int64_t slot_dims[4] = {M, B * S, imp->p.k, d}, out_dims[3] = {B, M * S, d};
-    if ((s = csm_expect_tensor(ctx, fn, "slots", slots, CONFSMOE_F32, 4, slot_dims)) != CONFSMOE_OK ||
+    const int64_t B = h->dims[0], out_dims[3] = {B, L, d};
+    if ((s = csm_imputer_expect_slots(imp, fn, "slots", slots, B)) != CONFSMOE_OK ||
         (s = imputer_check_avail(ctx, fn, avail, B, M)) != CONFSMOE_OK ||
         (s = csm_expect_tensor(ctx, fn, "out", out, CONFSMOE_F32, 3, out_dims)) != CONFSMOE_OK ||
         (s = csm_expect_finite(ctx, fn, "h", h)) != CONFSMOE_OK)
@@ -363,32 +411,36 @@ static confsmoe_status imputer_check_forward(confsmoe_imputer *imp, const confsm
 static void imputer_gather(const confsmoe_imputer *imp, imputer_saved *s, const uint8_t *avail, const float *h,
                            const float *slots)
 {
-    const int64_t M = imp->p.n_modalities, S = imp->p.tokens, k = imp->p.k, d = imp->p.d, B = s->B;
-    int64_t pair = 0, sample = 0, kv_row = 0, att = 0;
+    const int64_t M = imp->p.n_modalities, L = imp->offset[M], k = imp->p.k, d = imp->p.d, B = s->B;
+    int64_t pair = 0, q_row = 0, sample = 0, kv_row = 0, att = 0;
     for (int64_t b = 0; b < B; b++) {
         const uint8_t *av = avail + b * M;
-        int64_t missing = 0;
+        int64_t missing = 0, n_query = 0;
         for (int64_t m = 0; m < M; m++)
-            missing += !av[m];
+            if (!av[m]) {
+                missing++;
+                n_query += imp->tokens[m];
+            }
         if (missing == 0)
             continue;
         sample_plan *plan = &s->plans[sample++];
-        plan->q_row = pair * S;
-        plan->n_query = missing * S;
-        plan->n_cand = (M - missing) * S;
+        plan->q_row = q_row;
+        plan->n_query = n_query;
+        plan->n_cand = L - n_query;
         plan->kv_row = kv_row;
         plan->att = att;
-        plan->kept = imp->top_t < plan->n_cand ? imp->top_t : plan->n_cand;
+        plan->first_pair = pair;
+        plan->n_pairs = missing;
         for (int64_t m = 0; m < M; m++) {
             if (av[m])
                 continue;
             /* compat: the reference's query is zeros unless sample 0 of the call misses m. */
-            s->pairs[pair] = (missing_pair){b, (int32_t)m, imp->p.compat && avail[m]};
-            for (int64_t t = 0; t < S; t++) {
-                const int64_t r = pair * S + t;
-                memcpy(s->x_pre + r * d, h + ((b * M + m) * S + t) * d, (size_t)d * sizeof(float));
+            s->pairs[pair] = (missing_pair){b, q_row, (int32_t)m, imp->p.compat && avail[m]};
+            for (int64_t t = 0; t < imp->tokens[m]; t++) {
+                const int64_t r = q_row + t;
+                memcpy(s->x_pre + r * d, h + (b * L + imp->offset[m] + t) * d, (size_t)d * sizeof(float));
                 /* Mean over the k slots, in double. */
-                const float *y = slots + ((m * B + b) * S + t) * k * d;
+                const float *y = slots + (B * imp->offset[m] + b * imp->tokens[m] + t) * k * d;
                 for (int64_t c = 0; c < d; c++) {
                     double sum = 0.0;
                     for (int64_t j = 0; j < k; j++)
@@ -396,16 +448,18 @@ static void imputer_gather(const confsmoe_imputer *imp, imputer_saved *s, const 
                     s->ybar[r * d + c] = (float)(sum / (double)k);
                 }
             }
+            q_row += imp->tokens[m];
             pair++;
         }
-        /* Candidates: the S tokens of every present modality, by modality then token. */
+        /* Candidates: the S_m tokens of every present modality, by modality then token. */
         for (int64_t j = 0; j < k; j++) {
             int64_t c = 0;
             for (int64_t m = 0; m < M; m++) {
                 if (!av[m])
                     continue;
-                for (int64_t t = 0; t < S; t++, c++) {
-                    const int64_t src = ((m * B + b) * S + t) * k + j, dst = kv_row + j * plan->n_cand + c;
+                for (int64_t t = 0; t < imp->tokens[m]; t++, c++) {
+                    const int64_t src = (B * imp->offset[m] + b * imp->tokens[m] + t) * k + j;
+                    const int64_t dst = kv_row + j * plan->n_cand + c;
                     s->src_row[dst] = src;
                     memcpy(s->g + dst * d, slots + src * d, (size_t)d * sizeof(float));
                 }
@@ -485,14 +539,14 @@ static void keep_top(const float *p, int64_t L, int64_t kept, bool renormalize, 
 /* Queries, keys, values, attention and the residual x_pre = h + Ihat, for every missing token. */
 static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64_t *rank)
 {
-    const int64_t k = imp->p.k, d = imp->p.d, S = imp->p.tokens;
+    const int64_t k = imp->p.k, d = imp->p.d;
     const float scale = 1.0f / sqrtf((float)d);
     /* One GEMM per projection over all rows: Q = ybar Wq^T + bq, KV = G Wk^T + bk, V = G Wv^T + bv. */
     csm_broadcast_rows(s->q, csm_f32(imp->param[Q_B]), s->nq, d);
     csm_gemm(false, true, s->nq, d, d, 1.0f, s->ybar, csm_f32(imp->param[Q_W]), 1.0f, s->q);
     for (int64_t i = 0; i < s->n_pairs; i++)
         if (s->pairs[i].zero_query)
-            memset(s->q + i * S * d, 0, (size_t)(S * d) * sizeof(float));
+            memset(s->q + s->pairs[i].q_row * d, 0, (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float));
     csm_broadcast_rows(s->kv, csm_f32(imp->param[KV_B]), s->nk, d);
     csm_gemm(false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[KV_W]), 1.0f, s->kv);
     if (imp->p.separate_value) {
@@ -512,8 +566,13 @@ static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64
             float *p = s->p + at, *w = s->w + at;
             csm_gemm(false, true, nq, L, d, scale, q, s->kv + cand * d, 0.0f, p);
             csm_softmax_rows(p, nq, L);
-            for (int64_t r = 0; r < nq; r++)
-                keep_top(p + r * L, L, plan->kept, imp->p.renormalize, rank, s->keep + at + r * L, w + r * L);
+            /* Each missing m keeps its own T_m, capped at L_b. */
+            for (int64_t i = plan->first_pair; i < plan->first_pair + plan->n_pairs; i++) {
+                const missing_pair *pair = &s->pairs[i];
+                const int64_t kept = imp->top_t[pair->m] < L ? imp->top_t[pair->m] : L;
+                for (int64_t r = pair->q_row - plan->q_row; r < pair->q_row - plan->q_row + imp->tokens[pair->m]; r++)
+                    keep_top(p + r * L, L, kept, imp->p.renormalize, rank, s->keep + at + r * L, w + r * L);
+            }
             /* Ihat += W V with the masked weights: T of the L columns are non-zero. */
             csm_gemm(false, false, nq, d, L, 1.0f, w, s->v + cand * d, 1.0f, x_pre);
         }
@@ -533,7 +592,7 @@ confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_t
     confsmoe_status st = imputer_check_forward(imp, h, slots, avail, out);
     if (st != CONFSMOE_OK)
         return st;
-    const int64_t B = h->dims[0], S = imp->p.tokens, d = imp->p.d;
+    const int64_t B = h->dims[0], d = imp->p.d;
     plan_sizes z;
     imputer_saved *s = NULL;
     uint64_t *rank = NULL;
@@ -550,10 +609,10 @@ confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_t
     if (out->data != h->data && h->nbytes > 0)
         memmove(out->data, h->data, h->nbytes);
     const float *gamma = csm_f32(imp->param[LN_W]), *beta = csm_f32(imp->param[LN_B]);
-    const int64_t M = imp->p.n_modalities;
+    const int64_t L = imp->offset[imp->p.n_modalities];
     for (int64_t i = 0; i < s->n_pairs; i++) {
-        const int64_t r = i * S;
-        float *dst = csm_f32(out) + (s->pairs[i].b * M + s->pairs[i].m) * S * d;
+        const int64_t r = s->pairs[i].q_row, S = imp->tokens[s->pairs[i].m];
+        float *dst = csm_f32(out) + (s->pairs[i].b * L + imp->offset[s->pairs[i].m]) * d;
         if (imp->p.compat) {
             /* compat: the reference normalised imputed rows twice with the same LayerNorm. */
             csm_layernorm_forward(s->x_pre + r * d, gamma, beta, s->y1 + r * d, s->mean1 + r, s->rstd1 + r, S, d,

@@ -20,14 +20,13 @@ static confsmoe_status imputer_check_backward(confsmoe_imputer *imp, const confs
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: saved comes from another layer's forward", fn);
     if (saved->consumed)
         return csm_fail(ctx, CONFSMOE_E_STATE, "%s: backward already ran on this saved handle", fn);
-    const int64_t B = ((const imputer_saved *)saved)->B, M = imp->p.n_modalities, S = imp->p.tokens,
-                  d = imp->p.d;
-    const int64_t dims[3] = {B, M * S, d}, slot_dims[4] = {M, B * S, imp->p.k, d};
+    const int64_t B = ((const imputer_saved *)saved)->B, L = imp->offset[imp->p.n_modalities], d = imp->p.d;
+    const int64_t dims[3] = {B, L, d};
     confsmoe_status s = csm_expect_tensor(ctx, fn, "dout", dout, CONFSMOE_F32, 3, dims);
     if (s == CONFSMOE_OK && dh)
         s = csm_expect_tensor(ctx, fn, "dh", dh, CONFSMOE_F32, 3, dims);
     if (s == CONFSMOE_OK && dslots)
-        s = csm_expect_tensor(ctx, fn, "dslots", dslots, CONFSMOE_F32, 4, slot_dims);
+        s = csm_imputer_expect_slots(imp, fn, "dslots", dslots, B);
     if (s == CONFSMOE_OK)
         s = csm_expect_finite(ctx, fn, "dout", dout);
     return s;
@@ -129,7 +128,7 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
     if (st != CONFSMOE_OK)
         return st;
     imputer_saved *s = (imputer_saved *)saved;
-    const int64_t M = imp->p.n_modalities, S = imp->p.tokens, k = imp->p.k, d = imp->p.d, B = s->B;
+    const int64_t L = imp->offset[imp->p.n_modalities], k = imp->p.k, d = imp->p.d, B = s->B;
     backward_work w;
     size_t block_bytes = 0;
     void *block = imputer_backward_alloc(imp, s, &w, &block_bytes);
@@ -141,8 +140,8 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
     /* The imputed rows of dout, gathered before dh (which may be dout) is written. */
     const float *gout = csm_f32(dout);
     for (int64_t i = 0; i < s->n_pairs; i++)
-        memcpy(w.d_a + i * S * d, gout + (s->pairs[i].b * M + s->pairs[i].m) * S * d,
-               (size_t)(S * d) * sizeof(float));
+        memcpy(w.d_a + s->pairs[i].q_row * d, gout + (s->pairs[i].b * L + imp->offset[s->pairs[i].m]) * d,
+               (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float));
     const float *gamma = csm_f32(imp->param[LN_W]);
     float *dgamma = csm_f32(imp->grad[LN_W]), *dbeta = csm_f32(imp->grad[LN_B]);
     float *dihat = w.d_b, *spare = w.d_a;
@@ -159,7 +158,7 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
     /* A zero query is a constant: nothing flows into W_q or the slots through it. */
     for (int64_t i = 0; i < s->n_pairs; i++)
         if (s->pairs[i].zero_query)
-            memset(w.dq + i * S * d, 0, (size_t)(S * d) * sizeof(float));
+            memset(w.dq + s->pairs[i].q_row * d, 0, (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float));
 
     /* Projections: q = Wq ybar + bq, kv = Wk g + bk, v = Wv g + bv. */
     if (imp->p.separate_value && s->nk > 0) {
@@ -190,21 +189,23 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
         }
         /* ybar = mean_j slot_j: each slot of a missing token gets dybar / k. */
         const float inv_k = 1.0f / (float)k;
-        for (int64_t i = 0; i < s->n_pairs; i++)
+        for (int64_t i = 0; i < s->n_pairs; i++) {
+            const int64_t m = s->pairs[i].m, S = imp->tokens[m];
             for (int64_t t = 0; t < S; t++) {
-                const float *src = dybar + (i * S + t) * d;
-                float *dst = ds + ((s->pairs[i].m * B + s->pairs[i].b) * S + t) * k * d;
+                const float *src = dybar + (s->pairs[i].q_row + t) * d;
+                float *dst = ds + (B * imp->offset[m] + s->pairs[i].b * S + t) * k * d;
                 for (int64_t j = 0; j < k; j++)
                     for (int64_t c = 0; c < d; c++)
                         dst[j * d + c] += src[c] * inv_k;
             }
+        }
     }
     if (dh) {
         if (dh->data != dout->data && dout->nbytes > 0)
             memmove(dh->data, dout->data, dout->nbytes);
         for (int64_t i = 0; i < s->n_pairs; i++)
-            memcpy(csm_f32(dh) + (s->pairs[i].b * M + s->pairs[i].m) * S * d, dihat + i * S * d,
-                   (size_t)(S * d) * sizeof(float));
+            memcpy(csm_f32(dh) + (s->pairs[i].b * L + imp->offset[s->pairs[i].m]) * d, dihat + s->pairs[i].q_row * d,
+                   (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float));
     }
     csm_lent_free(imp->ctx, imp->arena, block, block_bytes);
     return CONFSMOE_OK;

@@ -66,11 +66,21 @@ static confsmoe_status model_check_params(confsmoe_ctx *ctx, const confsmoe_mode
         if (p->features[m] < 1)
             return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: features[%" PRId32 "] is %" PRId64 ", must be >= 1", fn, m,
                             p->features[m]);
-    if (p->tokens < 1 || p->d < 1 || p->expert_hidden < 0)
+    if ((!p->modality_tokens && p->tokens < 1) || p->d < 1 || p->expert_hidden < 0)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: tokens and d must be >= 1 and expert_hidden >= 0", fn);
-    /* M S tokens and the M d readout input are computed in int64 below (found by tests/fuzz). */
-    if (p->tokens > INT64_MAX / p->n_modalities || p->d > INT64_MAX / p->n_modalities)
-        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: n_modalities x tokens or n_modalities x d overflows", fn);
+    /* L = sum_m S_m tokens and the M d readout input are computed in int64 below (found by tests/fuzz). */
+    int64_t L = 0;
+    for (int32_t m = 0; m < p->n_modalities; m++) {
+        const int64_t S = p->modality_tokens ? p->modality_tokens[m] : p->tokens;
+        if (S < 1)
+            return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: modality_tokens[%" PRId32 "] is %" PRId64 ", must be >= 1", fn,
+                            m, S);
+        if (S > INT64_MAX - L)
+            return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: the sum of the modalities' tokens overflows", fn);
+        L += S;
+    }
+    if (p->d > INT64_MAX / p->n_modalities)
+        return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: n_modalities x d overflows", fn);
     if (p->n_experts < 1)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: n_experts is %" PRId32 ", must be >= 1", fn,
                         p->n_experts);
@@ -202,6 +212,7 @@ static confsmoe_status model_build(confsmoe_model *model)
         ip.d = d;
         ip.n_modalities = M;
         ip.tokens = p->tokens;
+        ip.modality_tokens = model->tokens;
         ip.k = p->k;
         ip.top_t = p->top_t;
         ip.renormalize = p->renormalize;
@@ -241,11 +252,21 @@ confsmoe_status confsmoe_model_create(confsmoe_ctx *ctx, const confsmoe_model_pa
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "model_create: out of memory");
     model->ctx = csm_ctx_retain(ctx);
     model->p = *p;
-    model->tokens_total = (int64_t)p->n_modalities * p->tokens;
-    model->features = csm_calloc(ctx, (size_t)p->n_modalities, sizeof *model->features);
+    /* F_m, S_m and the token offsets o_m in one block. */
+    const int32_t M = p->n_modalities;
+    model->features = csm_calloc(ctx, 3 * (size_t)M + 1, sizeof *model->features);
     if (model->features) {
-        memcpy(model->features, p->features, (size_t)p->n_modalities * sizeof *model->features);
+        memcpy(model->features, p->features, (size_t)M * sizeof *model->features);
         model->p.features = model->features;
+        model->tokens = model->features + M;
+        model->token_offset = model->tokens + M;
+        for (int32_t m = 0; m < M; m++) {
+            model->tokens[m] = p->modality_tokens ? p->modality_tokens[m] : p->tokens;
+            model->token_offset[m + 1] = model->token_offset[m] + model->tokens[m];
+            model->max_tokens = model->tokens[m] > model->max_tokens ? model->tokens[m] : model->max_tokens;
+        }
+        model->tokens_total = model->token_offset[M];
+        model->p.modality_tokens = model->tokens;
     }
     const uint64_t rng_at_entry = csm_rng_tell(ctx);
     s = model->features ? model_build(model) : CONFSMOE_E_NOMEM;
@@ -299,7 +320,7 @@ confsmoe_status confsmoe_model_set_pool(confsmoe_model *model, int32_t m, const 
     if (m < 0 || m >= model->p.n_modalities)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: modality %" PRId32 " out of range 0..%" PRId32, fn, m,
                         model->p.n_modalities - 1);
-    const int64_t S = model->p.tokens, F = model->features[m];
+    const int64_t S = model->tokens[m], F = model->features[m];
     const int64_t dims3[3] = {-1, S, F}, dims2[2] = {-1, F};
     confsmoe_status s = pool && pool->ndim == 2 && S == 1
                             ? csm_expect_tensor(ctx, fn, "pool", pool, CONFSMOE_F32, 2, dims2)
@@ -333,11 +354,11 @@ static void *model_cached_block(confsmoe_model *model, void **cache, size_t *siz
 static void model_workspace_parts(csm_layout *l, const confsmoe_model *model, workspace *w)
 {
     const confsmoe_model_params *p = &model->p;
-    const size_t M = (size_t)p->n_modalities, S = (size_t)p->tokens, d = (size_t)p->d, L = M * S;
-    const size_t k = (size_t)p->k, C = (size_t)p->n_classes, b = (size_t)w->B;
+    const size_t M = (size_t)p->n_modalities, S = (size_t)model->max_tokens, d = (size_t)p->d;
+    const size_t L = (size_t)model->tokens_total, k = (size_t)p->k, C = (size_t)p->n_classes, b = (size_t)w->B;
     w->x = CSM_LAYOUT_ARRAY(l, float *, M);
     for (size_t m = 0; m < M; m++) {
-        float *x = CSM_LAYOUT_ROWS(l, float, b * S, (size_t)model->features[m]);
+        float *x = CSM_LAYOUT_ROWS(l, float, b * (size_t)model->tokens[m], (size_t)model->features[m]);
         if (w->x) /* placed */
             w->x[m] = x;
     }
@@ -350,14 +371,14 @@ static void model_workspace_parts(csm_layout *l, const confsmoe_model *model, wo
     w->V = CSM_LAYOUT_ROWS(l, float, b * L, d);
     w->ctx_ = CSM_LAYOUT_ROWS(l, float, b * L, d);
     w->scratch = CSM_LAYOUT_ROWS(l, float, w->scratch_stride, (size_t)w->workers);
-    w->Hm = CSM_LAYOUT_ROWS(l, float, M * b * S, d);
-    w->sum_ = CSM_LAYOUT_ROWS(l, float, M * b * S, d);
-    w->ln2_stats = CSM_LAYOUT_ARRAY(l, float, 2 * M * b * S);
-    w->ln3_stats = CSM_LAYOUT_ARRAY(l, float, 2 * M * b * S);
+    w->Hm = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    w->sum_ = CSM_LAYOUT_ROWS(l, float, b * L, d);
+    w->ln2_stats = CSM_LAYOUT_ARRAY(l, float, 2 * b * L);
+    w->ln3_stats = CSM_LAYOUT_ARRAY(l, float, 2 * b * L);
     w->Z = CSM_LAYOUT_ROWS(l, float, b * S, d);
     w->F = CSM_LAYOUT_ROWS(l, float, b * S, d);
     w->H2 = CSM_LAYOUT_ROWS(l, float, b * L, d);
-    w->slots = CSM_LAYOUT_ROWS(l, float, M * b * S * k, d);
+    w->slots = CSM_LAYOUT_ROWS(l, float, b * L * k, d);
     w->pooled = CSM_LAYOUT_ROWS(l, float, b * M, d);
     w->r = CSM_LAYOUT_ROWS(l, float, b, d);
     w->rn = CSM_LAYOUT_ROWS(l, float, b, d);
@@ -420,21 +441,21 @@ static void model_layernorm_backward(const model_layernorm *ln, const csm_params
                            csm_f32(csm_params_grad_of(params, ln->bias)), rows, d, accumulate);
 }
 
-/* Rows (b, m S + s) of a [B L, d] array <-> rows (b S + s) of a [B S, d] array. */
-static void model_gather_modality(const float *all, float *one, int64_t B, int64_t S, int64_t L, int64_t d, int32_t m)
+/* Rows (b, o_m + s) of a [B L, d] array <-> rows (b S_m + s) of a [B S_m, d] array. */
+static void model_gather_modality(const confsmoe_model *model, const float *all, float *one, int64_t B, int32_t m)
 {
+    const int64_t S = model->tokens[m], L = model->tokens_total, d = model->p.d, o = model->token_offset[m];
     for (int64_t b = 0; b < B; b++)
-        memcpy(one + b * S * d, all + (b * L + m * S) * d, (size_t)(S * d) * sizeof(float));
+        memcpy(one + b * S * d, all + (b * L + o) * d, (size_t)(S * d) * sizeof(float));
 }
 
-static void model_scatter_modality(const float *one, float *all, int64_t B, int64_t S, int64_t L, int64_t d, int32_t m,
-                                   bool accumulate)
+static void model_scatter_modality(const confsmoe_model *model, const float *one, float *all, int64_t B, int32_t m)
 {
+    const int64_t S = model->tokens[m], L = model->tokens_total, d = model->p.d, o = model->token_offset[m];
     for (int64_t b = 0; b < B; b++) {
-        float *dst = all + (b * L + m * S) * d;
+        float *dst = all + (b * L + o) * d;
         const float *src = one + b * S * d;
-        for (int64_t i = 0; i < S * d; i++)
-            dst[i] = accumulate ? dst[i] + src[i] : src[i];
+        memcpy(dst, src, (size_t)(S * d) * sizeof(float));
     }
 }
 
@@ -464,18 +485,19 @@ static void model_gate_weights(confsmoe_model *model, const uint8_t *avail, work
 {
     const int32_t M = model->p.n_modalities;
     for (int32_t m = 0; m < M; m++) {
-        int64_t present = 0;
+        int64_t present = 0;  /* present tokens of modality m in this shard */
         for (int64_t b = 0; b < w->B; b++)
-            present += avail[b * M + m];
+            present += avail[b * M + m] * model->tokens[m];
         w->gate_weight[m] = model->p.compat ? 1.0f / (float)M * ((float)w->B / (float)w->global_B)
                             : w->global_present > 0 ? (float)present / (float)w->global_present
                                                     : 0.0f;
     }
 }
 
-static void model_token_labels(confsmoe_model *model, const confsmoe_tensor *labels, workspace *w)
+/* Each token of modality m carries its sample's label. */
+static void model_token_labels(confsmoe_model *model, const confsmoe_tensor *labels, workspace *w, int32_t m)
 {
-    const int64_t S = model->p.tokens, C = model->p.n_classes;
+    const int64_t S = model->tokens[m], C = model->p.n_classes;
     for (int64_t b = 0; b < w->B; b++)
         for (int64_t s = 0; s < S; s++) {
             if (model->p.multilabel)
@@ -489,24 +511,25 @@ static confsmoe_status model_moe_forward(confsmoe_model *model, const confsmoe_t
                                          const confsmoe_tensor *labels, workspace *w, float *aux)
 {
     const int32_t M = model->p.n_modalities;
-    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d, k = model->p.k;
-    const int64_t rows = B * S;
+    const int64_t B = w->B, d = model->p.d, k = model->p.k;
     const uint8_t *a = avail->data;
     model_gate_weights(model, a, w);
-    if (labels)
-        model_token_labels(model, labels, w);
     *aux = 0.0f;
     confsmoe_status s = CONFSMOE_OK;
     for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
-        float *Hm = w->Hm + m * rows * d, *Z = w->Z, *F = w->F;
-        float *sum = w->sum_ + m * rows * d;
-        model_layernorm_forward(&model->ln2, Hm, rows, d, Z, w->ln2_stats + m * 2 * rows);
+        const int64_t S = model->tokens[m], rows = B * S, first_row = B * model->token_offset[m];
+        float *Hm = w->Hm + first_row * d, *Z = w->Z, *F = w->F;
+        float *sum = w->sum_ + first_row * d;
+        if (labels)
+            model_token_labels(model, labels, w, m);
+        model_layernorm_forward(&model->ln2, Hm, rows, d, Z, w->ln2_stats + 2 * first_row);
         for (int64_t i = 0; i < rows; i++)
             w->tok_present[i] = a[(i / S) * M + m];
         float loss = 0.0f;
         /* The gate's noise follows the tokens' places in the global batch; the call reserves it
          * from the stream's position, which is its part of the table. */
-        csm_rng_seek(model->ctx, w->draws.gate_noise + (uint64_t)m * w->draws.gate_noise_per_call);
+        csm_rng_seek(model->ctx, w->draws.gate_noise + w->draws.gate_noise_per_token * (uint64_t)w->global_B *
+                                                           (uint64_t)model->token_offset[m]);
         /* The gate's private entry: the model has checked its inputs, labels and shard. */
         const csm_gate_call call = {
             .n = rows,
@@ -515,7 +538,7 @@ static confsmoe_status model_moe_forward(confsmoe_model *model, const confsmoe_t
             .labels = labels && !model->p.multilabel ? w->tok_labels : NULL,
             .multi_labels = labels && model->p.multilabel ? w->tok_multi_labels : NULL,
             .y = F,
-            .slots = w->slots + m * rows * k * d,
+            .slots = w->slots + first_row * k * d,
             .shard_first = w->first * S,
             .shard_total = w->global_B * S,
             .loss = &loss,
@@ -526,8 +549,8 @@ static confsmoe_status model_moe_forward(confsmoe_model *model, const confsmoe_t
             break;
         *aux += w->gate_weight[m] * loss;
         csm_add(sum, Hm, F, rows * d);
-        model_layernorm_forward(&model->ln3, sum, rows, d, w->tok, w->ln3_stats + m * 2 * rows);
-        model_scatter_modality(w->tok, w->H2, B, S, L, d, m, false);
+        model_layernorm_forward(&model->ln3, sum, rows, d, w->tok, w->ln3_stats + 2 * first_row);
+        model_scatter_modality(model, w->tok, w->H2, B, m);
     }
     csm_rng_seek(model->ctx, w->draws.end);
     return s;
@@ -536,14 +559,15 @@ static confsmoe_status model_moe_forward(confsmoe_model *model, const confsmoe_t
 static void model_readout_forward(confsmoe_model *model, workspace *w)
 {
     const int32_t M = model->p.n_modalities;
-    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d;
+    const int64_t B = w->B, L = model->tokens_total, d = model->p.d;
     for (int64_t b = 0; b < B; b++)
         for (int32_t m = 0; m < M; m++) {
+            const int64_t S = model->tokens[m], o = model->token_offset[m];
             float *out = w->pooled + (b * M + m) * d;
             for (int64_t c = 0; c < d; c++) {
                 double sum = 0.0;
                 for (int64_t s = 0; s < S; s++)
-                    sum += w->H2[(b * L + m * S + s) * d + c];
+                    sum += w->H2[(b * L + o + s) * d + c];
                 out[c] = (float)(sum / (double)S);
             }
         }
@@ -557,13 +581,13 @@ confsmoe_status csm_model_forward(confsmoe_model *model, const confsmoe_tensor *
                                   float *aux)
 {
     const int32_t M = model->p.n_modalities;
-    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d;
+    const int64_t B = w->B, L = model->tokens_total, d = model->p.d;
     confsmoe_status s = model_stage_one(model, inputs, avail, w);
     if (s != CONFSMOE_OK)
         return s;
     for (int32_t m = 0; m < M; m++) {
-        csm_linear_forward(&model->enc[m], w->x[m], B * S, w->tok);
-        model_scatter_modality(w->tok, w->X, B, S, L, d, m, false);
+        csm_linear_forward(&model->enc[m], w->x[m], B * model->tokens[m], w->tok);
+        model_scatter_modality(model, w->tok, w->X, B, m);
     }
     csm_add_rows(w->X, csm_f32(model->pos), B, L * d);
     model_layernorm_forward(&model->ln1, w->X, B * L, d, w->Xn, w->ln1_stats);
@@ -575,7 +599,7 @@ confsmoe_status csm_model_forward(confsmoe_model *model, const confsmoe_tensor *
         confsmoe_tensor *h = NULL, *slots = NULL, *out = NULL;
         s = model_wrap(model, CONFSMOE_F32, 3, B, L, d, 0, w->H2, &h);
         if (s == CONFSMOE_OK)
-            s = model_wrap(model, CONFSMOE_F32, 4, M, B * S, model->p.k, d, w->slots, &slots);
+            s = model_wrap(model, CONFSMOE_F32, 3, B * L, model->p.k, d, 0, w->slots, &slots);
         if (s == CONFSMOE_OK)
             s = model_wrap(model, CONFSMOE_F32, 3, B, L, d, 0, w->H2, &out);
         if (s == CONFSMOE_OK)
@@ -594,8 +618,8 @@ confsmoe_status csm_model_forward(confsmoe_model *model, const confsmoe_tensor *
 /* The arrays of one backward call (layout.h). */
 static void model_gradients_parts(csm_layout *l, const confsmoe_model *model, int64_t B, gradients *g)
 {
-    const size_t M = (size_t)model->p.n_modalities, S = (size_t)model->p.tokens, d = (size_t)model->p.d;
-    const size_t L = M * S, b = (size_t)B, C = (size_t)model->p.n_classes, k = (size_t)model->p.k;
+    const size_t M = (size_t)model->p.n_modalities, S = (size_t)model->max_tokens, d = (size_t)model->p.d;
+    const size_t L = (size_t)model->tokens_total, b = (size_t)B, C = (size_t)model->p.n_classes, k = (size_t)model->p.k;
     g->dlogits = CSM_LAYOUT_ROWS(l, float, b, C);
     g->drn = CSM_LAYOUT_ROWS(l, float, b, d);
     g->dr = CSM_LAYOUT_ROWS(l, float, b, d);
@@ -606,7 +630,7 @@ static void model_gradients_parts(csm_layout *l, const confsmoe_model *model, in
     g->dV = CSM_LAYOUT_ROWS(l, float, b * L, d);
     g->dQ = CSM_LAYOUT_ROWS(l, float, b * L, d);
     g->dK = CSM_LAYOUT_ROWS(l, float, b * L, d);
-    g->dslots = CSM_LAYOUT_ROWS(l, float, M * b * S * k, d);
+    g->dslots = CSM_LAYOUT_ROWS(l, float, b * L * k, d);
     g->dsum = CSM_LAYOUT_ROWS(l, float, b * S, d);
     g->dZ = CSM_LAYOUT_ROWS(l, float, b * S, d);
     g->dtok = CSM_LAYOUT_ROWS(l, float, b * S, d);
@@ -625,7 +649,7 @@ void *csm_model_gradients_alloc(confsmoe_model *model, int64_t B, gradients *g)
     csm_layout_place(&l, block);
     model_gradients_parts(&l, model, B, g);
     /* Stage 2 (or nothing) adds into dslots; everything else is written before it is read. */
-    const size_t slot_floats = (size_t)(model->p.n_modalities * B * model->p.tokens * model->p.k * model->p.d);
+    const size_t slot_floats = (size_t)(B * model->tokens_total * model->p.k * model->p.d);
     memset(g->dslots, 0, slot_floats * sizeof(float));
     return block;
 }
@@ -633,24 +657,24 @@ void *csm_model_gradients_alloc(confsmoe_model *model, int64_t B, gradients *g)
 static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, gradients *g)
 {
     const int32_t M = model->p.n_modalities;
-    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d, k = model->p.k;
-    const int64_t rows = B * S;
+    const int64_t B = w->B, d = model->p.d, k = model->p.k;
     const csm_params *params = &model->params;
     confsmoe_status s = CONFSMOE_OK;
     for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
-        const float *Hm = w->Hm + m * rows * d, *sum = w->sum_ + m * rows * d;
+        const int64_t rows = B * model->tokens[m], first_row = B * model->token_offset[m];
+        const float *Hm = w->Hm + first_row * d, *sum = w->sum_ + first_row * d;
         /* H_m <- LN3(H_m + F): both terms get the same gradient. */
-        model_gather_modality(g->dH2, g->dtok, B, S, L, d, m);
-        model_layernorm_backward(&model->ln3, params, sum, w->ln3_stats + m * 2 * rows, g->dtok, rows, d, g->dsum,
+        model_gather_modality(model, g->dH2, g->dtok, B, m);
+        model_layernorm_backward(&model->ln3, params, sum, w->ln3_stats + 2 * first_row, g->dtok, rows, d, g->dsum,
                                  false);
-        const csm_gate_grad_call call = {w->gate_saved[m], g->dsum, g->dslots + m * rows * k * d, w->gate_weight[m],
+        const csm_gate_grad_call call = {w->gate_saved[m], g->dsum, g->dslots + first_row * k * d, w->gate_weight[m],
                                          g->dZ};
         s = csm_gate_backward_rows(model->gate, &call);
         if (s != CONFSMOE_OK)
             break;
         /* Z = LN2(H_m): its gradient joins the residual's in dsum. */
-        model_layernorm_backward(&model->ln2, params, Hm, w->ln2_stats + m * 2 * rows, g->dZ, rows, d, g->dsum, true);
-        model_scatter_modality(g->dsum, g->dH, B, S, L, d, m, false);
+        model_layernorm_backward(&model->ln2, params, Hm, w->ln2_stats + 2 * first_row, g->dZ, rows, d, g->dsum, true);
+        model_scatter_modality(model, g->dsum, g->dH, B, m);
     }
     return s;
 }
@@ -658,7 +682,7 @@ static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, g
 confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradients *g)
 {
     const int32_t M = model->p.n_modalities;
-    const int64_t B = w->B, S = model->p.tokens, L = model->tokens_total, d = model->p.d;
+    const int64_t B = w->B, L = model->tokens_total, d = model->p.d;
     const csm_params *params = &model->params;
     confsmoe_status s = CONFSMOE_OK;
 
@@ -667,9 +691,10 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
     csm_linear_backward(&model->readout, params, w->pooled, g->dr, B, g->dpooled, false);
     for (int64_t b = 0; b < B; b++)
         for (int32_t m = 0; m < M; m++)
-            for (int64_t t = 0; t < S; t++)
+            for (int64_t t = 0; t < model->tokens[m]; t++)
                 for (int64_t c = 0; c < d; c++)
-                    g->dH3[(b * L + m * S + t) * d + c] = g->dpooled[(b * M + m) * d + c] / (float)S;
+                    g->dH3[(b * L + model->token_offset[m] + t) * d + c] =
+                        g->dpooled[(b * M + m) * d + c] / (float)model->tokens[m];
 
     if (model->imputer) {
         confsmoe_tensor *dout = NULL, *dh = NULL, *dslots = NULL;
@@ -677,7 +702,7 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
         if (s == CONFSMOE_OK)
             s = model_wrap(model, CONFSMOE_F32, 3, B, L, d, 0, g->dH2, &dh);
         if (s == CONFSMOE_OK)
-            s = model_wrap(model, CONFSMOE_F32, 4, M, B * S, model->p.k, d, g->dslots, &dslots);
+            s = model_wrap(model, CONFSMOE_F32, 3, B * L, model->p.k, d, 0, g->dslots, &dslots);
         if (s == CONFSMOE_OK)
             s = confsmoe_imputer_backward(model->imputer, w->imputer_saved, dout, dh, dslots);
         confsmoe_tensor_destroy(dout);
@@ -700,8 +725,8 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
     for (int64_t b = 0; b < B; b++)
         csm_axpy(dpos, 1.0f, g->dX + b * L * d, L * d);
     for (int32_t m = 0; m < M; m++) {
-        model_gather_modality(g->dX, g->dtok, B, S, L, d, m);
-        csm_linear_backward(&model->enc[m], params, w->x[m], g->dtok, B * S, NULL, false);
+        model_gather_modality(model, g->dX, g->dtok, B, m);
+        csm_linear_backward(&model->enc[m], params, w->x[m], g->dtok, B * model->tokens[m], NULL, false);
     }
     return CONFSMOE_OK;
 }

@@ -18,7 +18,10 @@ struct confsmoe_model {
     confsmoe_ctx *ctx;
     confsmoe_model_params p;
     int64_t *features;            /* [M] */
-    int64_t tokens_total;         /* L = M S */
+    int64_t *tokens;              /* [M] S_m */
+    int64_t *token_offset;        /* [M + 1] o_m = sum_{m' < m} S_m'; token_offset[M] = L */
+    int64_t max_tokens;           /* max_m S_m */
+    int64_t tokens_total;         /* L = sum_m S_m */
     csm_linear *enc;              /* [M] Linear(F_m, d) */
     confsmoe_tensor *pos;         /* [L, d] */
     model_layernorm ln1, ln2, ln3, ln_out;
@@ -27,7 +30,7 @@ struct confsmoe_model {
     confsmoe_expert **experts;
     confsmoe_gate *gate;
     confsmoe_imputer *imputer;    /* two-stage imputation only */
-    csm_pools pools;              /* stage 1's, [P_m, S F_m] each */
+    csm_pools pools;              /* stage 1's, [P_m, S_m F_m] each */
     csm_params params;
     /* The step's workspace and gradient blocks, kept from one call to the next (grown when
      * a bigger batch comes, freed by destroy): a training loop then touches fresh pages only
@@ -50,13 +53,16 @@ typedef struct {
     uint64_t stage_one;         /* one position: substream b M + m per (sample, modality) (stage1.h) */
     uint64_t attention;         /* csm_dropout_draws(L L) per (sample, head), in that order */
     uint64_t residual;          /* csm_dropout_draws(d) per row (sample, token) */
-    uint64_t gate_noise;        /* gate_noise_per_call for each modality's gate call, in order */
-    uint64_t gate_noise_per_call;
+    uint64_t gate_noise;        /* gate_noise_per_token x (global B) S_m for each modality's gate
+                                   call, in order */
+    uint64_t gate_noise_per_token;
     uint64_t end;               /* the position after the call */
 } model_draws;
 
 /* Everything one forward computes and its backward reads. Rows of [B L, d] arrays are
- * (sample b, token l) with l = m S + s; per-modality arrays are [M, B S, ...].
+ * (sample b, token l) with l = o_m + s; per-modality arrays are modality-major [B L, ...]: the
+ * rows of modality m are B o_m .. B o_m + B S_m - 1, (sample b, token s) at B o_m + b S_m + s
+ * ([M, B S, ...] when every S_m is S).
  *
  * Memory: the attention weights are not kept. Forward computes them one (sample, head) at
  * a time in an L x L scratch, and backward recomputes them the same way (one more Q K^T and
@@ -66,10 +72,10 @@ typedef struct {
 typedef struct {
     int64_t B;
     int64_t first, global_B;  /* these samples' place in their global batch (0 and B unless a shard) */
-    int64_t global_present;   /* present (sample, modality) cells of the global batch */
+    int64_t global_present;   /* present tokens (cells x S_m) of the global batch */
     bool training;
-    float **x;              /* [M] stage-1 imputed inputs [B S, F_m] */
-    float *tok;             /* [B S, d] scratch for one modality's encoder output */
+    float **x;              /* [M] stage-1 imputed inputs [B S_m, F_m] */
+    float *tok;             /* [B max S_m, d] scratch for one modality's encoder output */
     float *X, *Xn, *ln1_stats;          /* [B L, d], [B L, d], [2 B L] */
     float *Q, *K, *V, *ctx_;            /* [B L, d] */
     int workers;                        /* of the ctx's own threads (threads.h) */
@@ -78,15 +84,16 @@ typedef struct {
     bool dropout;                       /* training with dropout > 0 */
     uint8_t *attn_keep;                 /* [B, heads, L, L] the attention dropout draws (with dropout) */
     model_draws draws;                  /* the call's stream positions */
-    float *Hm, *sum_, *ln2_stats, *ln3_stats;  /* [M, B S, d], [M, B S, d], [M, 2 B S] x 2 */
-    float *Z, *F;                       /* [B S, d] scratch of one gate call */
+    float *Hm, *sum_, *ln2_stats, *ln3_stats;  /* [B L, d] x 2 modality-major, [2 B L] x 2 (modality
+                                                  m's at 2 B o_m: means, then 1/std) */
+    float *Z, *F;                       /* [B max S_m, d] scratch of one gate call */
     float *H2;                          /* [B L, d] the attention output, then the MoE layer's output,
                                            then (in place) after stage 2 */
-    float *slots;                       /* [M, B S, k, d] */
+    float *slots;                       /* [B L, k, d] modality-major */
     float *pooled, *r, *rn, *ln_out_stats, *logits;  /* [B, M d], [B, d], [B, d], [2 B], [B, C] */
-    int32_t *tok_labels;                /* [B S] */
-    uint8_t *tok_multi_labels;          /* [B S, C] */
-    uint8_t *tok_present;               /* [B S] */
+    int32_t *tok_labels;                /* [B max S_m] */
+    uint8_t *tok_multi_labels;          /* [B max S_m, C] */
+    uint8_t *tok_present;               /* [B max S_m] */
     float *gate_weight;                 /* [M] weight of each gate call's loss */
     confsmoe_saved **gate_saved;        /* [M] */
     confsmoe_saved *imputer_saved;
@@ -99,8 +106,8 @@ typedef struct {
     float *dlogits;                  /* [B, C] */
     float *drn, *dr, *dpooled;       /* [B, d], [B, d], [B, M d] */
     float *dH3, *dH2, *dH, *dA, *dctx, *dQ, *dK, *dV, *dXn, *dX;
-    float *dslots;                   /* [M, B S, k, d] */
-    float *dsum, *dZ, *dtok;         /* [B S, d] */
+    float *dslots;                   /* [B L, k, d] modality-major */
+    float *dsum, *dZ, *dtok;         /* [B max S_m, d] */
 } gradients;
 
 /* Stage 1 draws pool rows (or fills in the pool mean): both the draw table and the fill ask. */

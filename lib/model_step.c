@@ -21,7 +21,7 @@ static confsmoe_status model_check_batch(confsmoe_model *model, const char *fn, 
 {
     confsmoe_ctx *ctx = model->ctx;
     const int32_t M = model->p.n_modalities;
-    const int64_t S = model->p.tokens, C = model->p.n_classes;
+    const int64_t C = model->p.n_classes;
     if (!inputs)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: inputs is NULL", fn);
     const int64_t avail_dims[2] = {-1, M};
@@ -40,7 +40,7 @@ static confsmoe_status model_check_batch(confsmoe_model *model, const char *fn, 
     for (int32_t m = 0; m < M; m++) {
         char name[32];
         snprintf(name, sizeof name, "inputs[%" PRId32 "]", m);
-        const int64_t dims3[3] = {B, S, model->features[m]}, dims2[2] = {B, model->features[m]};
+        const int64_t S = model->tokens[m], dims3[3] = {B, S, model->features[m]}, dims2[2] = {B, model->features[m]};
         const confsmoe_tensor *x = inputs[m];
         s = x && x->ndim == 2 && S == 1 ? csm_expect_tensor(ctx, fn, name, x, CONFSMOE_F32, 2, dims2)
                                         : csm_expect_tensor(ctx, fn, name, x, CONFSMOE_F32, 3, dims3);
@@ -114,11 +114,14 @@ static void model_drop_modalities(confsmoe_model *model, const uint8_t *avail, i
     }
 }
 
-static int64_t model_count_present(const uint8_t *avail, int64_t cells)
+/* The present tokens of B samples: L_conf's weights count them (docs/MODEL.md, section 6). */
+static int64_t model_count_present(const confsmoe_model *model, const uint8_t *avail, int64_t B)
 {
+    const int32_t M = model->p.n_modalities;
     int64_t n = 0;
-    for (int64_t i = 0; i < cells; i++)
-        n += avail[i];
+    for (int64_t b = 0; b < B; b++)
+        for (int32_t m = 0; m < M; m++)
+            n += avail[b * M + m] * model->tokens[m];
     return n;
 }
 
@@ -139,9 +142,10 @@ static model_draws model_reserve_draws(confsmoe_model *model, int64_t B, bool tr
     n += dropout ? b * (uint64_t)p->heads * csm_dropout_draws((int64_t)(L * L)) : 0;
     at.residual = n;
     n += dropout ? b * L * csm_dropout_draws(p->d) : 0;
-    at.gate_noise_per_call = training ? (uint64_t)csm_gate_noise_draws(model->gate, B * p->tokens) : 0;
+    /* The noise draws are linear in the tokens: modality m's call starts at per_token B o_m. */
+    at.gate_noise_per_token = training ? (uint64_t)csm_gate_noise_draws(model->gate, 1) : 0;
     at.gate_noise = n;
-    n += (uint64_t)p->n_modalities * at.gate_noise_per_call;
+    n += at.gate_noise_per_token * b * L;
     const uint64_t base = csm_rng_reserve(model->ctx, n);
     at.modality_dropout += base;
     at.stage_one += base;
@@ -264,10 +268,10 @@ static confsmoe_status model_train_step(confsmoe_model *model, const char *fn, c
         grad_bytes += model->params.grad[i]->nbytes;
     char *grad_copy = csm_alloc(model->ctx, grad_bytes);
     s = grad_copy ? CONFSMOE_OK : csm_fail(model->ctx, CONFSMOE_E_NOMEM, "out of memory for a copy of the gradients");
-    /* Modality dropout is drawn for the whole global batch: L_conf's weights count its present cells. */
+    /* Modality dropout is drawn for the whole global batch: L_conf's weights count its present tokens. */
     uint8_t *kept = NULL;
     confsmoe_tensor *kept_avail = NULL;
-    w.global_present = model_count_present(global_avail->data, Bg * M);
+    w.global_present = model_count_present(model, global_avail->data, Bg);
     if (s == CONFSMOE_OK && model->p.modality_dropout > 0.0f) {
         kept = csm_alloc(model->ctx, (size_t)global_avail->nbytes);
         const int64_t kept_dims[2] = {B, M};
@@ -275,7 +279,7 @@ static confsmoe_status model_train_step(confsmoe_model *model, const char *fn, c
                  : csm_fail(model->ctx, CONFSMOE_E_NOMEM, "out of memory for the modality-dropout mask");
         if (s == CONFSMOE_OK) {
             model_drop_modalities(model, global_avail->data, Bg, w.draws.modality_dropout, kept);
-            w.global_present = model_count_present(kept, Bg * M);
+            w.global_present = model_count_present(model, kept, Bg);
             avail = kept_avail;
         }
     }
@@ -352,7 +356,7 @@ confsmoe_status confsmoe_model_predict(confsmoe_model *model, const confsmoe_ten
                         avail->dims[0]);
     w.first = 0;
     w.global_B = w.B;
-    w.global_present = model_count_present(avail->data, avail->nbytes);
+    w.global_present = model_count_present(model, avail->data, w.B);
     float aux = 0.0f;
     const uint64_t rng_at_entry = csm_rng_tell(model->ctx);
     w.draws = model_reserve_draws(model, w.B, false);

@@ -501,7 +501,8 @@ typedef struct {
     const char *message;
 } bad_param;
 
-static void e_size(confsmoe_imputer_params *p) { p->struct_size -= 4; }
+/* Smaller than the struct of the first release (which ends with compat). */
+static void e_size(confsmoe_imputer_params *p) { p->struct_size = offsetof(confsmoe_imputer_params, compat); }
 static void e_size0(confsmoe_imputer_params *p) { p->struct_size = 0; }
 static void e_d0(confsmoe_imputer_params *p) { p->d = 0; }
 static void e_dneg(confsmoe_imputer_params *p) { p->d = -5; }
@@ -972,8 +973,8 @@ static const bad_fill bad_fills[] = {
     {"pool F", 1, 3, SHAPE_T, OK_T, OK_T, CONFSMOE_E_SHAPE, "pool has shape [9, 2, 6], expected [*, 2, 5]"},
     {"pool 2-D", 1, 3, SHAPE2_T, OK_T, OK_T, CONFSMOE_E_SHAPE, "pool has shape"},
     {"pool 0 rows", 1, 3, EMPTY_T, OK_T, OK_T, CONFSMOE_E_SHAPE, "pool has 0 rows"},
-    {"x S", 1, 3, OK_T, SHAPE_T, OK_T, CONFSMOE_E_SHAPE, "x has S=3 tokens, the imputer has S=2"},
-    {"x 2-D with S = 2", 1, 3, OK_T, SHAPE2_T, OK_T, CONFSMOE_E_SHAPE, "x is [B, F] but the imputer has S=2"},
+    {"x S", 1, 3, OK_T, SHAPE_T, OK_T, CONFSMOE_E_SHAPE, "x has S=3 tokens, modality 1 of the imputer has S=2"},
+    {"x 2-D with S = 2", 1, 3, OK_T, SHAPE2_T, OK_T, CONFSMOE_E_SHAPE, "x is [B, F] but modality 1 has S=2 tokens"},
     {"x 4-D", 1, 3, OK_T, NDIM_T, OK_T, CONFSMOE_E_SHAPE, "x has 4 dims"},
     {"avail B", 1, 3, OK_T, OK_T, SHAPE_T, CONFSMOE_E_SHAPE, "avail has shape [5, 3], expected [4, 3]"},
     {"avail M", 1, 3, OK_T, OK_T, SHAPE2_T, CONFSMOE_E_SHAPE, "avail has shape [4, 2]"},

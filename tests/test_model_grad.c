@@ -19,7 +19,10 @@ typedef struct {
     float dropout;
     int32_t missing;       /* 0: none, 1: one modality missing for every sample, 2: for exactly one sample,
                               3: a random pattern that keeps one modality per sample */
+    const int64_t *tokens; /* S_m per modality (modality_tokens), or NULL: S for every modality */
 } config;
+
+static int64_t tokens_of(const config *c, int32_t m) { return c->tokens ? c->tokens[m] : c->S; }
 
 enum { SEED = 11, CAP = 12 };
 
@@ -47,6 +50,7 @@ static void setup(const config *c, fixture *f)
     p.n_modalities = c->M;
     p.features = f->features;
     p.tokens = c->S;
+    p.modality_tokens = c->tokens;
     p.d = 8;
     p.heads = 2;
     p.n_experts = 3;
@@ -73,7 +77,8 @@ static void setup(const config *c, fixture *f)
         }
     }
     for (int32_t m = 0; m < c->M; m++) {
-        const int64_t dims[3] = {c->B, c->S, f->features[m]}, pool_dims[3] = {4, c->S, f->features[m]};
+        const int64_t S = tokens_of(c, m);
+        const int64_t dims[3] = {c->B, S, f->features[m]}, pool_dims[3] = {4, S, f->features[m]};
         confsmoe_tensor *pool = NULL;
         ck_assert_int_eq(confsmoe_tensor_create(f->ctx, CONFSMOE_F32, 3, dims, &f->inputs[m]), CONFSMOE_OK);
         ck_assert_int_eq(confsmoe_tensor_create(f->ctx, CONFSMOE_F32, 3, pool_dims, &pool), CONFSMOE_OK);
@@ -215,23 +220,35 @@ static void check_config(const config *c)
 
 static const config configs[] = {
     {"confidence, two-stage, M=2 S=1, none missing", 2, 1, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 0},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 0, NULL},
     {"confidence, two-stage, M=2 S=1, one modality missing for every sample", 2, 1, 4,
-     CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 1},
+     CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 1, NULL},
     {"confidence, two-stage, M=2 S=1, missing for exactly one sample", 2, 1, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 2},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 2, NULL},
     {"confidence, two-stage, M=6 S=1, random missing", 6, 1, 5, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 3},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 3, NULL},
     {"confidence, two-stage, M=3 S=3, random missing, dropout", 3, 3, 3, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3, NULL},
     {"softmax + CV load loss, mean imputation, M=2 S=2", 2, 2, 4, CONFSMOE_MODEL_GATE_SOFTMAX, CONFSMOE_IMPUTE_MEAN,
-     CONFSMOE_LOAD_LOSS_CV, 0, 0, 0.0f, 2},
+     CONFSMOE_LOAD_LOSS_CV, 0, 0, 0.0f, 2, NULL},
     {"gaussian, two-stage, multi-label, M=3", 3, 1, 4, CONFSMOE_MODEL_GATE_GAUSSIAN, CONFSMOE_IMPUTE_TWO_STAGE,
-     CONFSMOE_LOAD_LOSS_NONE, 1, 0, 0.0f, 3},
+     CONFSMOE_LOAD_LOSS_NONE, 1, 0, 0.0f, 3, NULL},
     {"laplacian + entropy loss, two-stage, M=2", 2, 1, 4, CONFSMOE_MODEL_GATE_LAPLACIAN, CONFSMOE_IMPUTE_TWO_STAGE,
-     CONFSMOE_LOAD_LOSS_ENTROPY, 0, 0, 0.0f, 2},
+     CONFSMOE_LOAD_LOSS_ENTROPY, 0, 0, 0.0f, 2, NULL},
     {"confidence, compat, M=3 S=2", 3, 2, 4, CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE,
-     CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3},
+     CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3, NULL},
+    /* Per-modality S_m: ragged attention, MoE calls, stage 2 (T_m of each missing m) and readout. */
+    {"confidence, two-stage, M=3 S=(3,1,2), random missing, dropout", 3, 0, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3, (const int64_t[]){3, 1, 2}},
+    {"confidence, two-stage, M=2 S=(5,2), one modality missing for every sample", 2, 0, 3,
+     CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 1,
+     (const int64_t[]){5, 2}},
+    {"softmax + CV load loss, mean imputation, M=2 S=(1,3)", 2, 0, 4, CONFSMOE_MODEL_GATE_SOFTMAX,
+     CONFSMOE_IMPUTE_MEAN, CONFSMOE_LOAD_LOSS_CV, 0, 0, 0.0f, 2, (const int64_t[]){1, 3}},
+    {"laplacian, two-stage, multi-label, M=3 S=(2,4,1)", 3, 0, 4, CONFSMOE_MODEL_GATE_LAPLACIAN,
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 1, 0, 0.0f, 3, (const int64_t[]){2, 4, 1}},
+    {"confidence, compat, M=3 S=(1,3,2)", 3, 0, 4, CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE,
+     CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3, (const int64_t[]){1, 3, 2}},
 };
 
 START_TEST(test_model_gradients)

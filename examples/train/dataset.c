@@ -253,18 +253,18 @@ static void load_avail(dataset *ds, const char *path)
     csv_free(&t);
 }
 
-static void load_view(dataset *ds, int m, const char *path, const char *s_from)
+static void load_view(dataset *ds, int m, const char *path)
 {
     csv t;
     csv_read(path, 1, &t);
     ds_view *v = &ds->views[m];
     const int64_t S = t.tokens > 0 ? t.tokens : 1;
+    v->tokens = S;
+    /* ds->tokens: the common S, or 0 once two views differ. */
     if (m == 0)
         ds->tokens = S;
     else if (S != ds->tokens)
-        die_input(path, t.tokens > 0 ? 1 : 0,
-                  "%" PRId64 " token(s) per row, but %s has %" PRId64 ": all views must have the same #tokens", S,
-                  s_from, ds->tokens);
+        ds->tokens = 0;
     if (t.rows != ds->n)
         die_input(path, t.rows > ds->n ? t.line[ds->n] : 0, "%d rows, but labels.csv has %d", t.rows, ds->n);
     int width = 0, width_row = -1;
@@ -380,7 +380,7 @@ void dataset_load(const char *dir, dataset *ds)
     ds->views = xcalloc((size_t)ds->m, sizeof *ds->views);
     for (int m = 0; m < ds->m; m++) {
         char *p = path_join(dir, views[m].name);
-        load_view(ds, m, p, m > 0 ? views[0].name : "");
+        load_view(ds, m, p);
         free(p);
         ds->views[m].name = views[m].name;
     }
@@ -391,7 +391,7 @@ void dataset_load(const char *dir, dataset *ds)
                 ds->natural_missing++;
                 continue;
             }
-            const int64_t w = ds->tokens * ds->views[m].features;
+            const int64_t w = ds->views[m].tokens * ds->views[m].features;
             const float *x = ds->views[m].x + (size_t)i * (size_t)w;
             for (int64_t j = 0; j < w; j++)
                 ds->nan_cells += isnan(x[j]) != 0;
@@ -417,10 +417,9 @@ void dataset_free(dataset *ds)
 
 void dataset_standardise(dataset *ds, const uint8_t *mask, const int *train, int n_train)
 {
-    const int64_t S = ds->tokens;
     for (int m = 0; m < ds->m; m++) {
         ds_view *v = &ds->views[m];
-        const int64_t F = v->features, w = S * F;
+        const int64_t F = v->features, w = v->tokens * F;
         double *sum = xcalloc((size_t)F, sizeof *sum), *sq = xcalloc((size_t)F, sizeof *sq);
         int64_t *cnt = xcalloc((size_t)F, sizeof *cnt);
         /* Two passes (mean, then squared deviations) for accuracy on large offsets. */

@@ -9,7 +9,8 @@
  * (= NaN). A view row that is empty or all NaN marks that modality missing for the
  * sample, as does a 0 in avail.csv. A view whose first line is "#tokens=S" is a sequence
  * view: each row holds S*F values, S tokens of F features, token-major (token 0's F
- * features, then token 1's, ...). Other views have S = 1; all views must share one S.
+ * features, then token 1's, ...). Other views have S = 1. Views may differ in S (S_m per
+ * view: the model's modality_tokens).
  *
  * Every problem (missing folder or file, ragged row, non-numeric cell, row counts that
  * disagree, ...) ends the program with one line naming the file and line, exit status 2. */
@@ -21,14 +22,15 @@
 typedef struct {
     char *name;        /* file name, e.g. "view0_pix.csv" */
     int64_t features;  /* F, features per token */
-    float *x;          /* [n, S, F]; NaN cells as read (whole rows NaN where missing) */
+    int64_t tokens;    /* S_m, tokens per row ("#tokens=S"; 1 without) */
+    float *x;          /* [n, S_m, F]; NaN cells as read (whole rows NaN where missing) */
 } ds_view;
 
 typedef struct {
     char *dir;
     int n;                /* samples: the rows of labels.csv */
     int m;                /* modalities (views) */
-    int64_t tokens;       /* S, tokens per modality */
+    int64_t tokens;       /* S when every view has S tokens, else 0 (see views[].tokens) */
     ds_view *views;       /* [m] */
     int32_t *label;       /* [n] */
     int n_classes;        /* C = max label + 1 */
@@ -44,7 +46,7 @@ typedef struct {
 void dataset_load(const char *dir, dataset *ds);
 void dataset_free(dataset *ds);
 
-/* Standardises every view in place: per feature (pooled over the S tokens), the mean and
+/* Standardises every view in place: per feature (pooled over the S_m tokens), the mean and
  * standard deviation over the rows of `train` whose modality is present in `mask` [n, m]
  * (std < 1e-8 counts as 1). NaN cells of present rows become 0, the train mean; rows of
  * missing (sample, modality) cells become 0 (they are never read by the model). */

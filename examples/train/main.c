@@ -280,7 +280,7 @@ typedef struct {
     const dataset *ds;
     const uint8_t *mask;   /* [n, M] */
     int cap;               /* rows the buffers hold */
-    float **x;             /* [M] -> [cap, S, F_m] */
+    float **x;             /* [M] -> [cap, S_m, F_m] */
     uint8_t *avail;        /* [cap, M] */
     int32_t *label;        /* [cap] */
     float *logits;         /* [cap, C] */
@@ -293,7 +293,7 @@ static void batch_init(batch_buffers *b, const dataset *ds, const uint8_t *mask,
     b->cap = cap;
     b->x = xcalloc((size_t)ds->m, sizeof *b->x);
     for (int m = 0; m < ds->m; m++)
-        b->x[m] = xmalloc((size_t)cap * (size_t)(ds->tokens * ds->views[m].features) * sizeof(float));
+        b->x[m] = xmalloc((size_t)cap * (size_t)(ds->views[m].tokens * ds->views[m].features) * sizeof(float));
     b->avail = xmalloc((size_t)cap * (size_t)ds->m);
     b->label = xmalloc((size_t)cap * sizeof *b->label);
     b->logits = xmalloc((size_t)cap * (size_t)ds->n_classes * sizeof *b->logits);
@@ -319,9 +319,8 @@ static void batch_gather(confsmoe_ctx *ctx, batch_buffers *b, const int *idx, in
 {
     const dataset *ds = b->ds;
     const int M = ds->m;
-    const int64_t S = ds->tokens;
     for (int m = 0; m < M; m++) {
-        const size_t w = (size_t)(S * ds->views[m].features);
+        const size_t w = (size_t)(ds->views[m].tokens * ds->views[m].features);
         for (int r = 0; r < n; r++)
             memcpy(b->x[m] + (size_t)r * w, ds->views[m].x + (size_t)idx[r] * w, w * sizeof(float));
     }
@@ -332,7 +331,7 @@ static void batch_gather(confsmoe_ctx *ctx, batch_buffers *b, const int *idx, in
     t->m = M;
     t->x = xcalloc((size_t)M, sizeof *t->x);
     for (int m = 0; m < M; m++) {
-        const int64_t dims[3] = {n, S, ds->views[m].features};
+        const int64_t dims[3] = {n, ds->views[m].tokens, ds->views[m].features};
         CHECK(confsmoe_tensor_wrap(ctx, CONFSMOE_F32, 3, dims, b->x[m], &t->x[m]));
     }
     const int64_t ad[2] = {n, M}, ld[1] = {n}, cd[2] = {n, ds->n_classes};
@@ -502,7 +501,6 @@ int main(int argc, char **argv)
         warn("%d sample(s) have no modality present (avail.csv / empty rows) and are excluded", plan.n_excluded);
 
     const int M = ds.m, C = ds.n_classes;
-    const int64_t S = ds.tokens;
 
     /* The model. */
     confsmoe_ctx *ctx = NULL;
@@ -513,14 +511,16 @@ int main(int argc, char **argv)
     confsmoe_status st0 = confsmoe_ctx_create(&cp, &ctx);
     if (st0 != CONFSMOE_OK)
         die_system("confsmoe_ctx_create failed: %s", confsmoe_status_string(st0));
-    int64_t *features = xmalloc((size_t)M * sizeof *features);
-    for (int m = 0; m < M; m++)
+    int64_t *features = xmalloc((size_t)M * sizeof *features), *tokens = xmalloc((size_t)M * sizeof *tokens);
+    for (int m = 0; m < M; m++) {
         features[m] = ds.views[m].features;
+        tokens[m] = ds.views[m].tokens;
+    }
     confsmoe_model_params mp;
     confsmoe_model_params_init(&mp);
     mp.n_modalities = M;
     mp.features = features;
-    mp.tokens = S;
+    mp.modality_tokens = tokens;
     mp.d = opt.d;
     mp.heads = opt.heads;
     mp.n_experts = opt.experts;
@@ -540,13 +540,14 @@ int main(int argc, char **argv)
     confsmoe_model *model = NULL;
     CHECK(confsmoe_model_create(ctx, &mp, &model));
     free(features);
+    free(tokens);
     confsmoe_gate *gate = confsmoe_model_gate(model);
     const int E = confsmoe_gate_n_experts(gate);
     distributed_attach(&dist, model);
 
     /* Stage-1 pools: the standardised training rows in which each modality is present. */
     for (int m = 0; m < M; m++) {
-        const size_t w = (size_t)(S * ds.views[m].features);
+        const size_t w = (size_t)(ds.views[m].tokens * ds.views[m].features);
         int rows = 0;
         for (int t = 0; t < plan.count[ROLE_TRAIN]; t++)
             rows += plan.mask[(size_t)plan.list[ROLE_TRAIN][t] * M + m];
@@ -560,7 +561,7 @@ int main(int argc, char **argv)
             if (plan.mask[(size_t)i * M + m])
                 memcpy(pool + (size_t)r++ * w, ds.views[m].x + (size_t)i * w, w * sizeof *pool);
         }
-        const int64_t dims[3] = {rows ? rows : 1, S, ds.views[m].features};
+        const int64_t dims[3] = {rows ? rows : 1, ds.views[m].tokens, ds.views[m].features};
         confsmoe_tensor *tp = NULL;
         CHECK(confsmoe_tensor_wrap(ctx, CONFSMOE_F32, 3, dims, pool, &tp));
         CHECK(confsmoe_model_set_pool(model, m, tp));

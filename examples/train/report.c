@@ -34,10 +34,18 @@ void report_header(const run_report *r)
     const dataset *ds = r->ds;
     const split_plan *p = r->plan;
     printf("confsmoe-train: libconfsmoe %s, data %s\n", confsmoe_version_string(), ds->dir);
-    printf("  %d samples, %d classes, %d modalities (S = %" PRId64 " token%s):", ds->n, ds->n_classes, ds->m,
-           ds->tokens, ds->tokens == 1 ? "" : "s");
-    for (int m = 0; m < ds->m; m++)
-        printf(" %s[%" PRId64 "]", ds->views[m].name, ds->views[m].features);
+    printf("  %d samples, %d classes, %d modalities ", ds->n, ds->n_classes, ds->m);
+    if (ds->tokens > 0)
+        printf("(S = %" PRId64 " token%s):", ds->tokens, ds->tokens == 1 ? "" : "s");
+    else
+        printf("(S per view, [S x F]):");
+    /* [F] for a vector view, [S x F] for a sequence of S tokens. */
+    for (int m = 0; m < ds->m; m++) {
+        if (ds->views[m].tokens > 1)
+            printf(" %s[%" PRId64 " x %" PRId64 "]", ds->views[m].name, ds->views[m].tokens, ds->views[m].features);
+        else
+            printf(" %s[%" PRId64 "]", ds->views[m].name, ds->views[m].features);
+    }
     printf("\n");
     printf("  split: %d train / %d val / %d test (%s)", p->count[ROLE_TRAIN], p->count[ROLE_VAL],
            p->count[ROLE_TEST], ds->split_name ? ds->split_name : "seeded stratified 80/20");
@@ -276,6 +284,7 @@ void report_json(const run_report *r, const char *path)
         json_open(&w, NULL, '{', 1);
         json_str(&w, "file", ds->views[m].name);
         json_int(&w, "features", ds->views[m].features);
+        json_int(&w, "tokens", ds->views[m].tokens);
         json_close(&w, '}');
     }
     json_close(&w, ']');

@@ -18,6 +18,7 @@
   deterministic for a seed;
 - the --same-tokens folder trains for one epoch with confsmoe-train (--trainer, required).
 """
+import json
 import math
 import os
 import shutil
@@ -444,6 +445,33 @@ class TestTrainer(unittest.TestCase):
                                capture_output=True, text=True, timeout=300, env=env)
             self.assertEqual(t.returncode, 0, t.stderr)
             self.assertIn("(10 samples", t.stdout)  # the 10 test recordings
+
+    def test_default_folder_trains_with_per_view_tokens(self):
+        """Without --same-tokens the audio and image views differ in S: the trainer runs S_m per view."""
+        self.assertTrue(TRAINER and os.access(TRAINER, os.X_OK), "pass --trainer PATH to confsmoe-train")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "avdigits")
+            p = run_script("--fsdd", FIXTURE, "--out", out, "--quiet")
+            self.assertEqual(p.returncode, 0, p.stderr)
+            tokens = []
+            for name in sorted(os.listdir(out)):
+                if name.startswith("view"):
+                    with open(os.path.join(out, name)) as f:
+                        tokens.append(int(f.readline().strip().split("=")[1]))
+            self.assertEqual(len(tokens), 2)
+            self.assertNotEqual(tokens[0], tokens[1])
+            env = dict(os.environ, BLIS_NUM_THREADS="1")
+            js = os.path.join(tmp, "run.json")
+            t = subprocess.run([TRAINER, "--data", out, "--epochs", "1", "--missing", "0.3", "--json", js],
+                               capture_output=True, text=True, timeout=300, env=env)
+            self.assertEqual(t.returncode, 0, t.stderr)
+            self.assertIn("(S per view", t.stdout)
+            with open(js) as f:
+                j = json.load(f)
+            self.assertEqual([m["tokens"] for m in j["modalities"]], tokens)
+            self.assertEqual(j["tokens"], 0)
+            # Every token of every modality is routed: slots = k * sum_m S_m per test sample.
+            self.assertEqual(sum(j["experts"]["slots"]), 2 * sum(tokens) * j["n_test"])
 
 
 if __name__ == "__main__":

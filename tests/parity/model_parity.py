@@ -24,15 +24,16 @@ rounding noise, so their difference is scaled by the key weight's gradient inste
 The reference model (docs/MODEL.md, section 6 as the header documents it):
     stage 1: missing x_m[b] = pool mean (IMPUTE_MEAN), or the mean of `draws` distinct pool
              rows (TWO_STAGE; the test's pools have identical rows so the draws do not matter)
-    tokens_m = x_m W_m^T + b_m;  X = concat_m tokens_m (l = m S + s) + pos
+    tokens_m = x_m W_m^T + b_m [B, S_m, d];  X = concat_m tokens_m (l = o_m + s, o_m = sum_{m'<m} S_m') + pos
     A = MHA(LN1(X)) (heads, per-head softmax(Q K^T / sqrt(d/heads)) V, no mask, dropout 0)
     H = X + A   (compat: A + A)
-    per modality m (tokens b S + s): Z = LN2(H_m); F, slots, loss_m = gate(Z, labels of the
+    per modality m (tokens b S_m + s): Z = LN2(H_m); F, slots, loss_m = gate(Z, labels of the
              sample, present = avail[b, m]); H_m <- LN3(H_m + F)
-    stage 2 (TWO_STAGE) for missing (b, m): the imputer section of the header
-    r = readout(concat_m mean_s H_m); logits = head(LN_out(r))
-    loss = CE (or BCE over B*C) + sum_m w_m loss_m,  w_m = present samples of m / present
-             (sample, modality) pairs (compat: 1/M)
+    stage 2 (TWO_STAGE) for missing (b, m): the imputer section of the header, over the tokens
+             of the present m' != m, T_m = max(1, floor(sum_{m' != m} S_m' / 4)) by default
+    r = readout(concat_m mean over the S_m tokens of H_m); logits = head(LN_out(r))
+    loss = CE (or BCE over B*C) + sum_m w_m loss_m,  w_m = present tokens of m (present samples x
+             S_m) / present tokens of the batch (compat: 1/M)
 Every LayerNorm has eps 1e-5.
 
 Top-k. The model does not expose its top-k indices, so the reference takes its own from
@@ -127,6 +128,7 @@ BASE = dict(M=2, F=None, S=1, B=4, d=8, heads=2, E=2, k=1, h=0, C=3, gate=GATE_C
 
 
 def cfg(**kw):
+    """S is one int (every modality, through `tokens`) or a list of S_m (modality_tokens)."""
     c = dict(BASE)
     for key in kw:
         assert key in BASE, key
@@ -134,12 +136,19 @@ def cfg(**kw):
     if c["F"] is None:
         c["F"] = [3 + (2 * m) % 5 for m in range(c["M"])]
     assert len(c["F"]) == c["M"]
+    assert isinstance(c["S"], int) or len(c["S"]) == c["M"]
     return c
 
 
+def tokens_of(c):
+    """S_m of every modality."""
+    return [c["S"]] * c["M"] if isinstance(c["S"], int) else list(c["S"])
+
+
 def cfg_name(c):
-    s = "M%d F%s S%d B%d d%d heads%d E%d k%d C%d %s" % (
-        c["M"], "/".join(str(f) for f in c["F"]), c["S"], c["B"], c["d"], c["heads"], c["E"], c["k"], c["C"],
+    s = "M%d F%s S%s B%d d%d heads%d E%d k%d C%d %s" % (
+        c["M"], "/".join(str(f) for f in c["F"]), c["S"] if isinstance(c["S"], int) else
+        "(" + ",".join(str(t) for t in c["S"]) + ")", c["B"], c["d"], c["heads"], c["E"], c["k"], c["C"],
         GATE_NAMES[c["gate"]])
     if c["h"]:
         s += " h%d" % c["h"]
@@ -218,6 +227,20 @@ def build_configs():
     C.append(cfg(M=3, B=4, d=8, heads=2, E=4, k=2, C=3, gate=GATE_GAUSSIAN, avail="some", seed=25))
     C.append(cfg(M=2, B=4, d=16, heads=4, E=2, k=1, C=5, gate=GATE_LAPLACIAN, avail="some", imputation=TS,
                  seed=26))
+    # Per-modality S_m: the attention over L = sum S_m, the MoE per modality, the readout means,
+    # stage 2 with the candidates of the present m' and T_m = max(1, floor(sum_{m' != m} S_m' / 4)).
+    ragged = [1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 1, 0], [1, 1, 1]
+    for gate, seed in ((GATE_CONFIDENCE, 40), (GATE_SOFTMAX, 41), (GATE_GAUSSIAN, 42), (GATE_LAPLACIAN, 43)):
+        C.append(cfg(M=3, S=[3, 1, 2], B=5, d=8, heads=2, E=4, k=2, C=3, gate=gate, avail=list(ragged),
+                     imputation=TS, seed=seed))
+        C.append(cfg(M=3, S=[3, 1, 2], B=5, d=8, heads=2, E=4, k=2, C=3, gate=gate, avail=list(ragged), seed=seed))
+    # T_m differs per missing modality: S = (9, 2, 3) gives T_0 = 1, T_1 = 3, T_2 = 2.
+    C.append(cfg(M=3, S=[9, 2, 3], B=5, d=8, heads=2, E=4, k=2, C=4, avail=list(ragged), imputation=TS,
+                 renorm=1, sepv=1, seed=44))
+    C.append(cfg(M=2, S=[5, 2], B=4, d=8, heads=2, E=2, k=1, C=3, avail="mod_all_missing", imputation=TS,
+                 pool_rows=3, draws=2, multilabel=1, seed=45))
+    C.append(cfg(M=3, S=[2, 4, 1], B=4, d=8, heads=2, E=4, k=2, C=3, imputation=TS, compat=1, top_t=2,
+                 avail=[[0, 1, 1], [1, 0, 1], [1, 1, 0], [1, 1, 1]], seed=46))
     return C
 
 
@@ -269,7 +292,12 @@ class LibModel:
         self.features = (ctypes.c_int64 * c["M"])(*c["F"])
         mp.n_modalities = c["M"]
         mp.features = self.features
-        mp.tokens, mp.d, mp.heads = c["S"], c["d"], c["heads"]
+        if isinstance(c["S"], int):
+            mp.tokens = c["S"]
+        else:  # modality_tokens (tokens is then ignored)
+            self.tokens = (ctypes.c_int64 * c["M"])(*c["S"])
+            mp.modality_tokens = self.tokens
+        mp.d, mp.heads = c["d"], c["heads"]
         mp.n_experts, mp.k, mp.expert_hidden = c["E"], c["k"], c["h"]
         mp.n_classes, mp.multilabel, mp.gate = c["C"], c["multilabel"], c["gate"]
         mp.load_loss, mp.load_loss_weight, mp.conf_loss_weight = c["load_loss"], c["llw"], c["clw"]
@@ -291,13 +319,13 @@ class LibModel:
 
 
 def expected_shapes(c):
-    M, S, d, E, C, F = c["M"], c["S"], c["d"], c["E"], c["C"], c["F"]
+    M, d, E, C, F = c["M"], c["d"], c["E"], c["C"], c["F"]
     h = c["h"] or d
     sh = {}
     for m in range(M):
         sh["enc.%d.w" % m] = (d, F[m])
         sh["enc.%d.b" % m] = (d,)
-    sh["pos"] = (M * S, d)
+    sh["pos"] = (sum(tokens_of(c)), d)
     for ln in ("ln1", "ln2", "ln3", "ln_out"):
         sh[ln + ".weight"] = (d,)
         sh[ln + ".bias"] = (d,)
@@ -436,12 +464,14 @@ def ref_gate(c, Z, P, labels_tok, present_tok):
 
 
 def ref_model(c, P, xs, avail, labels):
-    """Forward of the full model on stage-1-filled inputs xs[m] [B, S, F_m] (float64)."""
-    M, S, B, d, heads, k = c["M"], c["S"], c["B"], c["d"], c["heads"], c["k"]
-    L = M * S
+    """Forward of the full model on stage-1-filled inputs xs[m] [B, S_m, F_m] (float64)."""
+    M, B, d, heads, k = c["M"], c["B"], c["d"], c["heads"], c["k"]
+    Ss = tokens_of(c)
+    off = [sum(Ss[:m]) for m in range(M + 1)]
+    L = off[M]
     dh = d // heads
-    toks = [linear(torch.tensor(xs[m]), P["enc.%d.w" % m], P["enc.%d.b" % m]) for m in range(M)]  # [B, S, d]
-    X = torch.cat(toks, 1) + P["pos"]  # [B, L, d], l = m S + s
+    toks = [linear(torch.tensor(xs[m]), P["enc.%d.w" % m], P["enc.%d.b" % m]) for m in range(M)]  # [B, S_m, d]
+    X = torch.cat(toks, 1) + P["pos"]  # [B, L, d], l = o_m + s
 
     Xn = layer_norm(X, P["ln1.weight"], P["ln1.bias"])
     Q = linear(Xn, P["attn.q.w"], P["attn.q.b"]).reshape(B, L, heads, dh).transpose(1, 2)
@@ -452,13 +482,12 @@ def ref_model(c, P, xs, avail, labels):
     A = linear(O, P["attn.o.w"], P["attn.o.b"])
     H = A + A if c["compat"] else X + A
 
-    if c["multilabel"]:
-        labels_tok = np.repeat(labels, S, axis=0)  # [B S, C]
-    else:
-        labels_tok = np.repeat(labels, S)  # [B S]
     Hm_out, slots, gate_losses, counts, gaps = [], [], [], np.zeros(c["E"], np.int64), []
     for m in range(M):
-        Hm = H[:, m * S:(m + 1) * S, :].reshape(B * S, d)
+        S = Ss[m]
+        # [B S_m, C] or [B S_m]: every token carries its sample's label.
+        labels_tok = np.repeat(labels, S, axis=0)
+        Hm = H[:, off[m]:off[m + 1], :].reshape(B * S, d)
         Z = layer_norm(Hm, P["ln2.weight"], P["ln2.bias"])
         present_tok = np.repeat(avail[:, m], S)
         F, Y, gl, idx, gap = ref_gate(c, Z, P, labels_tok, present_tok)
@@ -471,9 +500,11 @@ def ref_model(c, P, xs, avail, labels):
     # Stage 2 for every missing (b, m).
     t_gap = math.inf
     if c["imputation"] == IMPUTE_TWO_STAGE:
-        T = c["top_t"] or max(1, ((M - 1) * S) // 4)
-        rows = [[Hm_out[m][b] for b in range(B)] for m in range(M)]  # [S, d] each
+        rows = [[Hm_out[m][b] for b in range(B)] for m in range(M)]  # [S_m, d] each
         for m in range(M):
+            S = Ss[m]
+            # The default T of a missing m counts the tokens of every other modality.
+            T = c["top_t"] or max(1, (L - S) // 4)
             zero_query = c["compat"] and avail[0, m] == 1
             for b in range(B):
                 if avail[b, m]:
@@ -519,8 +550,8 @@ def ref_model(c, P, xs, avail, labels):
     if c["compat"]:
         wm = [1.0 / M] * M
     else:
-        tot = float(avail.sum())
-        wm = [float(avail[:, m].sum()) / tot for m in range(M)]
+        tokens = [float(avail[:, m].sum()) * Ss[m] for m in range(M)]  # present tokens of each modality
+        wm = [t / sum(tokens) for t in tokens]
     loss = task + sum(w * gl for w, gl in zip(wm, gate_losses))
     return dict(logits=logits, loss=loss, task=task, counts=counts, gap=min(gaps), t_gap=t_gap)
 
@@ -575,7 +606,8 @@ class ModelParity(unittest.TestCase):
 
     def run_config(self, c):
         rs = np.random.RandomState(c["seed"] * 7919 + 3)
-        M, S, B, C = c["M"], c["S"], c["B"], c["C"]
+        M, B, C = c["M"], c["B"], c["C"]
+        Ss = tokens_of(c)
         lm = LibModel(LIB, c)
         w = gp.Wrapped(LIB, lm.ctx)
         try:
@@ -609,7 +641,7 @@ class ModelParity(unittest.TestCase):
             xs = []
             pools = []
             for m in range(M):
-                shp = (B, S, c["F"][m]) if S > 1 else (B, c["F"][m])
+                shp = (B, Ss[m], c["F"][m]) if Ss[m] > 1 else (B, c["F"][m])
                 xs.append(np.ascontiguousarray((c["x_scale"] * rs.randn(*shp)).astype(np.float32)))
                 if c["imputation"] == IMPUTE_MEAN:
                     pool = (c["x_scale"] * rs.randn(5, *shp[1:])).astype(np.float32)
@@ -654,8 +686,8 @@ class ModelParity(unittest.TestCase):
         # Stage 1 on the host side.
         xf = []
         for m in range(M):
-            x = xs[m].astype(np.float64).reshape(B, S, c["F"][m]).copy()
-            pool = pools[m].astype(np.float64).reshape(-1, S, c["F"][m])
+            x = xs[m].astype(np.float64).reshape(B, Ss[m], c["F"][m]).copy()
+            pool = pools[m].astype(np.float64).reshape(-1, Ss[m], c["F"][m])
             for b in range(B):
                 if not avail[b, m]:
                     x[b] = pool.mean(0) if c["imputation"] == IMPUTE_MEAN else pool[0]
@@ -706,10 +738,10 @@ class ModelParity(unittest.TestCase):
                 s["worst_loss"] = max(s["worst_loss"], v)
         bad = {kk: v for kk, v in errs.items() if not v <= TOL}
         notes = []
-        if not np.array_equal(load, ref["counts"]) or stats.tokens != M * B * S:
+        if not np.array_equal(load, ref["counts"]) or stats.tokens != B * sum(Ss):
             bad["gate loads"] = math.inf
             notes.append("gate loads over the step: library %s (%d tokens), reference %s (%d tokens)"
-                         % (load.tolist(), stats.tokens, ref["counts"].tolist(), M * B * S))
+                         % (load.tolist(), stats.tokens, ref["counts"].tolist(), B * sum(Ss)))
         if ref["gap"] < 1e-5 or ref["t_gap"] < 1e-6:  # only worth reporting next to a failure
             notes.append("near-tie: top-k gap %.3g, top-T gap %.3g" % (ref["gap"], ref["t_gap"]))
         return name, bad, notes

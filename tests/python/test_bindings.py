@@ -834,6 +834,44 @@ class TestModelAndOptimizer(unittest.TestCase):
             with self.assertRaises(TypeError):
                 confsmoe.Model(ctx, [5, 4], 3, width=3)
 
+    def test_per_modality_tokens(self):
+        """tokens as a list of S_m: inputs [B, S_m, F_m] (or [B, F_m] for S_m = 1), pos [sum S_m, d];
+        equal S_m given as a list is the model of one int, bit for bit."""
+        r = np.random.default_rng(8)
+        xs = [r.standard_normal((6, 3, 5)).astype(np.float32), r.standard_normal((6, 4)).astype(np.float32)]
+        avail = np.array([[1, 1], [0, 1], [1, 0], [1, 1], [0, 1], [1, 1]], np.uint8)
+        labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
+        with confsmoe.Context(seed=6) as ctx:
+            m = self.model(ctx, tokens=[3, 1])
+            self.assertEqual(m.tokens, (3, 1))
+            self.assertEqual(m.options["tokens"], [3, 1])
+            pos = dict(zip(m.param_names(), m.parameters()))["pos"]
+            self.assertEqual(pos.value.shape, (4, 16))
+            for mm in range(2):
+                m.set_pool(mm, xs[mm][avail[:, mm] == 1])
+            res = m.step(xs, avail, labels)
+            self.assertTrue(np.isfinite(res.loss) and res.loss > 0)
+            self.assertEqual(m.predict(xs, avail).shape, (6, 3))
+            with self.assertRaises(confsmoe.ShapeError):
+                m.predict([np.ascontiguousarray(xs[0][:, :2]), xs[1]], avail)
+            with self.assertRaises(ValueError):
+                self.model(ctx, tokens=[3, 1, 2])
+        runs = []
+        for tokens in (2, [2, 2]):
+            with confsmoe.Context(seed=7) as ctx:
+                m = self.model(ctx, tokens=tokens, dropout=0.1, noisy=True)
+                r2 = np.random.default_rng(9)
+                seq = [r2.standard_normal((6, 2, f)).astype(np.float32) for f in (5, 4)]
+                for mm in range(2):
+                    m.set_pool(mm, seq[mm])
+                res = m.step(seq, avail, labels)
+                runs.append((res.loss, res.logits.copy(), [g.copy() for g in m.gradients().values()]))
+        self.assertEqual(runs[0][0], runs[1][0])
+        np.testing.assert_array_equal(runs[0][1], runs[1][1])
+        self.assertEqual(len(runs[0][2]), len(runs[1][2]))
+        for ga, gb in zip(runs[0][2], runs[1][2]):
+            np.testing.assert_array_equal(ga, gb)
+
     def test_checkpoint_round_trip(self):
         xs, avail, labels = toy_data(30)
         with confsmoe.Context(seed=5) as ctx, tempfile.TemporaryDirectory() as tmp:

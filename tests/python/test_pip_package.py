@@ -3,8 +3,8 @@
 `pip install` / `pip uninstall` of them do to a fresh venv of /usr/bin/python3.
 
 tests/python/pypi_venv.sh builds both and runs this file:
-    CONFSMOE_WHEEL=dist/confsmoe-0.2.0-py3-none-linux_x86_64.whl \\
-    CONFSMOE_SDIST=dist/confsmoe-0.2.0.tar.gz python3 tests/python/test_pip_package.py -v
+    CONFSMOE_WHEEL=dist/confsmoe-0.3.0-py3-none-linux_x86_64.whl \\
+    CONFSMOE_SDIST=dist/confsmoe-0.3.0.tar.gz python3 tests/python/test_pip_package.py -v
 
 The fresh venvs see Debian's site-packages (python3-numpy 1.24, the oldest numpy the package
 declares) and get confsmoe with --no-deps, so that nothing but confsmoe comes and goes.

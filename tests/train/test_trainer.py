@@ -40,18 +40,20 @@ def write_rows(path, rows, header=None):
 
 
 def make_folder(root, n=200, classes=3, widths=(4, 5, 6), seed=0, sep=2.5, tokens=1):
-    """A separable synthetic folder: view v of a class-c sample is mu[v][c] + N(0, 1)."""
+    """A separable synthetic folder: view v of a class-c sample is mu[v][c] + N(0, 1); tokens is
+    S for every view or a list of S_m per view."""
+    tokens_of = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens] * len(widths)
     rnd = random.Random(seed)
     os.makedirs(root, exist_ok=True)
     labels = [i % classes for i in range(n)]
     rnd.shuffle(labels)
     write_rows(os.path.join(root, "labels.csv"), [[y] for y in labels])
     for v, w in enumerate(widths):
-        width = w * tokens
+        width = w * tokens_of[v]
         mu = [[rnd.gauss(0, sep) for _ in range(width)] for _ in range(classes)]
         rows = [["%.6g" % (mu[y][j] + rnd.gauss(0, 1)) for j in range(width)] for y in labels]
         write_rows(os.path.join(root, "view%d_syn%d.csv" % (v, w)), rows,
-                   header="#tokens=%d" % tokens if tokens > 1 else None)
+                   header="#tokens=%d" % tokens_of[v] if tokens_of[v] > 1 else None)
     return labels
 
 
@@ -212,6 +214,22 @@ class TestLearns(Base):
         self.assertEqual([m["features"] for m in j["modalities"]], [3, 2])
         self.assertEqual(sum(j["experts"]["slots"]), 2 * 2 * 4 * j["n_test"])
 
+    def test_views_of_different_tokens(self):
+        root = self.folder("seq-ragged", n=120, widths=(3, 2, 4), tokens=[5, 1, 2])
+        out = os.path.join(self.tmp, "seq-ragged.json")
+        r = run(["--data", root, "--missing", "0.3", "--epochs", "3", "--json", out] + SMALL)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("(S per view, [S x F]): view0_syn3.csv[5 x 3] view1_syn2.csv[2] view2_syn4.csv[2 x 4]",
+                      r.stdout)
+        j = self.load_json(out)
+        self.assertEqual(j["tokens"], 0)
+        self.assertEqual([m["tokens"] for m in j["modalities"]], [5, 1, 2])
+        self.assertEqual([m["features"] for m in j["modalities"]], [3, 2, 4])
+        # Every token of every modality is routed at test: k slots per token, sum_m S_m tokens.
+        self.assertEqual(sum(j["experts"]["slots"]), 2 * 8 * j["n_test"])
+        # The classes are separable: far above chance (1/3) after 3 epochs.
+        self.assertGreater(j["test"]["accuracy"], 0.6)
+
     def test_checkpoint_and_resume(self):
         root = self.folder("ckpt", n=120)
         ck = os.path.join(self.tmp, "model.safetensors")
@@ -232,6 +250,21 @@ class TestLearns(Base):
         r = run(["--data", root, "--epochs", "0", "--resume", ck, "--quiet"] + SMALL[:-6] + ["--experts", "6"])
         self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
         self.assertIn(ck, r.stderr)
+
+    def test_resume_checkpoint_of_0_2_0(self):
+        """A checkpoint written by libconfsmoe 0.2.0 (no per-modality token metadata) still loads:
+        its best model gives the test metrics the 0.2.0 trainer printed for it (3 of 9 right,
+        macro-F1 0.1667; no missing modality, so inference draws nothing)."""
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "checkpoint-0.2")
+        out = os.path.join(self.tmp, "resume-0.2.json")
+        r = run(["--data", root, "--epochs", "0", "--d", "8", "--heads", "2", "--experts", "2", "--k", "1",
+                 "--batch", "16", "--resume", os.path.join(root, "model-0.2.0.safetensors"), "--json", out, "--quiet"])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        j = self.load_json(out)
+        self.assertEqual(j["best_epoch"], 0)
+        self.assertEqual(j["n_test"], 9)
+        self.assertAlmostEqual(j["test"]["accuracy"], 3 / 9, places=6)
+        self.assertAlmostEqual(j["test"]["macro_f1"], 0.1667, places=4)
 
 
 class TestErrors(Base):
@@ -313,13 +346,13 @@ class TestErrors(Base):
             f.write("1,2,3,4\n")
         self.expect_error(["--data", root], path + ":31:")
 
-    def test_tokens_differ(self):
-        root = self.folder("tok", n=30, widths=(4, 4), tokens=2)
+    def test_tokens_not_dividing_the_row(self):
+        root = self.folder("tok", n=30, widths=(4, 4), tokens=[2, 1])
         path = os.path.join(root, "view1_syn4.csv")
         lines = read_csv_lines(path)
         with open(path, "w") as f:
-            f.write("\n".join(lines[1:]))
-        self.expect_error(["--data", root], path, "#tokens")
+            f.write("\n".join(["#tokens=3"] + lines))
+        self.expect_error(["--data", root], path, "not a multiple of #tokens=3")
 
     def test_bad_split_and_avail(self):
         root = self.folder("badsplit", n=30)

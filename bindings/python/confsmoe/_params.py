@@ -65,6 +65,23 @@ def struct_dict(p):
     return {name: getattr(p, name) for name in _scalar_fields(type(p))}
 
 
+def tokens_option(options, n_modalities, what):
+    """Splits the ``tokens`` option, an int (S for every modality) or a sequence of S_m, into
+    (options for fill, the S_m tuple, the ctypes array for modality_tokens or None)."""
+    options = dict(options)
+    tokens = options.pop("tokens", 1)
+    if isinstance(tokens, (list, tuple)):
+        per = tuple(int(t) for t in tokens)
+        if len(per) != n_modalities:
+            raise ValueError("%s: tokens has %d entries, expected one per modality (%d)"
+                             % (what, len(per), n_modalities))
+        return options, per, (ctypes.c_int64 * max(len(per), 1))(*per)
+    if isinstance(tokens, float) and not tokens.is_integer():
+        raise TypeError("%s: tokens must be an integer or a list of integers, got %r" % (what, tokens))
+    options["tokens"] = int(tokens)
+    return options, (int(tokens),) * n_modalities, None
+
+
 def defaults(struct, init_fn):
     """The C library's defaults of an options struct."""
     return struct_dict(fill(struct, init_fn, {}, ""))

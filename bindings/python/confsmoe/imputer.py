@@ -15,26 +15,37 @@ __all__ = ["Imputer"]
 class Imputer(Layer):
     """Imputer(ctx, d, n_modalities, **options): stage 1 (pool means) and stage 2 (sparse attention).
 
-    Options (confsmoe_imputer_params, C defaults): tokens=1, k=2, top_t=0 (auto),
-    renormalize=False, separate_value=False, compat=False. Availability masks are uint8 (or
-    bool) [B, M] with 1 = present."""
+    Options (confsmoe_imputer_params, C defaults): tokens=1 (S of every modality, or a list of
+    M per-modality S_m), k=2, top_t=0 (auto), renormalize=False, separate_value=False,
+    compat=False. Availability masks are uint8 (or bool) [B, M] with 1 = present."""
 
     _kind = "imputer"
     _prefix = "imputer"
 
     def __init__(self, ctx, d, n_modalities, **options):
+        options, tokens, per_modality = _params.tokens_option(options, n_modalities, "Imputer")
         options = dict(options, d=d, n_modalities=n_modalities)
         p = _params.fill(_lib.ImputerParams, api.imputer_params_init, options, "Imputer")
+        if per_modality is not None:  # read at create
+            p.modality_tokens = ctypes.cast(per_modality, ctypes.POINTER(ctypes.c_int64))
         out = _lib.ImputerHandle()
         ctxh = ctx._h
         check(api.imputer_create(ctxh, ctypes.byref(p), ctypes.byref(out)), ctxh, "imputer_create")
         self._ctx = ctx
         self._options = _params.struct_dict(p)
+        if per_modality is not None:
+            self._options["tokens"] = list(tokens)
+        self._tokens = tokens
         self._init_node(out, api.imputer_destroy, (ctx._node,))
 
     @property
     def options(self):
         return dict(self._options)
+
+    @property
+    def tokens(self):
+        """S_m of each modality, a tuple of M ints."""
+        return self._tokens
 
     def fill(self, m, pool, avail, x, draws=10, allow_copy=False):
         """Stage 1 for modality m, IN PLACE: each sample b with avail[b, m] == 0 gets in x[b] the mean
@@ -50,8 +61,9 @@ class Imputer(Layer):
         return x
 
     def forward(self, h, slots, avail, train=False, out=None, allow_copy=False):
-        """Stage 2: h [B, M S, d], slots [M, B S, k, d], avail [B, M] -> out [B, M S, d] (h with the
-        missing rows imputed; ``out=h`` works in place). With train=True returns (out, saved)."""
+        """Stage 2: h [B, L, d] (L = sum_m S_m), slots [B L, k, d] modality-major (or [M, B S, k, d]
+        when every S_m is S), avail [B, M] -> out [B, L, d] (h with the missing rows imputed;
+        ``out=h`` works in place). With train=True returns (out, saved)."""
         ih = self._h
         ctxh = self._ctxh
         with Scratch(ctxh) as s:

@@ -21,7 +21,7 @@ class Model(Layer):
     """Model(ctx, features, n_classes, **options): the Conf-SMoE classifier over M modalities.
 
     features: F_m of each modality (M = len(features)). Options (confsmoe_model_params, C
-    defaults): tokens=1, d=128, heads=4, n_experts=8, k=2, expert_hidden=0 (= d),
+    defaults): tokens=1 (S of every modality, or a list of M per-modality S_m), d=128, heads=4, n_experts=8, k=2, expert_hidden=0 (= d),
     multilabel=False, gate="confidence"|"softmax"|"gaussian"|"laplacian", load_loss="none"|"cv"|
     "entropy", load_loss_weight=0.01, conf_loss_weight=1.0, confidence="token"|"expert",
     router_grad="frozen"|"trainable"|"score", detach_target=False, noisy=False,
@@ -29,7 +29,7 @@ class Model(Layer):
     dropout=0.1, compat=False, predict_pool_mean=False (True: predict fills stage 1 with the pool
     mean, deterministic), modality_dropout=0.0. Unknown names: TypeError.
 
-    Inputs are M float32 arrays x_m [B, S, F_m] (or [B, F_m] when S = 1), the availability
+    Inputs are M float32 arrays x_m [B, S_m, F_m] (or [B, F_m] when S_m = 1), the availability
     mask avail uint8/bool [B, M] (1 = present) and labels int32 [B] (uint8 [B, C] multi-label).
     """
 
@@ -39,15 +39,21 @@ class Model(Layer):
     def __init__(self, ctx, features, n_classes, **options):
         features = [int(f) for f in features]
         feats = (ctypes.c_int64 * max(len(features), 1))(*features)
+        options, tokens, per_modality = _params.tokens_option(options, len(features), "Model")
         options = dict(options, n_modalities=len(features), n_classes=n_classes)
         p = _params.fill(_lib.ModelParams, api.model_params_init, options, "Model")
         p.features = ctypes.cast(feats, ctypes.POINTER(ctypes.c_int64))
+        if per_modality is not None:  # read at create
+            p.modality_tokens = ctypes.cast(per_modality, ctypes.POINTER(ctypes.c_int64))
         out = _lib.ModelHandle()
         ctxh = ctx._h
         check(api.model_create(ctxh, ctypes.byref(p), ctypes.byref(out)), ctxh, "model_create")
         self._ctx = ctx
         self._features = tuple(features)
+        self._tokens = tokens
         self._options = _params.struct_dict(p)
+        if per_modality is not None:
+            self._options["tokens"] = list(tokens)
         self._gate = None
         self._init_node(out, api.model_destroy, (ctx._node,))
 
@@ -58,6 +64,11 @@ class Model(Layer):
     @property
     def features(self):
         return self._features
+
+    @property
+    def tokens(self):
+        """S_m of each modality, a tuple of M ints."""
+        return self._tokens
 
     @property
     def n_modalities(self):
@@ -76,8 +87,8 @@ class Model(Layer):
         return self._gate
 
     def set_pool(self, m, pool, allow_copy=False):
-        """The stage-1 pool of modality m: training inputs where m is present, [P, S, F_m] or
-        [P, F_m] (copied by the library)."""
+        """The stage-1 pool of modality m: training inputs where m is present, [P, S_m, F_m] or
+        [P, F_m] when S_m = 1 (copied by the library)."""
         h = self._h
         ctxh = self._ctxh
         with Scratch(ctxh) as s:
