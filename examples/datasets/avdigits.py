@@ -80,11 +80,12 @@ Output (the folder --out; created, and only this script's files in it are overwr
   SOURCE.md           origins, licences, parameters, counts and checksums
 The folder is CC BY-SA 4.0 (share-alike, from FSDD's licence; the images are CC BY 4.0).
 
-Token counts and the trainer. The trainer today takes one S for all views and stops when they differ
-(docs/TRAIN.md, "Sequence views"); per-modality S is issue [K]'s next step. --same-tokens writes both
-views with S = S_audio: the 16 image rows are centred in S_audio rows, the rest background rows
-(pixel 0), i.e. the digit on a taller blank canvas. Trainer runs use that folder:
-    build/examples/train/confsmoe-train --data build/avdigits-same --missing 0.3
+Token counts and the trainer. The trainer runs views of different S (docs/TRAIN.md, "Sequence
+views"), so the default folder trains as it is (L = 50 + 16 tokens):
+    build/examples/train/confsmoe-train --data build/avdigits --missing 0.3
+--same-tokens writes both views with S = S_audio, for consumers that need one S: the 16 image rows
+are centred in S_audio rows, the rest background rows (pixel 0), i.e. the digit on a taller blank
+canvas (L = 100 tokens, about twice the training time).
 
 The output is deterministic: the same inputs and flags give byte-identical files (for a given numpy).
 stdlib + numpy only (/usr/bin/python3).
@@ -550,8 +551,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description="Build AV-digits (spoken FSDD digit + handwritten digit of the same class) as a "
                     "confsmoe-train dataset folder. Audio tokens: log-mel frames; image tokens: pixel rows. "
-                    "The trainer takes one S for all views today: --same-tokens writes both with S = --frames "
-                    "so it can run now; per-modality S is issue [K]'s next step. --hard degrades both modalities "
+                    "The views differ in S (confsmoe-train runs them as they are); --same-tokens writes both "
+                    "with S = --frames for consumers that need one S. --hard degrades both modalities "
                     "as AV-MNIST does (image PCA energy, babble noise). Details: the module docstring.",
         epilog="Example: /usr/bin/python3 examples/datasets/avdigits.py --fsdd ../shared/data/fsdd --out build/avdigits")
     p.add_argument("--fsdd", required=True, help="FSDD folder holding recordings/{digit}_{speaker}_{index}.wav")
@@ -563,7 +564,7 @@ def main(argv=None):
     p.add_argument("--mels", type=int, default=40, help="F_audio: mel bands (default 40)")
     p.add_argument("--same-tokens", action="store_true",
                    help="write the image view with S = --frames too (its 16 rows centred among background rows), "
-                        "for the present trainer, which needs one S for all views")
+                        "for consumers that need one S for all views")
     p.add_argument("--image-energy", type=float, metavar="E",
                    help="keep a share E (0 < E <= 1) of the image variance: PCA fitted on the train images, "
                         "the fewest leading components holding E, reconstruction written with 2 decimals "
