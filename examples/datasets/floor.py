@@ -9,13 +9,14 @@ missing protocol").
 Splits and masks are the trainer's, for the same (folder, r, seed): the script asks
 `confsmoe-train --dump-masks` for them. The masks depend only on the labels, the split file, the
 number of modalities and which rows are naturally missing, not on the feature values or the token
-counts, so the trainer is run on a proxy folder with those and one feature per view; the folder
-itself may therefore have views of different S (which the trainer does not read yet, issue [K]).
+counts, so the trainer is run on a proxy folder with those and one feature per view: hard_grid.py
+passes views that exist only in memory. The sweep (examples/sweep/sweep.py) runs the same floor
+(sweep.fit_floor) on the masks of its own trainer runs.
 
 Each view's row (S x F values) is one flat vector. Per column: mean and standard deviation over the
 training rows in which the modality is present after the protocol (mvdata.standardise); a missing
 modality is 0 there, i.e. the training mean of every column (mean imputation). The logistic
-regression and its L2 grid are the sweep's (examples/sweep/sweep.py: fit_logreg, FLOOR_L2): fitted on
+regression and its L2 grid are the sweep's (examples/sweep/sweep.py: fit_floor, FLOOR_L2): fitted on
 the trainer's training split, the L2 weight selected on its validation split, evaluated once on test.
 The reported validation accuracy is that of the selected L2 (the maximum over the grid), so it is
 slightly optimistic; it is what dataset choices (avdigits.py --hard) may be made on, never test.
@@ -26,9 +27,7 @@ stdlib + numpy only (/usr/bin/python3).
 """
 import argparse
 import json
-import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -40,33 +39,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "sweep"))
 import mvdata  # noqa: E402
-import sweep  # noqa: E402
-
-VIEW_RE = re.compile(r"^view(\d+)_(.+)\.csv$")
-
-
-def read_view(path):
-    """[N, S*F] float64 of a view file (an optional '#tokens=S' first line); empty rows are NaN."""
-    rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if line_no == 1 and line.startswith("#tokens="):
-                continue
-            rows.append([float(v) if v.strip() else math.nan for v in line.split(",")] if line else None)
-    width = max(len(r) for r in rows if r is not None)
-    x = np.full((len(rows), width), np.nan)
-    for i, r in enumerate(rows):
-        if r is not None:
-            x[i, :len(r)] = r
-    return x
-
-
-def view_files(folder):
-    names = sorted((int(m.group(1)), fn) for fn in os.listdir(folder) for m in [VIEW_RE.match(fn)] if m)
-    if not names or [i for i, _ in names] != list(range(len(names))):
-        raise ValueError("%s: view files must be view0_*.csv .. view<M-1>_*.csv" % folder)
-    return [fn for _, fn in names]
+from sweep import fit_floor  # noqa: E402  (hard_grid.py calls it as floor.fit_floor)
 
 
 def dump_masks(trainer, folder, views, r, seed, out_path):
@@ -98,25 +71,6 @@ def trainer_masks(trainer, folder, views, r, seed):
     return split, present
 
 
-def fit_floor(views, labels, split, present, use=None):
-    """The floor on the views in `use` (indices; default all) under the masks: standardise with mean
-    imputation, fit per L2 of the grid on train, keep the best on validation, evaluate on test."""
-    use = list(range(len(views))) if use is None else list(use)
-    idx = {s: np.nonzero(split == s)[0] for s in ("train", "val", "test")}
-    X = np.hstack([z for m, z in enumerate(mvdata.standardise(views, present, idx["train"])) if m in use])
-    X = X.astype(np.float64)
-    C = int(labels.max()) + 1
-    best = None
-    for l2 in sweep.FLOOR_L2:
-        predict = sweep.fit_logreg(X[idx["train"]], labels[idx["train"]], C, l2)
-        val = mvdata.metrics(predict(X[idx["val"]]), labels[idx["val"]], C)["accuracy"]
-        if best is None or val > best[0]:  # ties: the smaller l2 (first)
-            best = (val, l2, predict)
-    test = mvdata.metrics(best[2](X[idx["test"]]), labels[idx["test"]], C)
-    return dict(features=int(X.shape[1]), l2=best[1], val_accuracy=best[0], test=test, n_train=len(idx["train"]),
-                n_val=len(idx["val"]), n_test=len(idx["test"]))
-
-
 def read_labels(folder):
     with open(os.path.join(folder, "labels.csv")) as f:
         return np.array([int(line) for line in f if line.strip()], np.int64)
@@ -126,10 +80,10 @@ def floor(folder, trainer, r, seed, use=None):
     """The floor's result dict for one (r, seed) on the views in `use` (default all): the selected
     L2, its validation accuracy and the test metrics."""
     t0 = time.time()
-    files = view_files(folder)
+    files = mvdata.view_files(folder)
     if use is not None and not all(0 <= m < len(files) for m in use):
         raise ValueError("--views %s: %s has views 0..%d" % (" ".join(map(str, use)), folder, len(files) - 1))
-    views = [read_view(os.path.join(folder, fn)) for fn in files]
+    views = [mvdata.read_view(os.path.join(folder, fn))[0] for fn in files]
     split, present = trainer_masks(trainer, folder, views, r, seed)
     res = fit_floor(views, read_labels(folder), split, present, use)
     used = [fn for m, fn in enumerate(files) if use is None or m in use]

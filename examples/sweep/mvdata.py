@@ -3,8 +3,12 @@
 `confsmoe-train --dump-masks` wrote, standardising exactly as the trainer does (docs/TRAIN.md,
 "Standardisation"), and the trainer's metrics (docs/TRAIN.md, "Metrics").
 
-numpy only. The data layout is docs/TRAIN.md's: labels.csv, view<i>_<name>.csv (vector views,
-S = 1), optional split*.csv / avail.csv (the masks file already carries both).
+numpy only. The data layout is docs/TRAIN.md's: labels.csv, view<i>_<name>.csv, optional
+split*.csv / avail.csv (the masks file already carries both). A view is a vector view (S = 1) or a
+sequence view (first line `#tokens=S`, each row S x F values, token-major: token 0's F features,
+then token 1's, ...); S may differ per view. The sweep's floor reads sequence views as flat rows
+of S x F columns (load_folder(..., sequences=True)); the PyTorch reference reads vector views only,
+so by default a sequence view is refused.
 """
 import math
 import os
@@ -15,39 +19,56 @@ import numpy as np
 VIEW_RE = re.compile(r"^view(\d+)_(.+)\.csv$")
 
 
-def _read_numeric_csv(path):
-    rows = []
+def read_view(path):
+    """(x float32 [N, S*F] with NaN for empty cells and empty rows, S) of a view file; a row of a
+    sequence view keeps its token-major order (columns t*F .. t*F + F-1 are token t)."""
+    rows, tokens = [], 1
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
             line = line.strip()
             if line_no == 1 and line.startswith("#tokens="):
-                if int(line[len("#tokens="):]) != 1:
-                    raise ValueError("%s: sequence views are not supported by the sweep helpers" % path)
+                tokens = int(line[len("#tokens="):])
+                if tokens < 1:
+                    raise ValueError("%s: #tokens=%d, must be >= 1" % (path, tokens))
                 continue
             if not line:
                 rows.append(None)  # an empty row: the modality is naturally missing
                 continue
             rows.append([float(v) if v.strip() else math.nan for v in line.split(",")])
     width = max(len(r) for r in rows if r is not None)
+    if width % tokens:
+        raise ValueError("%s: rows of %d values are not #tokens=%d tokens of equal width" % (path, width, tokens))
     x = np.full((len(rows), width), np.nan, np.float32)
     for i, r in enumerate(rows):
         if r is not None:
             x[i, :len(r)] = r
-    return x
+    return x, tokens
 
 
-def load_folder(folder):
-    """(views [M] float32 [N, F_m] with NaN, view file names, labels int64 [N])."""
+def view_files(folder):
+    """The view file names view0_*.csv .. view<M-1>_*.csv of a dataset folder, in order."""
     names = sorted((int(m.group(1)), fn) for fn in os.listdir(folder) for m in [VIEW_RE.match(fn)] if m)
     if not names or [i for i, _ in names] != list(range(len(names))):
         raise ValueError("%s: view files must be view0_*.csv .. view<M-1>_*.csv" % folder)
-    views = [_read_numeric_csv(os.path.join(folder, fn)) for _, fn in names]
+    return [fn for _, fn in names]
+
+
+def load_folder(folder, sequences=False):
+    """(views [M] float32 [N, S_m*F_m] with NaN, view file names, labels int64 [N], tokens [M] = S_m).
+    Without `sequences`, a view with S > 1 is refused (callers that need one token per view)."""
+    files = view_files(folder)
+    read = [read_view(os.path.join(folder, fn)) for fn in files]
+    views, tokens = [x for x, _ in read], [s for _, s in read]
+    for fn, s in zip(files, tokens):
+        if s != 1 and not sequences:
+            raise ValueError("%s: sequence view (#tokens=%d); this reader takes vector views only"
+                             % (os.path.join(folder, fn), s))
     with open(os.path.join(folder, "labels.csv")) as f:
         labels = np.array([int(line.strip()) for line in f if line.strip()], np.int64)
-    for v, (_, fn) in zip(views, names):
+    for v, fn in zip(views, files):
         if v.shape[0] != labels.shape[0]:
             raise ValueError("%s: %d rows, labels.csv has %d" % (fn, v.shape[0], labels.shape[0]))
-    return views, [fn for _, fn in names], labels
+    return views, files, labels, tokens
 
 
 def load_masks(path):
@@ -69,7 +90,9 @@ def load_masks(path):
 def standardise(views, present, train_idx):
     """The trainer's standardisation: per feature, mean and population standard deviation
     over the training rows in which the modality is present after the protocol (NaN cells
-    left out; sd < 1e-8 counts as 1); missing rows become 0, NaN cells in present rows 0."""
+    left out; sd < 1e-8 counts as 1); missing rows become 0, NaN cells in present rows 0.
+    On flat sequence rows each (token, feature) column is one feature here (the floor's
+    choice; the trainer pools a feature over the tokens)."""
     out = []
     for m, x in enumerate(views):
         rows = train_idx[present[train_idx, m] == 1]
@@ -88,7 +111,7 @@ def standardise(views, present, train_idx):
 
 def prepare(folder, masks_path):
     """Everything a trainer needs: standardised views, labels, masks, split index lists."""
-    views, files, labels = load_folder(folder)
+    views, files, labels, _ = load_folder(folder)
     split, natural, present = load_masks(masks_path)
     if split.shape[0] != labels.shape[0] or present.shape[1] != len(views):
         raise ValueError("%s does not match %s" % (masks_path, folder))

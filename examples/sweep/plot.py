@@ -6,8 +6,12 @@
   docs/results_load.svg      expert load (share of the test routing slots per expert) of the
                              confidence gate and of the softmax gate at r = 0.5 on handwritten,
                              one panel per seed (expert indices are not comparable across seeds)
+  with --sequence (presets sequence and collapse, build/sweep-sequence):
+  docs/results_sequence_accuracy.svg   the same accuracy plot on avdigits-hard, r = 0 .. 0.7
+  docs/results_collapse_E<E>_k<k>.svg  per (E, k): load entropy, CV^2 and max-load share of the
+                             training routing per epoch, one line per gate (mean over the seeds)
 
-    examples/sweep/plot.py [--out build/sweep] [--docs docs]
+    examples/sweep/plot.py [--out build/sweep] [--docs docs] [--sequence]
 
 stdlib only (the SVG is written by hand).
 """
@@ -133,7 +137,7 @@ def plot_accuracy(rec, configs, datasets, rates, seeds, path, stats):
         lo, hi = math.floor(lo / 5) * 5, min(100, math.ceil(hi / 5) * 5)
         if hi - lo < 10:
             lo = hi - 10
-        ax = Axes(svg, 75 + di * 330, 60, 250, 300, (-0.03, 0.53), (lo, hi))
+        ax = Axes(svg, 75 + di * 330, 60, 250, 300, (-0.03, max(rates) + 0.03), (lo, hi))
         ax.frame(d, "missing rate r", "test accuracy %" if di == 0 else "", rates, nice_ticks(lo, hi, 6),
                  "%g", "%g")
         for ci, cfg, pts in series:
@@ -196,16 +200,81 @@ def plot_load(rec, dataset, r, seeds, cfgs, path):
     return True
 
 
+COLLAPSE_METRICS = [("load_entropy", "load entropy H(load)/log E", (0.0, 1.0)),
+                    ("load_cv2", "CV² of the expert slots", None),
+                    ("max_load_fraction", "max-load share", (0.0, 1.0))]
+
+
+def plot_collapse(rec, dataset, r, seeds, gates, name, path, title):
+    """Training load per epoch (the trainer's JSON history) of each gate, one panel per metric;
+    `name(gate)` is the configuration of that gate; the mean over the seeds that ran."""
+    series = []
+    for gi, gate in enumerate(gates):
+        hists = [rec[(name(gate), dataset, r, s)]["history"] for s in seeds if (name(gate), dataset, r, s) in rec]
+        hists = [h for h in hists if h]
+        if hists:
+            n = min(len(h) for h in hists)
+            series.append((gi, gate, [[sum(h[e][key] for h in hists) / len(hists) for e in range(n)]
+                                      for key, _, _ in COLLAPSE_METRICS]))
+    if not series:
+        return False
+    W, H = 3 * 330 + 60, 440
+    svg = Svg(W, H)
+    svg.text(W / 2, 22, title, 15, "middle", "bold")
+    epochs = max(len(v[0]) for _, _, v in series)
+    xticks = nice_ticks(1, max(epochs, 2), 6)
+    for mi, (key, label, ylim) in enumerate(COLLAPSE_METRICS):
+        if ylim is None:
+            ylim = (0.0, max(1e-3, 1.05 * max(max(v[mi]) for _, _, v in series)))
+        ax = Axes(svg, 75 + mi * 330, 60, 250, 280, (1, max(epochs, 2)), ylim)
+        ax.frame(label, "epoch", "training routing" if mi == 0 else "", xticks, nice_ticks(ylim[0], ylim[1], 5),
+                 "%g", "%.2f")
+        for gi, gate, values in series:
+            svg.polyline([(ax.px(e + 1), ax.py(v)) for e, v in enumerate(values[mi])], PALETTE[gi % len(PALETTE)])
+    lx, ly = 75, 405
+    for gi, gate, _ in series:
+        svg.line(lx + gi * 200, ly - 4, lx + gi * 200 + 26, ly - 4, PALETTE[gi % len(PALETTE)], 2.5)
+        svg.text(lx + gi * 200 + 32, ly, gate + " gate", 12)
+    svg.save(path)
+    return True
+
+
+def main_sequence(args, sweep):
+    """docs/results_sequence_accuracy.svg and docs/results_collapse_E<E>_k<k>.svg (presets sequence, collapse)."""
+    rec = sweep.collect(args.out)
+    d = sweep.SEQUENCE_DATASET
+    path = os.path.join(args.docs, "results_sequence_accuracy.svg")
+    plot_accuracy(rec, list(sweep.SEQUENCE_CONFIGS) + ["floor"], [d], sweep.SEQUENCE_RATES, args.seeds, path,
+                  sweep.stats)
+    print("wrote", path)
+    for experts, k in sweep.COLLAPSE_SHAPES:
+        path = os.path.join(args.docs, "results_collapse_E%d_k%d.svg" % (experts, k))
+        title = "Expert load over training on %s, r = 0.3, E = %d, k = %d (seeds %s)" % (
+            d, experts, k, ",".join(map(str, args.seeds)))
+        if plot_collapse(rec, d, 0.3, args.seeds, sweep.COLLAPSE_GATES,
+                         lambda g: sweep.collapse_name(g, experts, k), path, title):
+            print("wrote", path)
+        else:
+            print("no collapse runs at E = %d, k = %d: %s not written" % (experts, k, path))
+
+
 def main():
     import sweep
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(ROOT, "build", "sweep"), help="the sweep's results folder")
+    ap.add_argument("--sequence", action="store_true", help="the plots of the presets sequence and collapse")
+    ap.add_argument("--out", default=None, help="the sweep's results folder (default build/sweep; with "
+                    "--sequence build/sweep-sequence)")
     ap.add_argument("--docs", default=os.path.join(ROOT, "docs"), help="where the SVG files go")
     ap.add_argument("--seeds", nargs="+", type=int, default=sweep.SEEDS)
     ap.add_argument("--datasets", nargs="+", default=sweep.DATASETS)
     ap.add_argument("--extra", nargs="*", default=[], help="more configurations to draw (e.g. recommended)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(ROOT, "build", "sweep-sequence" if args.sequence else "sweep")
+    if args.sequence:
+        main_sequence(args, sweep)
+        return
     rec = sweep.collect(args.out)
     configs = list(sweep.PAPER_CONFIGS) + list(args.extra) + ["floor"]
     p1 = os.path.join(args.docs, "results_accuracy.svg")

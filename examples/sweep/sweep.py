@@ -9,6 +9,13 @@ mean +- std tables and writes them into docs/RESULTS.md between markers.
     examples/sweep/sweep.py --quick              # smoke test: 1 seed, r = 0.5, 3 epochs
     examples/sweep/sweep.py --quick --data data --datasets handwritten   # the same on the in-repo data
     examples/sweep/sweep.py --no-run             # only aggregate what is in --out
+    examples/sweep/sweep.py --preset sequence    # AV-digits hard (sequence views), r 0..0.7, + floor
+    examples/sweep/sweep.py --preset collapse    # expert load over training: gates x E x k, r = 0.3
+
+Sequence data. The presets sequence and collapse run on avdigits-hard (DATA/avdigits-hard, made by
+`examples/datasets/avdigits.py --fsdd ../shared/data/fsdd --out DATA/avdigits-hard --hard`; when it is
+absent and --fsdd holds FSDD, the sweep generates it into OUT/data once, saying so). Their runs go
+to build/sweep-sequence; the floor reads each sequence view's row as one flat vector of S x F values.
 
 Data: --data DIR holds one folder per dataset (--datasets, default handwritten, cub and
 scene15). The default DIR is ../shared/data beside the repository, which is not part of it
@@ -86,6 +93,27 @@ REFERENCE_CONFIGS = {
     "confidence+mean-imp": ["--imputation", "mean"],
 }
 TORCH_TRAIN = os.path.join(ROOT, "tests", "reference", "torch_train.py")
+AVDIGITS = os.path.join(ROOT, "examples", "datasets", "avdigits.py")
+
+# Sequence data (issue [K]): AV-digits hard, audio S = 50 x 40 and image S = 16 x 15
+# (examples/datasets/avdigits.py --hard), written by the sweep when absent (sequence_folder).
+SEQUENCE_DATASET = "avdigits-hard"
+SEQUENCE_RATES = [0.0, 0.3, 0.5, 0.7]
+# Hook: write-back variants (confsmoe-train --writeback, issue [K] item 3) are added here, name -> flags.
+SEQUENCE_WRITEBACK_CONFIGS = {}
+SEQUENCE_CONFIGS = dict(PAPER_CONFIGS, recommended=[], **SEQUENCE_WRITEBACK_CONFIGS)
+# Expert collapse (issue [K] item 4): per-epoch training load of each gate at E x k, r = 0.3, 1 seed.
+COLLAPSE_GATES = ["confidence", "softmax", "gaussian", "laplacian"]
+COLLAPSE_SHAPES = [(8, 1), (8, 2), (16, 1), (16, 2)]
+
+
+def collapse_name(gate, experts, k):
+    return "%s_E%d_k%d" % (gate, experts, k)
+
+
+COLLAPSE_CONFIGS = {collapse_name(g, e, k): ["--paper", "--gate", g, "--experts", str(e), "--k", str(k)]
+                    for e, k in COLLAPSE_SHAPES for g in COLLAPSE_GATES}
+# datasets / seeds / out: the preset's defaults where it has them (else DATASETS, SEEDS, build/sweep).
 PRESETS = {
     "paper": dict(configs=PAPER_CONFIGS, rates=RATES, floor=True),
     "reference": dict(configs={}, rates=[0.5], floor=False),
@@ -93,9 +121,39 @@ PRESETS = {
     "study": dict(configs=STUDY_CONFIGS, rates=[0.3, 0.5], floor=False),
     # The trainer's defaults (no flags): the configuration the study selected; every rate.
     "recommended": dict(configs={"recommended": []}, rates=RATES, floor=True),
+    "sequence": dict(configs=SEQUENCE_CONFIGS, rates=SEQUENCE_RATES, floor=True, datasets=[SEQUENCE_DATASET],
+                     out="sweep-sequence"),
+    "collapse": dict(configs=COLLAPSE_CONFIGS, rates=[0.3], floor=False, datasets=[SEQUENCE_DATASET], seeds=[1],
+                     out="sweep-sequence"),
 }
 
 # ----------------------------------------------------------------------------- running
+
+
+def dataset_folder(args, dataset):
+    """DATA/<dataset>, or the folder the sweep generated for it (sequence_folder)."""
+    return args.generated.get(dataset, os.path.join(args.data, dataset))
+
+
+def sequence_folder(args):
+    """Makes SEQUENCE_DATASET available: DATA/avdigits-hard when it exists; else, when the FSDD
+    recordings are at --fsdd, generated once into OUT/data (saying so); else stops naming the command."""
+    folder = os.path.join(args.data, SEQUENCE_DATASET)
+    if os.path.isdir(folder):
+        return
+    made = os.path.join(args.out, "data", SEQUENCE_DATASET)
+    if not os.path.isdir(made):
+        if not os.path.isdir(os.path.join(args.fsdd, "recordings")):
+            sys.exit("sweep.py: no dataset folder %s and no FSDD recordings in %s to make it from; make it with\n"
+                     "  /usr/bin/python3 examples/datasets/avdigits.py --fsdd ../shared/data/fsdd --out %s --hard"
+                     % (folder, args.fsdd, folder))
+        print("sweep: %s is absent; generating it from %s into %s" % (folder, args.fsdd, made), flush=True)
+        cmd = [sys.executable, AVDIGITS, "--fsdd", args.fsdd, "--out", made + ".tmp", "--hard"]
+        p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            sys.exit("sweep.py: %s failed:\n%s" % (" ".join(cmd), p.stderr))
+        os.replace(made + ".tmp", made)
+    args.generated[SEQUENCE_DATASET] = made
 
 
 def rate_tag(r):
@@ -107,7 +165,7 @@ def run_name(dataset, r, seed):
 
 
 def run_cmd(args, flags, dataset, r, seed, json_path):
-    cmd = [args.trainer, "--data", os.path.join(args.data, dataset), "--missing", rate_tag(r), "--seed",
+    cmd = [args.trainer, "--data", dataset_folder(args, dataset), "--missing", rate_tag(r), "--seed",
            str(seed), "--quiet", "--json", json_path] + list(flags)
     if args.quick:
         cmd += ["--epochs", str(args.quick_epochs)]
@@ -143,7 +201,7 @@ def dump_masks(args, dataset, r, seed):
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    cmd = [args.trainer, "--data", os.path.join(args.data, dataset), "--missing", rate_tag(r), "--seed", str(seed),
+    cmd = [args.trainer, "--data", dataset_folder(args, dataset), "--missing", rate_tag(r), "--seed", str(seed),
            "--paper", "--epochs", "0", "--quiet", "--dump-masks", path + ".tmp"]
     p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env1(), text=True)
     if p.returncode != 0:
@@ -197,7 +255,7 @@ def run_reference(args, rates):
                     if os.path.exists(path):
                         continue
                     masks = dump_masks(args, dataset, r, seed)
-                    cmd = [sys.executable, TORCH_TRAIN, "--data", os.path.join(args.data, dataset), "--missing",
+                    cmd = [sys.executable, TORCH_TRAIN, "--data", dataset_folder(args, dataset), "--missing",
                            rate_tag(r), "--seed", str(seed), "--masks", masks, "--threads", "1", "--quiet",
                            "--config-name", name, "--json", path + ".tmp"] + flags
                     if args.quick:
@@ -235,7 +293,7 @@ def run_timing(args, repeats=3, threads=(1, 2)):
                 if impl == "library":
                     cmd = run_cmd(args, ["--paper", "--threads", str(t)], TIMING_DATASET, 0.5, 1, path + ".tmp")
                 else:
-                    cmd = [sys.executable, TORCH_TRAIN, "--data", os.path.join(args.data, TIMING_DATASET),
+                    cmd = [sys.executable, TORCH_TRAIN, "--data", dataset_folder(args, TIMING_DATASET),
                            "--missing", "0.5", "--seed", "1", "--masks", masks, "--threads", str(t), "--quiet",
                            "--no-diagnostics", "--json", path + ".tmp"]
                 env = env1()
@@ -366,24 +424,38 @@ def fit_logreg(X, y, C, l2):
     return lambda Xe: np.hstack([Xe, np.ones((Xe.shape[0], 1))]) @ W
 
 
-def run_floor(folder, masks):
-    t0 = time.time()
-    data = mvdata.prepare(folder, masks)
-    X = np.hstack(data["views"]).astype(np.float64)
-    y, C, idx = data["labels"], data["n_classes"], data["idx"]
+def fit_floor(views, labels, split, present, use=None):
+    """The floor on the views in `use` (indices; default all) under the masks: mean imputation
+    (mvdata.standardise), a sequence view's row taken as one flat vector of its S x F values;
+    a fit per L2 of FLOOR_L2 on train, the best on validation, evaluated once on test."""
+    use = list(range(len(views))) if use is None else list(use)
+    idx = {s: np.nonzero(split == s)[0] for s in ("train", "val", "test")}
+    X = np.hstack([z for m, z in enumerate(mvdata.standardise(views, present, idx["train"])) if m in use])
+    X = X.astype(np.float64)
+    C = int(labels.max()) + 1
     best = None
     val_scores = {}
     for l2 in FLOOR_L2:
-        predict = fit_logreg(X[idx["train"]], y[idx["train"]], C, l2)
-        v = mvdata.metrics(predict(X[idx["val"]]), y[idx["val"]], C)
-        val_scores["%g" % l2] = v["accuracy"]
-        if best is None or v["accuracy"] > best[0]:  # ties: the smaller l2 (first)
-            best = (v["accuracy"], l2, predict)
-    test = mvdata.metrics(best[2](X[idx["test"]]), y[idx["test"]], C)
-    return dict(method="mean imputation + multinomial logistic regression (L2, L-BFGS)", masks=masks,
-                l2=best[1], val_accuracy=best[0], val_accuracy_per_l2=val_scores, test=test,
-                n_train=len(idx["train"]), n_val=len(idx["val"]), n_test=len(idx["test"]),
-                seconds=time.time() - t0)
+        predict = fit_logreg(X[idx["train"]], labels[idx["train"]], C, l2)
+        val = mvdata.metrics(predict(X[idx["val"]]), labels[idx["val"]], C)["accuracy"]
+        val_scores["%g" % l2] = val
+        if best is None or val > best[0]:  # ties: the smaller l2 (first)
+            best = (val, l2, predict)
+    test = mvdata.metrics(best[2](X[idx["test"]]), labels[idx["test"]], C)
+    return dict(features=int(X.shape[1]), l2=best[1], val_accuracy=best[0], val_accuracy_per_l2=val_scores,
+                test=test, n_train=len(idx["train"]), n_val=len(idx["val"]), n_test=len(idx["test"]))
+
+
+def run_floor(folder, masks):
+    """The floor on a dataset folder (vector or sequence views) under the trainer's masks file."""
+    t0 = time.time()
+    views, _, labels, tokens = mvdata.load_folder(folder, sequences=True)
+    split, _, present = mvdata.load_masks(masks)
+    if split.shape[0] != labels.shape[0] or present.shape[1] != len(views):
+        raise ValueError("%s does not match %s" % (masks, folder))
+    res = fit_floor(views, labels, split, present)
+    return dict(method="mean imputation + multinomial logistic regression (L2, L-BFGS) on the flattened tokens",
+                masks=masks, tokens=tokens, seconds=time.time() - t0, **res)
 
 
 def floor_all(args, rates):
@@ -403,7 +475,7 @@ def floor_all(args, rates):
 
     def one(t):
         dataset, r, seed, path = t
-        res = run_floor(os.path.join(args.data, dataset), masks_path(args, dataset, r, seed))
+        res = run_floor(dataset_folder(args, dataset), masks_path(args, dataset, r, seed))
         res.update(dataset=dataset, missing=r, seed=seed)
         with open(path + ".tmp", "w") as f:
             json.dump(res, f, indent=1)
@@ -444,7 +516,8 @@ def collect(out):
                     macro_auroc=j["test"]["macro_auroc"], load_entropy=j["experts"]["load_entropy"],
                     load=j["experts"]["load"], val_accuracy=val, seconds=j["seconds"], best_epoch=j["best_epoch"],
                     epochs=len(hist), train_accuracy=hist[-1]["train_accuracy"] if hist else math.nan,
-                    n=(j["n_train"], j["n_val"], j["n_test"]))
+                    history=hist, load_cv2=j["experts"]["load_cv2"],
+                    max_load_fraction=j["experts"]["max_load_fraction"], n=(j["n_train"], j["n_val"], j["n_test"]))
     for sub, name in (("floor", "floor"), ("torch", "pytorch")):
         d = os.path.join(out, sub)
         if not os.path.isdir(d):
@@ -630,22 +703,69 @@ def aggregate(args, rec):
     return blocks
 
 
+def last_epoch(rec, cfg, dataset, r, key, seeds):
+    """`key` of the last epoch's history entry (training routing) of each seed's run."""
+    return [rec[(cfg, dataset, r, s)]["history"][-1][key] for s in seeds
+            if (cfg, dataset, r, s) in rec and rec[(cfg, dataset, r, s)].get("history")]
+
+
+def table_collapse(rec, dataset, r, seeds):
+    """Final-epoch training load per (E, k, gate), the test routing's load and accuracy beside it."""
+    lines = ["| E | k | gate | load entropy, last epoch | CV², last epoch | max-load share, last epoch "
+             "| test load entropy | test max-load share | test accuracy % |", "|---|---|---|---|---|---|---|---|---|"]
+    for experts, k in COLLAPSE_SHAPES:
+        for gate in COLLAPSE_GATES:
+            cfg = collapse_name(gate, experts, k)
+            acc = pick(rec, cfg, dataset, r, "accuracy", seeds)
+            if not acc:
+                continue
+            lines.append("| %d | %d | %s | %s | %s | %s | %s | %s | %s |" % (
+                experts, k, gate, fmt(last_epoch(rec, cfg, dataset, r, "load_entropy", seeds), 1, 3),
+                fmt(last_epoch(rec, cfg, dataset, r, "load_cv2", seeds), 1, 3),
+                fmt(last_epoch(rec, cfg, dataset, r, "max_load_fraction", seeds), 1, 3),
+                fmt(pick(rec, cfg, dataset, r, "load_entropy", seeds), 1, 3),
+                fmt(pick(rec, cfg, dataset, r, "max_load_fraction", seeds), 1, 3), fmt(acc, 100, 1, want_n=len(seeds))))
+    return "\n".join(lines)
+
+
+def aggregate_sequence(args, rec, rates):
+    """The blocks of the sequence preset: test accuracy per (configuration, r) with the floor, the
+    other metrics per rate, the validation accuracy at r = 0.3 and 0.5 (where choices are made)."""
+    cfgs = list(SEQUENCE_CONFIGS) + ["floor"]
+    choose = [r for r in rates if r in (0.3, 0.5)] or rates
+    return {"sequence": table_summary(rec, cfgs, args.datasets, rates, args.seeds),
+            "sequence-detail": "\n\n".join("**%s**\n\n%s" % (d, table_by_dataset(rec, cfgs, d, rates, args.seeds))
+                                            for d in args.datasets),
+            "sequence-validation": table_validation(rec, cfgs, args.datasets, choose, args.seeds)}
+
+
+def aggregate_collapse(args, rec, rates):
+    return {"collapse": "\n\n".join("**%s, r = %g**\n\n%s" % (d, r, table_collapse(rec, d, r, args.seeds))
+                                     for d in args.datasets for r in rates)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trainer", default=os.path.join(ROOT, "build", "examples", "train", "confsmoe-train"))
     ap.add_argument("--data", default=os.path.normpath(os.path.join(ROOT, "..", "shared", "data")),
                     help="folder of the dataset folders (default ../shared/data beside the repository; "
                     "the repository's own: data, with --datasets handwritten)")
-    ap.add_argument("--out", default=None, help="results folder (default build/sweep, build/sweep-quick with --quick)")
+    ap.add_argument("--out", default=None, help="results folder (default build/sweep, or the preset's: "
+                    "build/sweep-sequence for sequence and collapse; with --quick the same + '-quick')")
+    ap.add_argument("--fsdd", default=os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "fsdd")),
+                    help="FSDD, to generate %s into OUT/data when DATA has no such folder (default "
+                    "../shared/data/fsdd beside the repository)" % SEQUENCE_DATASET)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    ap.add_argument("--datasets", nargs="+", default=DATASETS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+    ap.add_argument("--datasets", nargs="+", default=None, help="default: the preset's, else %s" % " ".join(DATASETS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="default: the preset's, else %s (1 with --quick)" % " ".join(map(str, SEEDS)))
     ap.add_argument("--rates", nargs="+", type=float, default=None, help="default: the preset's")
     ap.add_argument("--configs", nargs="+", default=None, help="only these configurations of the preset")
     ap.add_argument("--recommended", default=None,
                     help="flags of the recommended configuration (one string), run as config 'recommended'")
-    ap.add_argument("--quick", action="store_true", help="1 seed, r = 0.5, 3 epochs, nothing written to RESULTS.md")
+    ap.add_argument("--quick", action="store_true", help="1 seed, r = 0.5 (collapse: 0.3), 3 epochs, nothing "
+                    "written to RESULTS.md")
     ap.add_argument("--quick-epochs", type=int, default=3)
     ap.add_argument("--no-run", action="store_true", help="only aggregate")
     ap.add_argument("--fresh", action="store_true", help="empty OUT first, so that every run runs again")
@@ -653,28 +773,33 @@ def main():
     ap.add_argument("--results", default=None, help="the markdown file to update (default docs/RESULTS.md; "
                     "with --quick none)")
     args = ap.parse_args()
-    if args.quick:
-        args.seeds = args.seeds if args.seeds != SEEDS else [1]
+    preset = PRESETS[args.preset]
+    args.datasets = args.datasets or preset.get("datasets", DATASETS)
+    args.seeds = args.seeds or ([1] if args.quick else preset.get("seeds", SEEDS))
+    args.generated = {}
     if args.out is None:
-        args.out = os.path.join(ROOT, "build", "sweep-quick" if args.quick else "sweep")
+        args.out = os.path.join(ROOT, "build", preset.get("out", "sweep") + ("-quick" if args.quick else ""))
     if args.results is None and not args.quick:
         args.results = os.path.join(ROOT, "docs", "RESULTS.md")
-    preset = PRESETS[args.preset]
     configs = dict(preset["configs"])
     if args.recommended:
         configs = {"recommended": args.recommended.split()} if args.preset == "recommended" else dict(
             configs, recommended=args.recommended.split())
     if args.configs:
         configs = {k: v for k, v in configs.items() if k in args.configs}
-    rates = args.rates or (preset["rates"] if not args.quick else [0.5])
+    quick_rates = [0.5] if 0.5 in preset["rates"] else preset["rates"][:1]
+    rates = args.rates or (quick_rates if args.quick else preset["rates"])
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
+    if SEQUENCE_DATASET in args.datasets and not args.no_run:
+        sequence_folder(args)
 
+    failed = 0
     if not args.no_run:
         if not os.access(args.trainer, os.X_OK):
             sys.exit("sweep.py: no trainer at %s (build it, or pass --trainer)" % args.trainer)
-        absent = [os.path.join(args.data, d) for d in args.datasets if not os.path.isdir(os.path.join(args.data, d))]
+        absent = [dataset_folder(args, d) for d in args.datasets if not os.path.isdir(dataset_folder(args, d))]
         if absent:
             sys.exit("sweep.py: missing dataset folder(s) %s. The repository holds data/handwritten only; cub and "
                      "scene15 are optional, in ../shared/data beside it (docs/TRAIN.md, \"Datasets\"): pass "
@@ -682,25 +807,29 @@ def main():
         if args.preset == "reference":
             failed = run_reference(args, rates)
         elif args.preset == "timing":
-            failed = 0
             run_timing(args)
         else:
             failed = run_all(args, configs, rates)
         if preset["floor"] and not args.no_floor:
             floor_all(args, rates)
-        if failed:
-            print("sweep: %d run(s) failed (see the .log files); rerun to retry" % failed, file=sys.stderr)
 
     rec = collect(args.out)
     bad = check_same_splits(rec)
     if bad:
         sys.exit("sweep.py: split sizes differ between runs:\n  " + "\n  ".join(bad))
-    blocks = aggregate(args, rec)
+    if args.preset == "sequence":
+        blocks = aggregate_sequence(args, rec, rates)
+    elif args.preset == "collapse":
+        blocks = aggregate_collapse(args, rec, rates)
+    else:
+        blocks = aggregate(args, rec)
     for name, body in blocks.items():
         print("\n## %s\n\n%s" % (name, body))
     if args.results:
         done = write_results(args.results, blocks)
         print("\nsweep: updated block(s) %s of %s" % (", ".join(done) or "(none)", args.results))
+    if failed:
+        sys.exit("sweep.py: %d run(s) failed (see the .log files); rerun to retry" % failed)
 
 
 if __name__ == "__main__":
