@@ -19,6 +19,7 @@ typedef struct {
     float dropout;
     int32_t missing;       /* 0: none, 1: one modality missing for every sample, 2: for exactly one sample,
                               3: a random pattern that keeps one modality per sample */
+    int32_t writeback;     /* CONFSMOE_WRITEBACK_* */
 } config;
 
 enum { SEED = 11, CAP = 12 };
@@ -58,6 +59,7 @@ static void setup(const config *c, fixture *f)
     p.multilabel = c->multilabel;
     p.compat = c->compat;
     p.dropout = c->dropout;
+    p.writeback = c->writeback;
     p.draws = 2;
     ck_assert_int_eq(confsmoe_model_create(f->ctx, &p, &f->model), CONFSMOE_OK);
 
@@ -215,23 +217,30 @@ static void check_config(const config *c)
 
 static const config configs[] = {
     {"confidence, two-stage, M=2 S=1, none missing", 2, 1, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 0},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 0, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, two-stage, M=2 S=1, one modality missing for every sample", 2, 1, 4,
-     CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 1},
+     CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 1, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, two-stage, M=2 S=1, missing for exactly one sample", 2, 1, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 2},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 2, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, two-stage, M=6 S=1, random missing", 6, 1, 5, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 3},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 3, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, two-stage, M=3 S=3, random missing, dropout", 3, 3, 3, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3, CONFSMOE_WRITEBACK_LN_IMP},
     {"softmax + CV load loss, mean imputation, M=2 S=2", 2, 2, 4, CONFSMOE_MODEL_GATE_SOFTMAX, CONFSMOE_IMPUTE_MEAN,
-     CONFSMOE_LOAD_LOSS_CV, 0, 0, 0.0f, 2},
+     CONFSMOE_LOAD_LOSS_CV, 0, 0, 0.0f, 2, CONFSMOE_WRITEBACK_LN_IMP},
     {"gaussian, two-stage, multi-label, M=3", 3, 1, 4, CONFSMOE_MODEL_GATE_GAUSSIAN, CONFSMOE_IMPUTE_TWO_STAGE,
-     CONFSMOE_LOAD_LOSS_NONE, 1, 0, 0.0f, 3},
+     CONFSMOE_LOAD_LOSS_NONE, 1, 0, 0.0f, 3, CONFSMOE_WRITEBACK_LN_IMP},
     {"laplacian + entropy loss, two-stage, M=2", 2, 1, 4, CONFSMOE_MODEL_GATE_LAPLACIAN, CONFSMOE_IMPUTE_TWO_STAGE,
-     CONFSMOE_LOAD_LOSS_ENTROPY, 0, 0, 0.0f, 2},
+     CONFSMOE_LOAD_LOSS_ENTROPY, 0, 0, 0.0f, 2, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, compat, M=3 S=2", 3, 2, 4, CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE,
-     CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3},
+     CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3, CONFSMOE_WRITEBACK_LN_IMP},
+    {"confidence, residual write-back, M=2 S=3, one modality missing for every sample", 2, 3, 4,
+     CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 1,
+     CONFSMOE_WRITEBACK_RESIDUAL},
+    {"confidence, residual write-back, M=3 S=2, random missing, dropout", 3, 2, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3, CONFSMOE_WRITEBACK_RESIDUAL},
+    {"softmax, residual write-back, compat, M=3 S=2", 3, 2, 4, CONFSMOE_MODEL_GATE_SOFTMAX,
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3, CONFSMOE_WRITEBACK_RESIDUAL},
 };
 
 START_TEST(test_model_gradients)
