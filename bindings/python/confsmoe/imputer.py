@@ -16,7 +16,9 @@ class Imputer(Layer):
     """Imputer(ctx, d, n_modalities, **options): stage 1 (pool means) and stage 2 (sparse attention).
 
     Options (confsmoe_imputer_params, C defaults): tokens=1, k=2, top_t=0 (auto),
-    renormalize=False, separate_value=False, compat=False. Availability masks are uint8 (or
+    renormalize=False, separate_value=False, compat=False, writeback="ln_imp"|"residual"
+    (missing rows of the output: LN(h + Ihat), or Ihat alone, with no "ln.*" parameters).
+    Availability masks are uint8 (or
     bool) [B, M] with 1 = present."""
 
     _kind = "imputer"
