@@ -435,6 +435,8 @@ typedef struct confsmoe_imputer_params {
     int32_t separate_value;   /* 1: values from their own W_v, b_v (default 0: v = kv) */
     int32_t compat;           /* 1: reference defects: the query is zero unless sample 0 of
                                  the batch misses the modality, and LN runs twice (default 0) */
+    int32_t reserved;         /* 0.2.0's tail padding, never read: the fields since start at
+                                 0.2.0's sizeof (docs/API.md, "Struct versioning") */
     int32_t writeback;        /* what a missing row of the output becomes: CONFSMOE_WRITEBACK_*
                                  (default LN_IMP). With RESIDUAL the imputer has no LayerNorm
                                  and no "ln.*" parameters, and compat changes only the query.
@@ -576,6 +578,8 @@ typedef struct confsmoe_model_params {
                                   a sample whose every modality was dropped keeps one of its
                                   present ones, chosen uniformly (docs/MODEL.md, section 6).
                                   Default 0 (off, as in the paper) */
+    int32_t reserved;          /* 0.2.0's tail padding, never read: the fields since start at
+                                  0.2.0's sizeof (docs/API.md, "Struct versioning") */
     int32_t writeback;         /* CONFSMOE_WRITEBACK_* for a missing (sample, modality) under
                                   two-stage imputation (docs/MODEL.md, section 6): LN_IMP
                                   (0): H_m <- LN_imp(LN3(H_m + F) + Ihat), the MoE output of the

@@ -834,6 +834,22 @@ class TestModelAndOptimizer(unittest.TestCase):
             with self.assertRaises(TypeError):
                 confsmoe.Model(ctx, [5, 4], 3, width=3)
 
+    def test_writeback_option(self):
+        with confsmoe.Context(seed=4) as ctx:
+            ln = self.model(ctx)
+            res = self.model(ctx, writeback="residual")
+            self.assertEqual((ln.options["writeback"], res.options["writeback"]),
+                             (confsmoe.WRITEBACK_LN_IMP, confsmoe.WRITEBACK_RESIDUAL))
+            self.assertNotIn("reserved", res.options)
+            self.assertEqual([n for n in ln.param_names() if not n.startswith("imputer.ln.")], res.param_names())
+            self.assertIn("imputer.ln.weight", ln.param_names())
+            with self.assertRaises(ValueError):
+                self.model(ctx, writeback="both")
+            with self.assertRaises(confsmoe.InvalidArgumentError):
+                self.model(ctx, writeback=2)
+            with self.assertRaises(TypeError):
+                self.model(ctx, reserved=1)
+
     def test_checkpoint_round_trip(self):
         xs, avail, labels = toy_data(30)
         with confsmoe.Context(seed=5) as ctx, tempfile.TemporaryDirectory() as tmp:

@@ -207,6 +207,7 @@ class ImputerParams(ctypes.Structure):
         ("renormalize", ctypes.c_int32),
         ("separate_value", ctypes.c_int32),
         ("compat", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
         ("writeback", ctypes.c_int32),
     ]
 
@@ -254,6 +255,7 @@ class ModelParams(ctypes.Structure):
         ("compat", ctypes.c_int32),
         ("predict_pool_mean", ctypes.c_int32),
         ("modality_dropout", ctypes.c_float),
+        ("reserved", ctypes.c_int32),
         ("writeback", ctypes.c_int32),
     ]
 

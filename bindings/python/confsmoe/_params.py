@@ -24,7 +24,7 @@ FLAGS = {"noisy", "detach_target", "compat", "renormalize", "separate_value", "m
 def _scalar_fields(struct):
     out = {}
     for name, ctype in struct._fields_:
-        if name == "struct_size":
+        if name in ("struct_size", "reserved"):  # reserved: old tail padding, never an option
             continue
         if issubclass(ctype, (ctypes._SimpleCData,)) and ctype not in (ctypes.c_void_p, ctypes.c_char_p):
             out[name] = ctype
