@@ -510,7 +510,8 @@ typedef struct {
     const char *message;
 } bad_param;
 
-static void e_size(confsmoe_imputer_params *p) { p->struct_size -= 4; }
+/* Shorter than the first release's struct (it ended with compat). */
+static void e_size(confsmoe_imputer_params *p) { p->struct_size = offsetof(confsmoe_imputer_params, compat); }
 static void e_size0(confsmoe_imputer_params *p) { p->struct_size = 0; }
 static void e_d0(confsmoe_imputer_params *p) { p->d = 0; }
 static void e_dneg(confsmoe_imputer_params *p) { p->d = -5; }

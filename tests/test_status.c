@@ -117,12 +117,12 @@ END_TEST
 
 START_TEST(test_version_project)
 {
-    /* meson.build declares version 0.2.0. */
+    /* meson.build declares version 0.3.0. */
     ck_assert_int_eq(CONFSMOE_VERSION_MAJOR, 0);
-    ck_assert_int_eq(CONFSMOE_VERSION_MINOR, 2);
+    ck_assert_int_eq(CONFSMOE_VERSION_MINOR, 3);
     ck_assert_int_eq(CONFSMOE_VERSION_PATCH, 0);
-    ck_assert_uint_eq(confsmoe_version_number(), 200);
-    ck_assert_str_eq(confsmoe_version_string(), "0.2.0");
+    ck_assert_uint_eq(confsmoe_version_number(), 300);
+    ck_assert_str_eq(confsmoe_version_string(), "0.3.0");
 }
 END_TEST
 
