@@ -27,10 +27,11 @@
  *   A failed call changes no state. The library never aborts or exits.
  * - Threads: use a ctx (and everything created from it, destroy included) from
  *   one thread at a time. Different ctxs may be used concurrently. A ctx may run
- *   work on threads of the library's own (confsmoe_ctx_params.n_threads; the
- *   environment variable CONFSMOE_NUM_THREADS is the fallback when it is 0),
- *   which it starts at first use and joins when it is freed; BLIS threading
- *   follows the host's BLIS_NUM_THREADS / OMP_NUM_THREADS outside them.
+ *   its work on threads of the library's own as well (confsmoe_ctx_params.n_threads;
+ *   the environment variable CONFSMOE_NUM_THREADS is the fallback when it is 0):
+ *   the calling thread's OpenMP team, or a pool of the ctx's own, started at first
+ *   use (docs/API.md, "Threads"). BLIS threading follows the host's
+ *   BLIS_NUM_THREADS / OMP_NUM_THREADS outside them.
  * - Tensors are dense, row-major and contiguous. Dimensions are int64_t.
  * - Options structs are sized: each starts with size_t struct_size, the size of the
  *   struct the caller was compiled with. confsmoe_X_params_init(p) is a macro that
@@ -157,12 +158,13 @@ typedef struct confsmoe_ctx_params {
                                             in its function pointers if given, and
                                             stays in use until the last object of
                                             the ctx is destroyed. */
-    int32_t n_threads;           /* threads of the library's own for everything created
-                                    from this ctx, the caller's included: 1 = none,
-                                    at most 64. 0 (default): the environment variable
-                                    CONFSMOE_NUM_THREADS as it is at create (capped at
-                                    64), else 1. Results do not depend on it (docs/API.md,
-                                    "Threads"). Since 0.2.0. */
+    int32_t n_threads;           /* how many threads the calls on this ctx's objects
+                                    run on, the calling thread included: 1 = none
+                                    of the library's own; at most 64. 0 (default):
+                                    the environment variable CONFSMOE_NUM_THREADS as
+                                    it is at create (capped at 64), else 1. Results
+                                    do not depend on it (docs/API.md, "Threads").
+                                    Since 0.2.0. */
 } confsmoe_ctx_params;
 
 /* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
@@ -308,6 +310,9 @@ typedef struct confsmoe_gate_params {
     size_t struct_size;       /* the caller's sizeof(confsmoe_gate_params), set by _init() */
     int64_t d;                /* token width; every expert's d (required, no default) */
     int32_t k;                /* experts per token, 1 <= k <= E (default 2) */
+    /* Settings from a CONFSMOE_* list are int32_t, not enum types, in every public struct: an
+     * enum's size is the compiler's choice, and the ABI baseline (abi/) and the bindings
+     * (ctypes, C++) fix these fields at 4 bytes. */
     int32_t router;           /* CONFSMOE_ROUTER_* (default SOFTMAX) */
     int32_t noisy;            /* 1: noisy top-k in training, u += eps (softplus(z W_noise) + 0.01),
                                  eps ~ N(0, 1) from the ctx RNG (default 0) */
@@ -406,10 +411,18 @@ CONFSMOE_API void confsmoe_gate_stats_reset(confsmoe_gate *g);
  *   q_s     = W_q mean_j Y_m[b,s,j] + b_q
  *   kv_tj   = W_k Y_m'[b,t,j] + b_k      (t over the tokens of present m' != m)
  *   a[s,t,j]= softmax_t(q_s . kv_tj / sqrt(d)), top T per (s, j), others 0
- *   H_m[b,s] <- LN(H_m[b,s] + sum_j sum_t a[s,t,j] v_tj)   (v = kv, or W_v Y + b_v)
+ *   Ihat[b,s] = sum_j sum_t a[s,t,j] v_tj                  (v = kv, or W_v Y + b_v)
+ *   H_m[b,s] <- LN(H_m[b,s] + Ihat[b,s])     (writeback CONFSMOE_WRITEBACK_LN_IMP)
+ *   H_m[b,s] <- Ihat[b,s]                    (writeback CONFSMOE_WRITEBACK_RESIDUAL: the
+ *                                             host adds its residual and normalises)
  * The top-T indices are constants in backward. Availability masks are u8 [B, M]
  * with 1 = present; no other layout is accepted. */
 typedef struct confsmoe_imputer confsmoe_imputer;
+
+/* The post-imputation write-back of a missing (sample, modality) (docs/MODEL.md, sections 5
+ * and 6). Since 0.3.0. */
+#define CONFSMOE_WRITEBACK_LN_IMP   0 /* the imputer's own LayerNorm over h + Ihat */
+#define CONFSMOE_WRITEBACK_RESIDUAL 1 /* Ihat alone; a model puts LN3(H_pre + Ihat) there */
 
 typedef struct confsmoe_imputer_params {
     size_t struct_size;       /* the caller's sizeof(confsmoe_imputer_params), set by _init() */
@@ -422,6 +435,12 @@ typedef struct confsmoe_imputer_params {
     int32_t separate_value;   /* 1: values from their own W_v, b_v (default 0: v = kv) */
     int32_t compat;           /* 1: reference defects: the query is zero unless sample 0 of
                                  the batch misses the modality, and LN runs twice (default 0) */
+    int32_t reserved;         /* 0.2.0's tail padding, never read: the fields since start at
+                                 0.2.0's sizeof (docs/API.md, "Struct versioning") */
+    int32_t writeback;        /* what a missing row of the output becomes: CONFSMOE_WRITEBACK_*
+                                 (default LN_IMP). With RESIDUAL the imputer has no LayerNorm
+                                 and no "ln.*" parameters, and compat changes only the query.
+                                 Since 0.3.0 */
 } confsmoe_imputer_params;
 
 /* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
@@ -441,7 +460,8 @@ CONFSMOE_API confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_
 
 /* Stage 2. h [B, M S, d] (the layer output, tokens of modality m at m S .. m S + S - 1),
  * slots [M, B S, k, d] (the gate's slots output of each modality's call), avail
- * u8 [B, M]. out [B, M S, d] is h with the missing rows imputed; it may be h itself.
+ * u8 [B, M]. out [B, M S, d] is h with the missing rows imputed (LN(h + Ihat), or Ihat
+ * with writeback RESIDUAL, when those rows of out do not depend on h); it may be h itself.
  * saved != NULL keeps what backward needs. */
 CONFSMOE_API confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_tensor *h,
                                                       const confsmoe_tensor *slots, const confsmoe_tensor *avail,
@@ -453,7 +473,7 @@ CONFSMOE_API confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, co
                                                        confsmoe_tensor *dslots);
 
 /* Parameters: "q.w" [d, d], "q.b" [d], "kv.w" [d, d], "kv.b" [d], then "v.w", "v.b"
- * with separate_value, then "ln.weight" [d], "ln.bias" [d]. */
+ * with separate_value, then "ln.weight" [d], "ln.bias" [d] (not with writeback RESIDUAL). */
 CONFSMOE_API int32_t confsmoe_imputer_n_params(const confsmoe_imputer *imp);
 CONFSMOE_API const char *confsmoe_imputer_param_name(const confsmoe_imputer *imp, int32_t i);
 CONFSMOE_API confsmoe_tensor *confsmoe_imputer_param(confsmoe_imputer *imp, int32_t i);
@@ -502,7 +522,8 @@ CONFSMOE_API confsmoe_status confsmoe_optim_set_lr(confsmoe_optim *o, float lr);
  *   tokens_m = Linear(F_m, d)(x_m)            (x_m stage-1 imputed where missing)
  *   X = concat_m tokens_m + P_pos;  H = X + Dropout(MHA(LN1(X)))
  *   per modality: H_m <- LN3(H_m + MoE(LN2(H_m)))      (one gate, shared experts)
- *   stage-2 imputation of missing (b, m);  r = Linear(M d, d)(concat_m mean_s H_m)
+ *   stage-2 imputation of missing (b, m) (writeback: LN_imp(that + Ihat), or LN3(H_m + Ihat))
+ *   r = Linear(M d, d)(concat_m mean_s H_m)
  *   logits = Linear(d, C)(LN(r));  loss = CE (or BCE) + L_conf (+ load loss)
  * Inputs are M tensors x_m [B, S, F_m] (or [B, F_m] when S = 1), the mask
  * avail u8 [B, M] (1 = present) and labels i32 [B] (or u8 [B, C] multi-label). */
@@ -557,6 +578,15 @@ typedef struct confsmoe_model_params {
                                   a sample whose every modality was dropped keeps one of its
                                   present ones, chosen uniformly (docs/MODEL.md, section 6).
                                   Default 0 (off, as in the paper) */
+    int32_t reserved;          /* 0.2.0's tail padding, never read: the fields since start at
+                                  0.2.0's sizeof (docs/API.md, "Struct versioning") */
+    int32_t writeback;         /* CONFSMOE_WRITEBACK_* for a missing (sample, modality) under
+                                  two-stage imputation (docs/MODEL.md, section 6): LN_IMP
+                                  (0): H_m <- LN_imp(LN3(H_m + F) + Ihat), the MoE output of the
+                                  stage-1 token enters and two LayerNorms follow; RESIDUAL:
+                                  H_m <- LN3(H_m + Ihat), the imputation in place of the expert
+                                  mixture, and the imputer has no "imputer.ln.*". No effect
+                                  with mean imputation. Default LN_IMP. Since 0.3.0 */
 } confsmoe_model_params;
 
 /* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
