@@ -71,6 +71,10 @@ static confsmoe_status imputer_check_params(confsmoe_ctx *ctx, const confsmoe_im
     if (!imputer_is_flag(p->renormalize) || !imputer_is_flag(p->separate_value) || !imputer_is_flag(p->compat))
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
                         "%s: renormalize, separate_value and compat must be 0 or 1", fn);
+    if (p->writeback != CONFSMOE_WRITEBACK_LN_IMP && p->writeback != CONFSMOE_WRITEBACK_RESIDUAL)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                        "%s: writeback is %" PRId32 ", must be CONFSMOE_WRITEBACK_LN_IMP (0) or _RESIDUAL (1)", fn,
+                        p->writeback);
     /* The tensors the imputer accepts must be describable: L k d (one slot row per token and
      * slot, per sample, L = sum_m S_m) fits in int64 for one sample, and d x d fits for the weights. */
     const int64_t M = p->n_modalities, k = p->k, d = p->d;
@@ -149,6 +153,9 @@ confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_impute
     for (int r = 0; r < N_ROLES; r++) {
         if ((r == V_W || r == V_B) && !p->separate_value)
             continue;
+        /* The residual write-back leaves the normalisation to the host: no LayerNorm here. */
+        if ((r == LN_W || r == LN_B) && p->writeback == CONFSMOE_WRITEBACK_RESIDUAL)
+            continue;
         const bool matrix = r == Q_W || r == KV_W || r == V_W;
         s = csm_params_new(ctx, &imp->params, role_names[r], matrix ? 2 : 1, d, d, &imp->param[r]);
         if (s != CONFSMOE_OK) {
@@ -162,7 +169,7 @@ confsmoe_status confsmoe_imputer_create(confsmoe_ctx *ctx, const confsmoe_impute
     for (int r = Q_W; r <= V_B; r++)
         if (imp->param[r])
             csm_fill_uniform(ctx, imp->param[r], bound);
-    for (int64_t c = 0; c < d; c++)
+    for (int64_t c = 0; imp->param[LN_W] && c < d; c++)
         csm_f32(imp->param[LN_W])[c] = 1.0f;
     *out = imp;
     return CONFSMOE_OK;
@@ -336,7 +343,7 @@ static imputer_saved *imputer_saved_parts(csm_layout *l, const confsmoe_imputer 
 {
     const size_t d = (size_t)imp->p.d, nq = (size_t)z->nq, nk = (size_t)z->nk;
     const size_t na = (size_t)z->na;
-    const bool compat = imp->p.compat;
+    const bool compat = imp->p.compat, ln = imp->p.writeback == CONFSMOE_WRITEBACK_LN_IMP;
     imputer_saved *header = CSM_LAYOUT_ARRAY(l, imputer_saved, 1);
     view->pairs = CSM_LAYOUT_ARRAY(l, missing_pair, (size_t)z->n_pairs);
     view->plans = CSM_LAYOUT_ARRAY(l, sample_plan, (size_t)z->n_samples);
@@ -350,11 +357,11 @@ static imputer_saved *imputer_saved_parts(csm_layout *l, const confsmoe_imputer 
     view->w = CSM_LAYOUT_ARRAY(l, float, na);
     view->keep = CSM_LAYOUT_ARRAY(l, uint8_t, na);
     view->x_pre = CSM_LAYOUT_ROWS(l, float, nq, d);
-    view->mean1 = CSM_LAYOUT_ARRAY(l, float, nq);
-    view->rstd1 = CSM_LAYOUT_ARRAY(l, float, nq);
-    view->y1 = compat ? CSM_LAYOUT_ROWS(l, float, nq, d) : NULL;
-    view->mean2 = compat ? CSM_LAYOUT_ARRAY(l, float, nq) : NULL;
-    view->rstd2 = compat ? CSM_LAYOUT_ARRAY(l, float, nq) : NULL;
+    view->mean1 = ln ? CSM_LAYOUT_ARRAY(l, float, nq) : NULL;
+    view->rstd1 = ln ? CSM_LAYOUT_ARRAY(l, float, nq) : NULL;
+    view->y1 = ln && compat ? CSM_LAYOUT_ROWS(l, float, nq, d) : NULL;
+    view->mean2 = ln && compat ? CSM_LAYOUT_ARRAY(l, float, nq) : NULL;
+    view->rstd2 = ln && compat ? CSM_LAYOUT_ARRAY(l, float, nq) : NULL;
     *rank = CSM_LAYOUT_ARRAY(l, uint64_t, (size_t)z->max_cand); /* keep_top's ranking scratch */
     return header;
 }
@@ -438,7 +445,11 @@ static void imputer_gather(const confsmoe_imputer *imp, imputer_saved *s, const 
             s->pairs[pair] = (missing_pair){b, q_row, (int32_t)m, imp->p.compat && avail[m]};
             for (int64_t t = 0; t < imp->tokens[m]; t++) {
                 const int64_t r = q_row + t;
-                memcpy(s->x_pre + r * d, h + (b * L + imp->offset[m] + t) * d, (size_t)d * sizeof(float));
+                /* x_pre starts as the residual h, or as 0 when the row becomes Ihat alone. */
+                if (imp->p.writeback == CONFSMOE_WRITEBACK_LN_IMP)
+                    memcpy(s->x_pre + r * d, h + (b * L + imp->offset[m] + t) * d, (size_t)d * sizeof(float));
+                else
+                    memset(s->x_pre + r * d, 0, (size_t)d * sizeof(float));
                 /* Mean over the k slots, in double. */
                 const float *y = slots + (B * imp->offset[m] + b * imp->tokens[m] + t) * k * d;
                 for (int64_t c = 0; c < d; c++) {
@@ -536,7 +547,8 @@ static void keep_top(const float *p, int64_t L, int64_t kept, bool renormalize, 
         w[c] = keep[c] ? p[c] * scale : 0.0f;
 }
 
-/* Queries, keys, values, attention and the residual x_pre = h + Ihat, for every missing token. */
+/* Queries, keys, values, attention and x_pre = h + Ihat (Ihat with the residual write-back),
+ * for every missing token. */
 static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64_t *rank)
 {
     const int64_t k = imp->p.k, d = imp->p.d;
@@ -556,7 +568,7 @@ static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64
     for (int64_t i = 0; i < s->n_samples; i++) {
         const sample_plan *plan = &s->plans[i];
         const int64_t nq = plan->n_query, L = plan->n_cand;
-        /* No other modality present: nothing to attend to, Ihat = 0 and the rows get LN(h) alone. */
+        /* No other modality present: nothing to attend to, Ihat = 0 (the rows get LN(h), or 0). */
         if (L == 0)
             continue;
         const float *q = s->q + plan->q_row * d;
@@ -608,12 +620,15 @@ confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_t
 
     if (out->data != h->data && h->nbytes > 0)
         memmove(out->data, h->data, h->nbytes);
-    const float *gamma = csm_f32(imp->param[LN_W]), *beta = csm_f32(imp->param[LN_B]);
+    const bool ln = imp->p.writeback == CONFSMOE_WRITEBACK_LN_IMP;
+    const float *gamma = ln ? csm_f32(imp->param[LN_W]) : NULL, *beta = ln ? csm_f32(imp->param[LN_B]) : NULL;
     const int64_t L = imp->offset[imp->p.n_modalities];
     for (int64_t i = 0; i < s->n_pairs; i++) {
         const int64_t r = s->pairs[i].q_row, S = imp->tokens[s->pairs[i].m];
         float *dst = csm_f32(out) + (s->pairs[i].b * L + imp->offset[s->pairs[i].m]) * d;
-        if (imp->p.compat) {
+        if (!ln) {
+            memcpy(dst, s->x_pre + r * d, (size_t)(S * d) * sizeof(float));
+        } else if (imp->p.compat) {
             /* compat: the reference normalised imputed rows twice with the same LayerNorm. */
             csm_layernorm_forward(s->x_pre + r * d, gamma, beta, s->y1 + r * d, s->mean1 + r, s->rstd1 + r, S, d,
                                   LN_EPS);

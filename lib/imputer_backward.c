@@ -142,15 +142,21 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
     for (int64_t i = 0; i < s->n_pairs; i++)
         memcpy(w.d_a + s->pairs[i].q_row * d, gout + (s->pairs[i].b * L + imp->offset[s->pairs[i].m]) * d,
                (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float));
-    const float *gamma = csm_f32(imp->param[LN_W]);
-    float *dgamma = csm_f32(imp->grad[LN_W]), *dbeta = csm_f32(imp->grad[LN_B]);
     float *dihat = w.d_b, *spare = w.d_a;
-    if (imp->p.compat) {
+    if (imp->p.writeback == CONFSMOE_WRITEBACK_RESIDUAL) {
+        /* The rows were Ihat itself. */
+        dihat = w.d_a;
+        spare = w.d_b;
+    } else if (imp->p.compat) {
+        const float *gamma = csm_f32(imp->param[LN_W]);
+        float *dgamma = csm_f32(imp->grad[LN_W]), *dbeta = csm_f32(imp->grad[LN_B]);
         csm_layernorm_backward(s->y1, s->mean2, s->rstd2, gamma, w.d_a, w.d_b, dgamma, dbeta, s->nq, d, false);
         csm_layernorm_backward(s->x_pre, s->mean1, s->rstd1, gamma, w.d_b, w.d_a, dgamma, dbeta, s->nq, d, false);
         dihat = w.d_a;
         spare = w.d_b;
     } else {
+        const float *gamma = csm_f32(imp->param[LN_W]);
+        float *dgamma = csm_f32(imp->grad[LN_W]), *dbeta = csm_f32(imp->grad[LN_B]);
         csm_layernorm_backward(s->x_pre, s->mean1, s->rstd1, gamma, w.d_a, w.d_b, dgamma, dbeta, s->nq, d, false);
     }
 
@@ -203,9 +209,16 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
     if (dh) {
         if (dh->data != dout->data && dout->nbytes > 0)
             memmove(dh->data, dout->data, dout->nbytes);
-        for (int64_t i = 0; i < s->n_pairs; i++)
-            memcpy(csm_f32(dh) + (s->pairs[i].b * L + imp->offset[s->pairs[i].m]) * d, dihat + s->pairs[i].q_row * d,
-                   (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float));
+        /* The residual write-back's rows do not depend on h. */
+        const bool residual = imp->p.writeback == CONFSMOE_WRITEBACK_RESIDUAL;
+        for (int64_t i = 0; i < s->n_pairs; i++) {
+            float *dst = csm_f32(dh) + (s->pairs[i].b * L + imp->offset[s->pairs[i].m]) * d;
+            const size_t bytes = (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float);
+            if (residual)
+                memset(dst, 0, bytes);
+            else
+                memcpy(dst, dihat + s->pairs[i].q_row * d, bytes);
+        }
     }
     csm_lent_free(imp->ctx, imp->arena, block, block_bytes);
     return CONFSMOE_OK;

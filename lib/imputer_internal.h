@@ -7,7 +7,8 @@
 #include "internal.h"
 #include "params.h"
 
-/* Parameters by role; V_W and V_B exist only with separate_value. */
+/* Parameters by role; V_W and V_B exist only with separate_value, LN_W and LN_B only with the
+ * LN_IMP write-back. */
 enum { Q_W, Q_B, KV_W, KV_B, V_W, V_B, LN_W, LN_B, N_ROLES };
 
 struct confsmoe_imputer {
@@ -65,8 +66,8 @@ typedef struct {
     float *p;                /* [na] softmax over the candidates */
     float *w;                /* [na] kept (and maybe renormalised) weights, 0 elsewhere */
     uint8_t *keep;           /* [na] 1 = in the top T */
-    float *x_pre;            /* [nq, d] h + Ihat */
-    float *mean1, *rstd1;    /* [nq] LayerNorm of x_pre */
+    float *x_pre;            /* [nq, d] h + Ihat (Ihat with the residual write-back) */
+    float *mean1, *rstd1;    /* [nq] LayerNorm of x_pre (NULL with the residual write-back) */
     float *y1;               /* [nq, d] compat: the first LayerNorm's output */
     float *mean2, *rstd2;    /* [nq] compat: the second LayerNorm */
 } imputer_saved;

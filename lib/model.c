@@ -108,6 +108,10 @@ static confsmoe_status model_check_params(confsmoe_ctx *ctx, const confsmoe_mode
     if (p->predict_pool_mean != 0 && p->predict_pool_mean != 1)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: predict_pool_mean is %" PRId32 ", must be 0 or 1", fn,
                         p->predict_pool_mean);
+    if (p->writeback != CONFSMOE_WRITEBACK_LN_IMP && p->writeback != CONFSMOE_WRITEBACK_RESIDUAL)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                        "%s: writeback is %" PRId32 ", must be CONFSMOE_WRITEBACK_LN_IMP (0) or _RESIDUAL (1)", fn,
+                        p->writeback);
     /* The gate and the imputer check the rest of their options when they are created. */
     return CONFSMOE_OK;
 }
@@ -218,6 +222,7 @@ static confsmoe_status model_build(confsmoe_model *model)
         ip.renormalize = p->renormalize;
         ip.separate_value = p->separate_value;
         ip.compat = p->compat;
+        ip.writeback = p->writeback;
         if ((s = confsmoe_imputer_create(ctx, &ip, &model->imputer)) != CONFSMOE_OK ||
             (s = csm_params_borrow_all(ctx, &model->params, "imputer", csm_imputer_param_list(model->imputer))) !=
                 CONFSMOE_OK)
@@ -387,6 +392,7 @@ static void model_workspace_parts(csm_layout *l, const confsmoe_model *model, wo
     w->tok_labels = CSM_LAYOUT_ARRAY(l, int32_t, b * S);
     w->tok_multi_labels = CSM_LAYOUT_ROWS(l, uint8_t, b * S, C);
     w->tok_present = CSM_LAYOUT_ARRAY(l, uint8_t, b * S);
+    w->avail = CSM_LAYOUT_ARRAY(l, uint8_t, b * M);
     w->gate_weight = CSM_LAYOUT_ARRAY(l, float, M);
     w->gate_saved = CSM_LAYOUT_ARRAY(l, confsmoe_saved *, M);
     /* Backward reads forward's attention draws rather than drawing them again: 1 byte per
@@ -556,6 +562,28 @@ static confsmoe_status model_moe_forward(confsmoe_model *model, const confsmoe_t
     return s;
 }
 
+/* The residual write-back (docs/MODEL.md, section 6): each missing (b, m) row of H2 holds Ihat
+ * from the imputer and becomes LN3(H_m + Ihat); from then on sum_ and LN3's statistics of
+ * that row are this LayerNorm's, for backward. The MoE output of the row is not used. */
+static void model_residual_writeback(confsmoe_model *model, workspace *w)
+{
+    const int32_t M = model->p.n_modalities;
+    const int64_t B = w->B, L = model->tokens_total, d = model->p.d;
+    const float *gamma = csm_f32(model->ln3.weight), *beta = csm_f32(model->ln3.bias);
+    for (int32_t m = 0; m < M; m++) {
+        const int64_t S = model->tokens[m], rows = B * S, first_row = B * model->token_offset[m];
+        float *stats = w->ln3_stats + 2 * first_row;
+        for (int64_t b = 0; b < B; b++) {
+            if (w->avail[b * M + m])
+                continue;
+            /* The S tokens of (b, m) are contiguous rows in every array. */
+            float *sum = w->sum_ + (first_row + b * S) * d, *h = w->H2 + (b * L + model->token_offset[m]) * d;
+            csm_add(sum, w->Hm + (first_row + b * S) * d, h, S * d);
+            csm_layernorm_forward(sum, gamma, beta, h, stats + b * S, stats + rows + b * S, S, d, LN_EPS);
+        }
+    }
+}
+
 static void model_readout_forward(confsmoe_model *model, workspace *w)
 {
     const int32_t M = model->p.n_modalities;
@@ -585,6 +613,7 @@ confsmoe_status csm_model_forward(confsmoe_model *model, const confsmoe_tensor *
     confsmoe_status s = model_stage_one(model, inputs, avail, w);
     if (s != CONFSMOE_OK)
         return s;
+    memcpy(w->avail, avail->data, (size_t)(B * M));
     for (int32_t m = 0; m < M; m++) {
         csm_linear_forward(&model->enc[m], w->x[m], B * model->tokens[m], w->tok);
         model_scatter_modality(model, w->tok, w->X, B, m);
@@ -610,6 +639,8 @@ confsmoe_status csm_model_forward(confsmoe_model *model, const confsmoe_tensor *
         confsmoe_tensor_destroy(out);
         if (s != CONFSMOE_OK)
             return s;
+        if (model->p.writeback == CONFSMOE_WRITEBACK_RESIDUAL)
+            model_residual_writeback(model, w);
     }
     model_readout_forward(model, w);
     return CONFSMOE_OK;
@@ -654,7 +685,24 @@ void *csm_model_gradients_alloc(confsmoe_model *model, int64_t B, gradients *g)
     return block;
 }
 
-static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, gradients *g)
+/* The residual write-back's first part: LN3 backward of every row, dH3 -> dH2, the gradient of
+ * LN3's input H_m + F (present rows) or H_m + Ihat (missing rows). */
+static void model_ln3_backward(confsmoe_model *model, workspace *w, gradients *g)
+{
+    const int64_t B = w->B, d = model->p.d;
+    for (int32_t m = 0; m < model->p.n_modalities; m++) {
+        const int64_t rows = B * model->tokens[m], first_row = B * model->token_offset[m];
+        model_gather_modality(model, g->dH3, g->dtok, B, m);
+        model_layernorm_backward(&model->ln3, &model->params, w->sum_ + first_row * d, w->ln3_stats + 2 * first_row,
+                                 g->dtok, rows, d, g->dsum, false);
+        model_scatter_modality(model, g->dsum, g->dH2, B, m);
+    }
+}
+
+/* dH2 -> dH through the MoE layer. dH2 is the gradient of LN3's output, or with
+ * after_ln3 (the residual write-back) already that of its input, whose missing rows took
+ * Ihat in place of the MoE output F: F gets no gradient there. */
+static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, gradients *g, bool after_ln3)
 {
     const int32_t M = model->p.n_modalities;
     const int64_t B = w->B, d = model->p.d, k = model->p.k;
@@ -662,12 +710,23 @@ static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, g
     confsmoe_status s = CONFSMOE_OK;
     for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
         const int64_t rows = B * model->tokens[m], first_row = B * model->token_offset[m];
+        const int64_t S = model->tokens[m];
         const float *Hm = w->Hm + first_row * d, *sum = w->sum_ + first_row * d;
-        /* H_m <- LN3(H_m + F): both terms get the same gradient. */
-        model_gather_modality(model, g->dH2, g->dtok, B, m);
-        model_layernorm_backward(&model->ln3, params, sum, w->ln3_stats + 2 * first_row, g->dtok, rows, d, g->dsum,
-                                 false);
-        const csm_gate_grad_call call = {w->gate_saved[m], g->dsum, g->dslots + first_row * k * d, w->gate_weight[m],
+        const float *dF = g->dsum;
+        if (after_ln3) {
+            model_gather_modality(model, g->dH2, g->dsum, B, m);
+            memcpy(g->dtok, g->dsum, (size_t)(rows * d) * sizeof(float));
+            for (int64_t b = 0; b < B; b++)
+                if (!w->avail[b * M + m])
+                    memset(g->dtok + b * S * d, 0, (size_t)(S * d) * sizeof(float));
+            dF = g->dtok;
+        } else {
+            /* H_m <- LN3(H_m + F): both terms get the same gradient. */
+            model_gather_modality(model, g->dH2, g->dtok, B, m);
+            model_layernorm_backward(&model->ln3, params, sum, w->ln3_stats + 2 * first_row, g->dtok, rows, d,
+                                     g->dsum, false);
+        }
+        const csm_gate_grad_call call = {w->gate_saved[m], dF, g->dslots + first_row * k * d, w->gate_weight[m],
                                          g->dZ};
         s = csm_gate_backward_rows(model->gate, &call);
         if (s != CONFSMOE_OK)
@@ -696,10 +755,15 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
                     g->dH3[(b * L + model->token_offset[m] + t) * d + c] =
                         g->dpooled[(b * M + m) * d + c] / (float)model->tokens[m];
 
+    /* With the residual write-back, LN3 comes after the imputer: its backward runs first, and
+     * the imputer's rows (Ihat) take the gradient of LN3's input; h gets none through them. */
+    const bool residual = model->imputer && model->p.writeback == CONFSMOE_WRITEBACK_RESIDUAL;
+    if (residual)
+        model_ln3_backward(model, w, g);
     if (model->imputer) {
         confsmoe_tensor *dout = NULL, *dh = NULL, *dslots = NULL;
-        s = model_wrap(model, CONFSMOE_F32, 3, B, L, d, 0, g->dH3, &dout);
-        if (s == CONFSMOE_OK)
+        s = model_wrap(model, CONFSMOE_F32, 3, B, L, d, 0, residual ? g->dH2 : g->dH3, &dout);
+        if (s == CONFSMOE_OK && !residual)
             s = model_wrap(model, CONFSMOE_F32, 3, B, L, d, 0, g->dH2, &dh);
         if (s == CONFSMOE_OK)
             s = model_wrap(model, CONFSMOE_F32, 3, B * L, model->p.k, d, 0, g->dslots, &dslots);
@@ -713,7 +777,7 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
     } else {
         memcpy(g->dH2, g->dH3, (size_t)(B * L * d) * sizeof(float));
     }
-    if ((s = model_moe_backward(model, w, g)) != CONFSMOE_OK)
+    if ((s = model_moe_backward(model, w, g, residual)) != CONFSMOE_OK)
         return s;
 
     /* H = base + Dropout(A), base = X (or A under compat), with forward's draws again. */

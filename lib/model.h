@@ -94,6 +94,7 @@ typedef struct {
     int32_t *tok_labels;                /* [B max S_m] */
     uint8_t *tok_multi_labels;          /* [B max S_m, C] */
     uint8_t *tok_present;               /* [B max S_m] */
+    uint8_t *avail;                     /* [B, M] the call's availability, after modality dropout */
     float *gate_weight;                 /* [M] weight of each gate call's loss */
     confsmoe_saved **gate_saved;        /* [M] */
     confsmoe_saved *imputer_saved;

@@ -108,27 +108,32 @@ typedef struct {
     int64_t d, B;
     int32_t top_t, renorm, sep, compat;
     int mask;
+    int32_t writeback; /* CONFSMOE_WRITEBACK_* */
 } cfg;
 
 /* M = 2 and 6, S = 1 and > 1, d = 1 and 130, T = 1 and > 1 (default and explicit, capped),
- * each option alone and all together, missing for every / no / exactly one sample. */
+ * each option alone and all together, missing for every / no / exactly one sample, both
+ * write-backs. */
 static const cfg cfgs[] = {
-    {2, 1, 2, 8, 5, 0, 0, 0, 0, MASK_RANDOM},
-    {6, 1, 2, 8, 6, 0, 0, 0, 0, MASK_RANDOM},
-    {3, 8, 2, 16, 4, 0, 0, 0, 0, MASK_RANDOM},
-    {3, 4, 3, 5, 5, 0, 1, 0, 0, MASK_RANDOM},
-    {3, 3, 2, 7, 5, 0, 0, 1, 0, MASK_RANDOM},
-    {3, 2, 2, 6, 6, 0, 0, 0, 1, MASK_RANDOM},
-    {4, 2, 1, 9, 5, 3, 1, 1, 1, MASK_RANDOM},
-    {2, 3, 2, 4, 3, 0, 0, 0, 0, MASK_EVERY},
-    {6, 2, 2, 6, 4, 2, 0, 1, 0, MASK_EVERY},
-    {6, 2, 2, 6, 4, 0, 1, 0, 1, MASK_ONE},
-    {2, 1, 2, 5, 3, 0, 0, 0, 1, MASK_ONE},
-    {3, 2, 2, 6, 4, 0, 0, 0, 0, MASK_NONE},
-    {1, 2, 2, 4, 3, 0, 0, 0, 0, MASK_RANDOM},
-    {3, 2, 2, 130, 3, 100, 0, 0, 0, MASK_RANDOM},
-    {3, 2, 2, 1, 4, 2, 1, 1, 0, MASK_RANDOM},
-    {5, 1, 2, 3, 7, 0, 1, 1, 1, MASK_EVERY},
+    {2, 1, 2, 8, 5, 0, 0, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP},
+    {6, 1, 2, 8, 6, 0, 0, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP},
+    {3, 8, 2, 16, 4, 0, 0, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP},
+    {3, 4, 3, 5, 5, 0, 1, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP},
+    {3, 3, 2, 7, 5, 0, 0, 1, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP},
+    {3, 2, 2, 6, 6, 0, 0, 0, 1, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP},
+    {4, 2, 1, 9, 5, 3, 1, 1, 1, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP},
+    {2, 3, 2, 4, 3, 0, 0, 0, 0, MASK_EVERY, CONFSMOE_WRITEBACK_LN_IMP},
+    {6, 2, 2, 6, 4, 2, 0, 1, 0, MASK_EVERY, CONFSMOE_WRITEBACK_LN_IMP},
+    {6, 2, 2, 6, 4, 0, 1, 0, 1, MASK_ONE, CONFSMOE_WRITEBACK_LN_IMP},
+    {2, 1, 2, 5, 3, 0, 0, 0, 1, MASK_ONE, CONFSMOE_WRITEBACK_LN_IMP},
+    {3, 2, 2, 6, 4, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP},
+    {1, 2, 2, 4, 3, 0, 0, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP},
+    {3, 2, 2, 130, 3, 100, 0, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP},
+    {3, 2, 2, 1, 4, 2, 1, 1, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP},
+    {5, 1, 2, 3, 7, 0, 1, 1, 1, MASK_EVERY, CONFSMOE_WRITEBACK_LN_IMP},
+    {3, 2, 2, 6, 5, 0, 0, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_RESIDUAL},
+    {4, 2, 1, 9, 5, 3, 1, 1, 1, MASK_RANDOM, CONFSMOE_WRITEBACK_RESIDUAL},
+    {2, 3, 2, 4, 3, 0, 0, 0, 0, MASK_EVERY, CONFSMOE_WRITEBACK_RESIDUAL},
 };
 #define N_CFGS ((int)(sizeof cfgs / sizeof cfgs[0]))
 
@@ -188,6 +193,7 @@ static confsmoe_imputer *make_imputer(confsmoe_ctx *ctx, const cfg *c)
     p.renormalize = c->renorm;
     p.separate_value = c->sep;
     p.compat = c->compat;
+    p.writeback = c->writeback;
     confsmoe_imputer *imp = NULL;
     ck_assert_int_eq(confsmoe_imputer_create(ctx, &p, &imp), CONFSMOE_OK);
     ck_assert_ptr_nonnull(imp);
@@ -260,7 +266,7 @@ static const char *const role_names[NR] = {"q.w", "q.b", "kv.w", "kv.b", "v.w", 
 
 typedef struct {
     int64_t M, S, k, d, T;
-    int renorm, sep, compat;
+    int renorm, sep, compat, writeback;
     double *w[NR];   /* NULL when absent */
     int64_t n[NR];   /* element counts */
 } refm;
@@ -285,6 +291,7 @@ static void refm_get(confsmoe_imputer *imp, const cfg *c, refm *r)
     r->renorm = c->renorm;
     r->sep = c->sep;
     r->compat = c->compat;
+    r->writeback = c->writeback;
     for (int32_t i = 0; i < confsmoe_imputer_n_params(imp); i++) {
         const int role = role_of(confsmoe_imputer_param_name(imp, i));
         confsmoe_tensor *t = confsmoe_imputer_param(imp, i);
@@ -409,7 +416,9 @@ static void ref_forward(const refm *r, int64_t B, const double *h, const double 
                 const int64_t row = (b * M + m) * S + s;
                 for (int64_t c = 0; c < d; c++)
                     x[c] = h[row * d + c] + ihat[c];
-                if (r->compat) {
+                if (r->writeback == CONFSMOE_WRITEBACK_RESIDUAL) {
+                    memcpy(out + row * d, ihat, (size_t)d * sizeof(double));
+                } else if (r->compat) {
                     ref_layernorm(x, r->w[R_LW], r->w[R_LB], d, tmp);
                     ref_layernorm(tmp, r->w[R_LW], r->w[R_LB], d, out + row * d);
                 } else {
@@ -514,6 +523,7 @@ static void e_t(confsmoe_imputer_params *p) { p->top_t = -1; }
 static void e_renorm(confsmoe_imputer_params *p) { p->renormalize = 2; }
 static void e_sep(confsmoe_imputer_params *p) { p->separate_value = -1; }
 static void e_compat(confsmoe_imputer_params *p) { p->compat = 7; }
+static void e_writeback(confsmoe_imputer_params *p) { p->writeback = 2; }
 static void e_overflow(confsmoe_imputer_params *p) { p->tokens = INT64_C(1) << 40; p->d = INT64_C(1) << 30; }
 static void e_overflow_d(confsmoe_imputer_params *p) { p->d = INT64_C(1) << 33; }
 
@@ -530,6 +540,7 @@ static const bad_param bad_params[] = {
     {"renormalize", e_renorm, CONFSMOE_E_INVALID_ARGUMENT, "must be 0 or 1"},
     {"separate_value", e_sep, CONFSMOE_E_INVALID_ARGUMENT, "must be 0 or 1"},
     {"compat", e_compat, CONFSMOE_E_INVALID_ARGUMENT, "must be 0 or 1"},
+    {"writeback", e_writeback, CONFSMOE_E_INVALID_ARGUMENT, "writeback is 2"},
     {"M S k d overflows", e_overflow, CONFSMOE_E_NOMEM, "overflow"},
     {"d x d overflows", e_overflow_d, CONFSMOE_E_NOMEM, "overflow"},
 };
@@ -608,13 +619,16 @@ END_TEST
 START_TEST(test_param_view)
 {
     confsmoe_ctx *ctx = test_ctx(3);
-    for (int sep = 0; sep <= 1; sep++) {
-        const cfg c = {3, 2, 2, 5, 1, 0, 0, sep, 0, MASK_NONE};
+    /* separate_value 0 and 1, each with the LN_IMP write-back and then the residual one (no ln.*). */
+    for (int variant = 0; variant < 4; variant++) {
+        const int sep = variant & 1, residual = variant >> 1;
+        const cfg c = {3, 2, 2, 5, 1, 0, 0, sep, 0, MASK_NONE,
+                       residual ? CONFSMOE_WRITEBACK_RESIDUAL : CONFSMOE_WRITEBACK_LN_IMP};
         confsmoe_imputer *imp = make_imputer(ctx, &c);
         static const char *const without[] = {"q.w", "q.b", "kv.w", "kv.b", "ln.weight", "ln.bias"};
         static const char *const with[] = {"q.w", "q.b", "kv.w", "kv.b", "v.w", "v.b", "ln.weight", "ln.bias"};
         const char *const *names = sep ? with : without;
-        const int32_t n = sep ? 8 : 6;
+        const int32_t n = (sep ? 8 : 6) - (residual ? 2 : 0);
         ck_assert_int_eq(confsmoe_imputer_n_params(imp), n);
         for (int32_t i = 0; i < n; i++) {
             ck_assert_str_eq(confsmoe_imputer_param_name(imp, i), names[i]);
@@ -664,7 +678,7 @@ START_TEST(test_init)
         const int64_t d = dims[i];
         for (int sep = 0; sep <= 1; sep++) {
             confsmoe_ctx *c1 = test_ctx(40 + i), *c2 = test_ctx(40 + i);
-            const cfg c = {2, 1, 2, d, 1, 0, 0, sep, 0, MASK_NONE};
+            const cfg c = {2, 1, 2, d, 1, 0, 0, sep, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
             confsmoe_imputer *imp = make_imputer(c1, &c);
             confsmoe_expert *e1 = NULL, *e2 = NULL;
             ck_assert_int_eq(confsmoe_expert_create(c2, d, d, &e1), CONFSMOE_OK);
@@ -696,7 +710,7 @@ START_TEST(test_init)
     }
     /* Different seeds give different weights. */
     confsmoe_ctx *c1 = test_ctx(5), *c2 = test_ctx(6);
-    const cfg c = {2, 1, 2, 8, 1, 0, 0, 0, 0, MASK_NONE};
+    const cfg c = {2, 1, 2, 8, 1, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
     confsmoe_imputer *a = make_imputer(c1, &c), *b = make_imputer(c2, &c);
     ck_assert(!tequal(confsmoe_imputer_param(a, 0), confsmoe_imputer_param(b, 0)));
     confsmoe_imputer_destroy(a);
@@ -746,7 +760,7 @@ START_TEST(test_fill_draws)
     test_alloc a = {0, 0, 0};
     confsmoe_allocator hold;
     confsmoe_ctx *ctx = test_ctx_counted(&a, &hold, 9);
-    const cfg c = {(int32_t)M, S, 2, 4, B, 0, 0, 0, 0, MASK_NONE};
+    const cfg c = {(int32_t)M, S, 2, 4, B, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
     confsmoe_imputer *imp = make_imputer(ctx, &c);
     confsmoe_tensor *pool = one_hot_pool(ctx, P, S, three_d);
     confsmoe_tensor *x = three_d ? mkt(ctx, CONFSMOE_F32, 3, B, S, P, 0) : mkt(ctx, CONFSMOE_F32, 2, B, P, 0, 0);
@@ -791,7 +805,7 @@ START_TEST(test_fill_uniformity)
 {
     const int64_t B = 4000, M = 2, P = 12, K = 4;
     confsmoe_ctx *ctx = test_ctx(11);
-    const cfg c = {(int32_t)M, 1, 2, 4, B, 0, 0, 0, 0, MASK_NONE};
+    const cfg c = {(int32_t)M, 1, 2, 4, B, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
     confsmoe_imputer *imp = make_imputer(ctx, &c);
     confsmoe_tensor *pool = one_hot_pool(ctx, P, 1, 0), *x = mkt(ctx, CONFSMOE_F32, 2, B, P, 0, 0);
     confsmoe_tensor *avail = mkt(ctx, CONFSMOE_U8, 2, B, M, 0, 0);
@@ -828,7 +842,7 @@ START_TEST(test_fill_small_pool)
 {
     const int64_t B = 3, M = 2;
     confsmoe_ctx *ctx = test_ctx(12);
-    const cfg c = {(int32_t)M, 1, 2, 4, B, 0, 0, 0, 0, MASK_NONE};
+    const cfg c = {(int32_t)M, 1, 2, 4, B, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
     confsmoe_imputer *imp = make_imputer(ctx, &c);
     const int64_t pools[] = {1, 4, 10};
     for (size_t i = 0; i < sizeof pools / sizeof *pools; i++) {
@@ -870,7 +884,7 @@ START_TEST(test_fill_seed)
 {
     const int64_t B = 8, M = 2, P = 40, K = 6;
     confsmoe_ctx *c1 = test_ctx(21), *c2 = test_ctx(21), *c3 = test_ctx(22);
-    const cfg c = {(int32_t)M, 1, 2, 4, B, 0, 0, 0, 0, MASK_NONE};
+    const cfg c = {(int32_t)M, 1, 2, 4, B, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
     confsmoe_imputer *i1 = make_imputer(c1, &c), *i2 = make_imputer(c2, &c), *i3 = make_imputer(c3, &c);
     confsmoe_tensor *pool = one_hot_pool(c1, P, 1, 0), *avail = mkt(c1, CONFSMOE_U8, 2, B, M, 0, 0);
     confsmoe_tensor *x[4];
@@ -915,7 +929,7 @@ static void fenv_open(fenv *v, uint64_t seed)
 {
     memset(v, 0, sizeof *v);
     v->ctx = test_ctx_counted(&v->a, &v->hold, seed);
-    const cfg c = {3, 2, 2, 4, 4, 0, 0, 0, 0, MASK_NONE};
+    const cfg c = {3, 2, 2, 4, 4, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
     v->imp = make_imputer(v->ctx, &c);
     v->pool = mkt(v->ctx, CONFSMOE_F32, 3, 9, 2, 5, 0);
     v->x = mkt(v->ctx, CONFSMOE_F32, 3, 4, 2, 5, 0);
@@ -1088,7 +1102,7 @@ START_TEST(test_fill_nonfinite)
     p.check_finite = 0;
     confsmoe_ctx *ctx = NULL;
     ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
-    const cfg c = {2, 1, 2, 4, 2, 0, 0, 0, 0, MASK_NONE};
+    const cfg c = {2, 1, 2, 4, 2, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
     confsmoe_imputer *imp = make_imputer(ctx, &c);
     confsmoe_tensor *pool2 = mkt(ctx, CONFSMOE_F32, 2, 2, 3, 0, 0), *x = mkt(ctx, CONFSMOE_F32, 2, 2, 3, 0, 0);
     confsmoe_tensor *avail = mkt(ctx, CONFSMOE_U8, 2, 2, 2, 0, 0);
@@ -1236,7 +1250,7 @@ START_TEST(test_default_t)
     } cases[] = {{2, 1, 1}, {6, 1, 1}, {3, 8, 4}, {5, 4, 4}};
     const int64_t M = cases[_i].M, S = cases[_i].S, T = cases[_i].T;
     ck_assert_int_eq(default_t(M, S), T);
-    cfg c = {(int32_t)M, S, 2, 6, 3, 0, 0, 0, 0, MASK_ONE};
+    cfg c = {(int32_t)M, S, 2, 6, 3, 0, 0, 0, 0, MASK_ONE, CONFSMOE_WRITEBACK_LN_IMP};
     env v;
     env_open(&v, &c, 200 + (uint64_t)_i);
     refm r;
@@ -1422,7 +1436,7 @@ END_TEST
 /* No row missing: forward copies, backward passes dout through, and nothing else changes. */
 START_TEST(test_nothing_missing)
 {
-    const cfg c = {3, 2, 2, 5, 4, 0, 1, 1, 1, MASK_NONE};
+    const cfg c = {3, 2, 2, 5, 4, 0, 1, 1, 1, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
     env v;
     env_open(&v, &c, 500);
     trng t = {3};
@@ -1450,7 +1464,7 @@ END_TEST
 /* B = 0: OK everywhere, nothing written. */
 START_TEST(test_empty_batch)
 {
-    const cfg c = {3, 2, 2, 5, 0, 0, 0, 0, 0, MASK_NONE};
+    const cfg c = {3, 2, 2, 5, 0, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
     env v;
     env_open(&v, &c, 510);
     confsmoe_saved *s = NULL;
@@ -1540,7 +1554,7 @@ static const bad_fwd bad_fwds[] = {
     {"out d", A_OUT, K_SHAPE_B, CONFSMOE_E_SHAPE, "out has shape [3, 6, 5]"},
 };
 
-static const cfg err_cfg = {3, 2, 2, 4, 3, 0, 0, 0, 0, MASK_RANDOM};
+static const cfg err_cfg = {3, 2, 2, 4, 3, 0, 0, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP};
 
 static confsmoe_tensor *bad_tensor(confsmoe_ctx *ctx, int which, int kind)
 {
@@ -1625,7 +1639,7 @@ START_TEST(test_forward_nonfinite_unchecked)
     p.check_finite = 0;
     confsmoe_ctx *ctx = NULL;
     ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
-    const cfg c = {3, 4, 2, 4, 3, 0, 0, 0, 0, MASK_RANDOM};
+    const cfg c = {3, 4, 2, 4, 3, 0, 0, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP};
     confsmoe_imputer *imp = make_imputer(ctx, &c);
     confsmoe_tensor *h = mkt(ctx, CONFSMOE_F32, 3, 3, 12, 4, 0), *out = mkt(ctx, CONFSMOE_F32, 3, 3, 12, 4, 0);
     confsmoe_tensor *slots = mkt(ctx, CONFSMOE_F32, 4, 3, 12, 2, 4), *avail = mkt(ctx, CONFSMOE_U8, 2, 3, 3, 0, 0);
@@ -1747,7 +1761,7 @@ END_TEST
 
 START_TEST(test_fault_create)
 {
-    const cfg c = {3, 2, 2, 6, 1, 0, 0, 1, 0, MASK_NONE};
+    const cfg c = {3, 2, 2, 6, 1, 0, 0, 1, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
     confsmoe_ctx *rctx = test_ctx(81);
     confsmoe_imputer *ref = make_imputer(rctx, &c);
     int failures = 0;

@@ -63,22 +63,25 @@ typedef struct {
     int64_t d, B;
     int32_t top_t, renorm, sep, compat;
     int mask;
+    int32_t writeback; /* CONFSMOE_WRITEBACK_* */
 } cfg;
 
 /* Default, each option, T = 1 and T > 1, missing for every / no / exactly one sample,
- * M = 2 and 6, S = 1 and > 1. The comment gives the effective T. */
+ * M = 2 and 6, S = 1 and > 1, both write-backs. The comment gives the effective T. */
 static const cfg cfgs[] = {
-    {3, 2, 2, 6, 4, 0, 0, 0, 0, MASK_RANDOM}, /* T = 1 */
-    {3, 4, 2, 5, 3, 0, 1, 0, 0, MASK_RANDOM}, /* T = 2, renormalize */
-    {3, 3, 2, 6, 4, 0, 0, 1, 0, MASK_RANDOM}, /* T = 1, separate_value */
-    {3, 2, 2, 6, 5, 0, 0, 0, 1, MASK_RANDOM}, /* T = 1, compat */
-    {4, 2, 1, 7, 4, 3, 1, 1, 1, MASK_RANDOM}, /* T = 3, all options */
-    {2, 1, 2, 6, 4, 0, 0, 0, 0, MASK_EVERY},  /* M = 2, S = 1: T = L = 1 */
-    {6, 1, 2, 5, 3, 0, 1, 0, 0, MASK_ONE},    /* M = 6, S = 1, T = 1 of 5 */
-    {6, 2, 2, 4, 3, 0, 0, 0, 1, MASK_EVERY},  /* M = 6, S = 2, T = 2, compat */
-    {3, 2, 2, 5, 3, 0, 0, 0, 0, MASK_NONE},   /* nothing missing */
-    {2, 3, 3, 5, 4, 2, 1, 0, 0, MASK_RANDOM}, /* T = 2 of 3, k = 3 */
-    {6, 2, 2, 6, 4, 4, 0, 1, 0, MASK_RANDOM}, /* T = 4, M = 6, S = 2 */
+    {3, 2, 2, 6, 4, 0, 0, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP}, /* T = 1 */
+    {3, 4, 2, 5, 3, 0, 1, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP}, /* T = 2, renormalize */
+    {3, 3, 2, 6, 4, 0, 0, 1, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP}, /* T = 1, separate_value */
+    {3, 2, 2, 6, 5, 0, 0, 0, 1, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP}, /* T = 1, compat */
+    {4, 2, 1, 7, 4, 3, 1, 1, 1, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP}, /* T = 3, all options */
+    {2, 1, 2, 6, 4, 0, 0, 0, 0, MASK_EVERY, CONFSMOE_WRITEBACK_LN_IMP},  /* M = 2, S = 1: T = L = 1 */
+    {6, 1, 2, 5, 3, 0, 1, 0, 0, MASK_ONE, CONFSMOE_WRITEBACK_LN_IMP},    /* M = 6, S = 1, T = 1 of 5 */
+    {6, 2, 2, 4, 3, 0, 0, 0, 1, MASK_EVERY, CONFSMOE_WRITEBACK_LN_IMP},  /* M = 6, S = 2, T = 2, compat */
+    {3, 2, 2, 5, 3, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP},   /* nothing missing */
+    {2, 3, 3, 5, 4, 2, 1, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP}, /* T = 2 of 3, k = 3 */
+    {6, 2, 2, 6, 4, 4, 0, 1, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_LN_IMP}, /* T = 4, M = 6, S = 2 */
+    {3, 2, 2, 6, 4, 0, 0, 0, 0, MASK_RANDOM, CONFSMOE_WRITEBACK_RESIDUAL}, /* T = 1, residual */
+    {2, 3, 2, 5, 4, 2, 1, 1, 1, MASK_RANDOM, CONFSMOE_WRITEBACK_RESIDUAL}, /* T = 2 of 3, residual, options */
 };
 #define N_CFGS ((int)(sizeof cfgs / sizeof cfgs[0]))
 
@@ -253,6 +256,7 @@ static void gcheck_open(gcheck *g, const cfg *c, uint64_t seed)
     p.renormalize = c->renorm;
     p.separate_value = c->sep;
     p.compat = c->compat;
+    p.writeback = c->writeback;
     ck_assert_int_eq(confsmoe_imputer_create(g->ctx, &p, &g->imp), CONFSMOE_OK);
     const int64_t def = (c->M - 1) * c->S / 4;
     g->T = c->top_t > 0 ? c->top_t : (def > 1 ? def : 1);
@@ -471,6 +475,7 @@ static const struct {
 } neighbours[] = {
     {1, "renormalize off", 0, 1, 0, 0}, {3, "compat off", 0, 0, 0, 1}, {7, "compat off", 0, 0, 0, 1},
     {9, "T + 1", 1, 0, 0, 0},           {4, "renormalize off", 0, 1, 0, 0}, {10, "T - 1", -1, 0, 0, 0},
+    {12, "renormalize off", 0, 1, 0, 0},
 };
 
 START_TEST(test_gradcheck_rejects_wrong)
@@ -509,6 +514,7 @@ START_TEST(test_gradcheck_rejects_wrong)
     p.renormalize = c.renorm;
     p.separate_value = c.sep;
     p.compat = c.compat;
+    p.writeback = c.writeback;
     confsmoe_imputer *other = NULL;
     ck_assert_int_eq(confsmoe_imputer_create(g.ctx, &p, &other), CONFSMOE_OK);
     for (int32_t i = 0; i < confsmoe_imputer_n_params(other); i++) {

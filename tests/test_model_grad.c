@@ -20,6 +20,7 @@ typedef struct {
     int32_t missing;       /* 0: none, 1: one modality missing for every sample, 2: for exactly one sample,
                               3: a random pattern that keeps one modality per sample */
     const int64_t *tokens; /* S_m per modality (modality_tokens), or NULL: S for every modality */
+    int32_t writeback;     /* CONFSMOE_WRITEBACK_* */
 } config;
 
 static int64_t tokens_of(const config *c, int32_t m) { return c->tokens ? c->tokens[m] : c->S; }
@@ -62,6 +63,7 @@ static void setup(const config *c, fixture *f)
     p.multilabel = c->multilabel;
     p.compat = c->compat;
     p.dropout = c->dropout;
+    p.writeback = c->writeback;
     p.draws = 2;
     ck_assert_int_eq(confsmoe_model_create(f->ctx, &p, &f->model), CONFSMOE_OK);
 
@@ -220,35 +222,45 @@ static void check_config(const config *c)
 
 static const config configs[] = {
     {"confidence, two-stage, M=2 S=1, none missing", 2, 1, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 0, NULL},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 0, NULL, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, two-stage, M=2 S=1, one modality missing for every sample", 2, 1, 4,
-     CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 1, NULL},
+     CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 1, NULL, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, two-stage, M=2 S=1, missing for exactly one sample", 2, 1, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 2, NULL},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 2, NULL, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, two-stage, M=6 S=1, random missing", 6, 1, 5, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 3, NULL},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 3, NULL, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, two-stage, M=3 S=3, random missing, dropout", 3, 3, 3, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3, NULL},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3, NULL, CONFSMOE_WRITEBACK_LN_IMP},
     {"softmax + CV load loss, mean imputation, M=2 S=2", 2, 2, 4, CONFSMOE_MODEL_GATE_SOFTMAX, CONFSMOE_IMPUTE_MEAN,
-     CONFSMOE_LOAD_LOSS_CV, 0, 0, 0.0f, 2, NULL},
+     CONFSMOE_LOAD_LOSS_CV, 0, 0, 0.0f, 2, NULL, CONFSMOE_WRITEBACK_LN_IMP},
     {"gaussian, two-stage, multi-label, M=3", 3, 1, 4, CONFSMOE_MODEL_GATE_GAUSSIAN, CONFSMOE_IMPUTE_TWO_STAGE,
-     CONFSMOE_LOAD_LOSS_NONE, 1, 0, 0.0f, 3, NULL},
+     CONFSMOE_LOAD_LOSS_NONE, 1, 0, 0.0f, 3, NULL, CONFSMOE_WRITEBACK_LN_IMP},
     {"laplacian + entropy loss, two-stage, M=2", 2, 1, 4, CONFSMOE_MODEL_GATE_LAPLACIAN, CONFSMOE_IMPUTE_TWO_STAGE,
-     CONFSMOE_LOAD_LOSS_ENTROPY, 0, 0, 0.0f, 2, NULL},
+     CONFSMOE_LOAD_LOSS_ENTROPY, 0, 0, 0.0f, 2, NULL, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, compat, M=3 S=2", 3, 2, 4, CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE,
-     CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3, NULL},
+     CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3, NULL, CONFSMOE_WRITEBACK_LN_IMP},
     /* Per-modality S_m: ragged attention, MoE calls, stage 2 (T_m of each missing m) and readout. */
     {"confidence, two-stage, M=3 S=(3,1,2), random missing, dropout", 3, 0, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3, (const int64_t[]){3, 1, 2}},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3, (const int64_t[]){3, 1, 2}, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, two-stage, M=2 S=(5,2), one modality missing for every sample", 2, 0, 3,
      CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 1,
-     (const int64_t[]){5, 2}},
+     (const int64_t[]){5, 2}, CONFSMOE_WRITEBACK_LN_IMP},
     {"softmax + CV load loss, mean imputation, M=2 S=(1,3)", 2, 0, 4, CONFSMOE_MODEL_GATE_SOFTMAX,
-     CONFSMOE_IMPUTE_MEAN, CONFSMOE_LOAD_LOSS_CV, 0, 0, 0.0f, 2, (const int64_t[]){1, 3}},
+     CONFSMOE_IMPUTE_MEAN, CONFSMOE_LOAD_LOSS_CV, 0, 0, 0.0f, 2, (const int64_t[]){1, 3}, CONFSMOE_WRITEBACK_LN_IMP},
     {"laplacian, two-stage, multi-label, M=3 S=(2,4,1)", 3, 0, 4, CONFSMOE_MODEL_GATE_LAPLACIAN,
-     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 1, 0, 0.0f, 3, (const int64_t[]){2, 4, 1}},
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 1, 0, 0.0f, 3, (const int64_t[]){2, 4, 1}, CONFSMOE_WRITEBACK_LN_IMP},
     {"confidence, compat, M=3 S=(1,3,2)", 3, 0, 4, CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE,
-     CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3, (const int64_t[]){1, 3, 2}},
+     CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3, (const int64_t[]){1, 3, 2}, CONFSMOE_WRITEBACK_LN_IMP},
+    {"confidence, residual write-back, M=2 S=3, one modality missing for every sample", 2, 3, 4,
+     CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 1,
+     NULL, CONFSMOE_WRITEBACK_RESIDUAL},
+    {"confidence, residual write-back, M=3 S=2, random missing, dropout", 3, 2, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 3, NULL, CONFSMOE_WRITEBACK_RESIDUAL},
+    {"softmax, residual write-back, compat, M=3 S=2", 3, 2, 4, CONFSMOE_MODEL_GATE_SOFTMAX,
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 1, 0.1f, 3, NULL, CONFSMOE_WRITEBACK_RESIDUAL},
+    {"confidence, residual write-back, M=3 S=(3,1,2), random missing", 3, 0, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
+     CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 3, (const int64_t[]){3, 1, 2},
+     CONFSMOE_WRITEBACK_RESIDUAL},
 };
 
 START_TEST(test_model_gradients)

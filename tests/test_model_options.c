@@ -1,6 +1,6 @@
 /* The model's stage-1 and training options: fresh stage-1 draws in predict by default, the pool
- * mean with predict_pool_mean (deterministic, no RNG use); modality dropout in training only.
- * Public API only. */
+ * mean with predict_pool_mean (deterministic, no RNG use); modality dropout in training only;
+ * the write-back of imputed rows. Public API only. */
 #include <math.h>
 #include <string.h>
 
@@ -18,7 +18,7 @@ typedef struct {
 /* A model with the given stage-1 options; inputs, pools and labels from a fixed stream, so that
  * two fixtures made alike hold the same data. Modality 1 is missing for half of the batch. */
 static void setup_full(fixture *f, int32_t draws, int32_t pool_mean, int32_t imputation, float modality_dropout,
-                       float dropout)
+                       float dropout, int32_t writeback)
 {
     memset(f, 0, sizeof *f);
     f->ctx = test_ctx(7);
@@ -30,6 +30,7 @@ static void setup_full(fixture *f, int32_t draws, int32_t pool_mean, int32_t imp
     p.imputation = imputation;
     p.modality_dropout = modality_dropout;
     p.dropout = dropout;
+    p.writeback = writeback;
     ck_assert_int_eq(confsmoe_model_create(f->ctx, &p, &f->model), CONFSMOE_OK);
     trng r = {99};
     for (int32_t m = 0; m < M; m++) {
@@ -55,7 +56,7 @@ static void setup_full(fixture *f, int32_t draws, int32_t pool_mean, int32_t imp
 
 static void setup(fixture *f, int32_t draws, int32_t pool_mean, int32_t imputation)
 {
-    setup_full(f, draws, pool_mean, imputation, 0.0f, 0.1f);
+    setup_full(f, draws, pool_mean, imputation, 0.0f, 0.1f, CONFSMOE_WRITEBACK_LN_IMP);
 }
 
 static void teardown(fixture *f)
@@ -208,8 +209,8 @@ static float step_loss(fixture *f, const uint8_t *avail)
 START_TEST(test_modality_dropout_keeps_one)
 {
     fixture drop, plain;
-    setup_full(&drop, 2, 0, CONFSMOE_IMPUTE_MEAN, 1.0f, 0.0f);
-    setup_full(&plain, 2, 0, CONFSMOE_IMPUTE_MEAN, 0.0f, 0.0f);
+    setup_full(&drop, 2, 0, CONFSMOE_IMPUTE_MEAN, 1.0f, 0.0f, CONFSMOE_WRITEBACK_LN_IMP);
+    setup_full(&plain, 2, 0, CONFSMOE_IMPUTE_MEAN, 0.0f, 0.0f, CONFSMOE_WRITEBACK_LN_IMP);
     copy_params(plain.model, drop.model);
     uint8_t all[B * M];
     memset(all, 1, sizeof all);
@@ -247,8 +248,8 @@ END_TEST
 START_TEST(test_modality_dropout_training_only)
 {
     fixture drop, plain;
-    setup_full(&drop, 2, 1, CONFSMOE_IMPUTE_TWO_STAGE, 0.7f, 0.0f);
-    setup_full(&plain, 2, 1, CONFSMOE_IMPUTE_TWO_STAGE, 0.0f, 0.0f);
+    setup_full(&drop, 2, 1, CONFSMOE_IMPUTE_TWO_STAGE, 0.7f, 0.0f, CONFSMOE_WRITEBACK_LN_IMP);
+    setup_full(&plain, 2, 1, CONFSMOE_IMPUTE_TWO_STAGE, 0.0f, 0.0f, CONFSMOE_WRITEBACK_LN_IMP);
     copy_params(plain.model, drop.model);
     float a[B * C], b[B * C];
     predict(&drop, a);
@@ -280,6 +281,57 @@ START_TEST(test_modality_dropout_validated)
 }
 END_TEST
 
+/* ------------------------------------------------------------------ write-back */
+
+START_TEST(test_writeback_validated)
+{
+    const int32_t bad[] = {-1, 2};
+    for (int i = 0; i < 2; i++) {
+        confsmoe_model_params p;
+        valid_params(&p);
+        ck_assert_int_eq(p.writeback, CONFSMOE_WRITEBACK_LN_IMP);
+        p.writeback = bad[i];
+        expect_refused(&p, "writeback");
+    }
+}
+END_TEST
+
+/* The residual write-back drops exactly imputer.ln.* from the parameter list (the rest keeps its
+ * names and order), and with the same weights changes the logits of the samples that miss a
+ * modality only: the others are bit-identical. */
+START_TEST(test_writeback_changes_missing_samples_only)
+{
+    fixture ln, res;
+    setup_full(&ln, 2, 1, CONFSMOE_IMPUTE_TWO_STAGE, 0.0f, 0.0f, CONFSMOE_WRITEBACK_LN_IMP);
+    setup_full(&res, 2, 1, CONFSMOE_IMPUTE_TWO_STAGE, 0.0f, 0.0f, CONFSMOE_WRITEBACK_RESIDUAL);
+    const int32_t n = confsmoe_model_n_params(ln.model);
+    ck_assert_int_eq(confsmoe_model_n_params(res.model), n - 2);
+    for (int32_t i = 0, j = 0; i < n; i++) {
+        const char *name = confsmoe_model_param_name(ln.model, i);
+        if (strncmp(name, "imputer.ln.", 11) == 0)
+            continue;
+        ck_assert_str_eq(confsmoe_model_param_name(res.model, j), name);
+        confsmoe_tensor *src = confsmoe_model_param(ln.model, i), *dst = confsmoe_model_param(res.model, j++);
+        memcpy(confsmoe_tensor_data(dst), confsmoe_tensor_data(src),
+               (size_t)confsmoe_tensor_numel(src) * sizeof(float));
+    }
+    float a[B * C], b[B * C];
+    predict(&ln, a);
+    predict(&res, b);
+    for (int64_t s = 0; s < B; s++) {
+        /* Modality 1 is missing for the even samples. */
+        const double diff = max_diff(a + s * C, b + s * C, C);
+        if (s % 2)
+            ck_assert_msg(diff == 0.0, "sample %d has every modality, yet its logits differ by %g", (int)s, diff);
+        else
+            ck_assert_msg(diff > 1e-3, "sample %d misses a modality, yet its logits differ by only %g", (int)s,
+                          diff);
+    }
+    teardown(&ln);
+    teardown(&res);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("model_options");
@@ -292,6 +344,8 @@ int main(void)
     tcase_add_test(tc, test_modality_dropout_keeps_one);
     tcase_add_test(tc, test_modality_dropout_training_only);
     tcase_add_test(tc, test_modality_dropout_validated);
+    tcase_add_test(tc, test_writeback_validated);
+    tcase_add_test(tc, test_writeback_changes_missing_samples_only);
     suite_add_tcase(s, tc);
     return test_run(s);
 }

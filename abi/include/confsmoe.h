@@ -411,10 +411,18 @@ CONFSMOE_API void confsmoe_gate_stats_reset(confsmoe_gate *g);
  *   q_s     = W_q mean_j Y_m[b,s,j] + b_q
  *   kv_tj   = W_k Y_m'[b,t,j] + b_k      (t over the tokens of present m' != m)
  *   a[s,t,j]= softmax_t(q_s . kv_tj / sqrt(d)), top T per (s, j), others 0
- *   H_m[b,s] <- LN(H_m[b,s] + sum_j sum_t a[s,t,j] v_tj)   (v = kv, or W_v Y + b_v)
+ *   Ihat[b,s] = sum_j sum_t a[s,t,j] v_tj                  (v = kv, or W_v Y + b_v)
+ *   H_m[b,s] <- LN(H_m[b,s] + Ihat[b,s])     (writeback CONFSMOE_WRITEBACK_LN_IMP)
+ *   H_m[b,s] <- Ihat[b,s]                    (writeback CONFSMOE_WRITEBACK_RESIDUAL: the
+ *                                             host adds its residual and normalises)
  * The top-T indices are constants in backward. Availability masks are u8 [B, M]
  * with 1 = present; no other layout is accepted. */
 typedef struct confsmoe_imputer confsmoe_imputer;
+
+/* The post-imputation write-back of a missing (sample, modality) (docs/MODEL.md, sections 5
+ * and 6). Since 0.3.0. */
+#define CONFSMOE_WRITEBACK_LN_IMP   0 /* the imputer's own LayerNorm over h + Ihat */
+#define CONFSMOE_WRITEBACK_RESIDUAL 1 /* Ihat alone; a model puts LN3(H_pre + Ihat) there */
 
 typedef struct confsmoe_imputer_params {
     size_t struct_size;       /* the caller's sizeof(confsmoe_imputer_params), set by _init() */
@@ -432,6 +440,10 @@ typedef struct confsmoe_imputer_params {
                                  create). NULL (default): `tokens` for every modality; when
                                  given, `tokens` is ignored. The default T of a missing m is then
                                  max(1, floor(sum_{m' != m} S_m' / 4)). Since 0.3.0 */
+    int32_t writeback;        /* what a missing row of the output becomes: CONFSMOE_WRITEBACK_*
+                                 (default LN_IMP). With RESIDUAL the imputer has no LayerNorm
+                                 and no "ln.*" parameters, and compat changes only the query.
+                                 Since 0.3.0 */
 } confsmoe_imputer_params;
 
 /* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */
@@ -454,7 +466,8 @@ CONFSMOE_API confsmoe_status confsmoe_imputer_fill(confsmoe_imputer *imp, int32_
  * o_m + S_m - 1), slots [B L, k, d] (the gate's slots output of each modality's call, one
  * after the other: modality-major, the row of token s of sample b of modality m is
  * B o_m + b S_m + s), or equivalently [M, B S, k, d] when every S_m is S; avail u8 [B, M].
- * out [B, L, d] is h with the missing rows imputed; it may be h itself.
+ * out [B, L, d] is h with the missing rows imputed (LN(h + Ihat), or Ihat with writeback
+ * RESIDUAL, when those rows of out do not depend on h); it may be h itself.
  * saved != NULL keeps what backward needs. */
 CONFSMOE_API confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_tensor *h,
                                                       const confsmoe_tensor *slots, const confsmoe_tensor *avail,
@@ -467,7 +480,7 @@ CONFSMOE_API confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, co
                                                        confsmoe_tensor *dslots);
 
 /* Parameters: "q.w" [d, d], "q.b" [d], "kv.w" [d, d], "kv.b" [d], then "v.w", "v.b"
- * with separate_value, then "ln.weight" [d], "ln.bias" [d]. */
+ * with separate_value, then "ln.weight" [d], "ln.bias" [d] (not with writeback RESIDUAL). */
 CONFSMOE_API int32_t confsmoe_imputer_n_params(const confsmoe_imputer *imp);
 CONFSMOE_API const char *confsmoe_imputer_param_name(const confsmoe_imputer *imp, int32_t i);
 CONFSMOE_API confsmoe_tensor *confsmoe_imputer_param(confsmoe_imputer *imp, int32_t i);
@@ -516,7 +529,8 @@ CONFSMOE_API confsmoe_status confsmoe_optim_set_lr(confsmoe_optim *o, float lr);
  *   tokens_m = Linear(F_m, d)(x_m)            (x_m stage-1 imputed where missing)
  *   X = concat_m tokens_m + P_pos;  H = X + Dropout(MHA(LN1(X)))
  *   per modality: H_m <- LN3(H_m + MoE(LN2(H_m)))      (one gate, shared experts)
- *   stage-2 imputation of missing (b, m);  r = Linear(M d, d)(concat_m mean_s H_m)
+ *   stage-2 imputation of missing (b, m) (writeback: LN_imp(that + Ihat), or LN3(H_m + Ihat))
+ *   r = Linear(M d, d)(concat_m mean_s H_m)
  *   logits = Linear(d, C)(LN(r));  loss = CE (or BCE) + L_conf (+ load loss)
  * Inputs are M tensors x_m [B, S_m, F_m] (or [B, F_m] when S_m = 1; S_m = tokens unless
  * modality_tokens is given), the mask avail u8 [B, M] (1 = present) and labels i32 [B]
@@ -580,6 +594,13 @@ typedef struct confsmoe_model_params {
                                   attention runs over L = sum_m S_m tokens, and stage 2's
                                   default T of a missing m is max(1, floor(sum_{m' != m} S_m' / 4))
                                   (docs/MODEL.md, section 6). Since 0.3.0 */
+    int32_t writeback;         /* CONFSMOE_WRITEBACK_* for a missing (sample, modality) under
+                                  two-stage imputation (docs/MODEL.md, section 6): LN_IMP
+                                  (0): H_m <- LN_imp(LN3(H_m + F) + Ihat), the MoE output of the
+                                  stage-1 token enters and two LayerNorms follow; RESIDUAL:
+                                  H_m <- LN3(H_m + Ihat), the imputation in place of the expert
+                                  mixture, and the imputer has no "imputer.ln.*". No effect
+                                  with mean imputation. Default LN_IMP. Since 0.3.0 */
 } confsmoe_model_params;
 
 /* Defaults into the first struct_size bytes of p (see "Options structs are sized" above). */

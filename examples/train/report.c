@@ -57,10 +57,12 @@ void report_header(const run_report *r)
            p->count[ROLE_VAL] ? pct((double)p->missing[ROLE_VAL] / ((double)p->count[ROLE_VAL] * ds->m)) : 0.0,
            pct((double)p->missing[ROLE_TEST] / ((double)p->count[ROLE_TEST] * ds->m + 1e-300)),
            ds->natural_missing);
-    printf("  model: gate %s, load loss %s, imputation %s (evaluation: %s), d %d, heads %d, E %d, k %d, hidden %d, "
-           "dropout %g, %" PRId64 " parameters\n",
+    printf("  model: gate %s, load loss %s, imputation %s (evaluation: %s%s%s), d %d, heads %d, E %d, k %d, "
+           "hidden %d, dropout %g, %" PRId64 " parameters\n",
            GATE_NAMES[o->gate], LOAD_LOSS_NAMES[o->load_loss], IMPUTATION_NAMES[o->imputation],
-           o->imputation == CONFSMOE_IMPUTE_MEAN ? "pool mean" : EVAL_FILL_NAMES[o->eval_fill], o->d, o->heads,
+           o->imputation == CONFSMOE_IMPUTE_MEAN ? "pool mean" : EVAL_FILL_NAMES[o->eval_fill],
+           o->imputation == CONFSMOE_IMPUTE_MEAN ? "" : "; write-back ",
+           o->imputation == CONFSMOE_IMPUTE_MEAN ? "" : WRITEBACK_NAMES[o->writeback], o->d, o->heads,
            o->experts, o->k, o->hidden ? o->hidden : o->d, o->dropout, r->n_params);
     printf("  training: Adam lr %g, weight decay %g, batch %d, %d epochs, modality dropout %g, seed %" PRIu64 "\n",
            o->lr, o->weight_decay, o->batch, o->epochs, o->modality_dropout, o->seed);
@@ -233,6 +235,7 @@ static void json_config(json_writer *w, const options *o)
     json_str(w, "imputation", IMPUTATION_NAMES[o->imputation]);
     json_int(w, "draws", o->draws);
     json_str(w, "eval_fill", EVAL_FILL_NAMES[o->eval_fill]);
+    json_str(w, "writeback", WRITEBACK_NAMES[o->writeback]);
     json_num(w, "modality_dropout", o->modality_dropout);
     json_num(w, "weight_decay", o->weight_decay);
     json_str(w, "router_grad", ROUTER_GRAD_NAMES[o->router_grad]);

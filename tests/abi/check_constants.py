@@ -23,7 +23,7 @@ import sys
 ENUM_PREFIXES = {
     "router": "ROUTER_", "combine": "COMBINE_", "confidence": "CONFIDENCE_", "target": "TARGET_",
     "router_grad": "ROUTER_GRAD_", "load_loss": "LOAD_LOSS_", "kind": "OPTIM_", "gate": "MODEL_GATE_",
-    "imputation": "IMPUTE_",
+    "imputation": "IMPUTE_", "writeback": "WRITEBACK_",
 }
 
 # Python constants named otherwise than their header macro (CONFSMOE_ + the Python name).

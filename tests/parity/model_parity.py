@@ -30,7 +30,9 @@ The reference model (docs/MODEL.md, section 6 as the header documents it):
     per modality m (tokens b S_m + s): Z = LN2(H_m); F, slots, loss_m = gate(Z, labels of the
              sample, present = avail[b, m]); H_m <- LN3(H_m + F)
     stage 2 (TWO_STAGE) for missing (b, m): the imputer section of the header, over the tokens
-             of the present m' != m, T_m = max(1, floor(sum_{m' != m} S_m' / 4)) by default
+             of the present m' != m, T_m = max(1, floor(sum_{m' != m} S_m' / 4)) by default; the
+             row becomes LN_imp(H_m + Ihat) with H_m the LN3 output above (writeback LN_IMP), or
+             LN3(H_m + Ihat) with H_m the LN3 input's residual, the MoE output dropped (RESIDUAL)
     r = readout(concat_m mean over the S_m tokens of H_m); logits = head(LN_out(r))
     loss = CE (or BCE over B*C) + sum_m w_m loss_m,  w_m = present tokens of m (present samples x
              S_m) / present tokens of the batch (compat: 1/M)
@@ -124,7 +126,9 @@ def tensor_view(lib, t):
 BASE = dict(M=2, F=None, S=1, B=4, d=8, heads=2, E=2, k=1, h=0, C=3, gate=GATE_CONFIDENCE,
             load_loss=gp.LOAD_NONE, llw=0.01, clw=1.0, confidence=gp.CONFIDENCE_TOKEN,
             router_grad=gp.RG_FROZEN, detach=0, imputation=IMPUTE_MEAN, draws=10, pool_rows=1,
-            top_t=0, renorm=0, sepv=0, multilabel=0, compat=0, avail="all", seed=1, x_scale=0.7)
+            top_t=0, renorm=0, sepv=0, multilabel=0, compat=0, avail="all", seed=1, x_scale=0.7, writeback=0)
+
+WRITEBACK_LN_IMP, WRITEBACK_RESIDUAL = 0, 1
 
 
 def cfg(**kw):
@@ -172,6 +176,8 @@ def cfg_name(c):
             s += " renorm"
         if c["sepv"]:
             s += " sepv"
+        if c["writeback"] == WRITEBACK_RESIDUAL:
+            s += " writeback=residual"
     if c["multilabel"]:
         s += " multilabel"
     if c["compat"]:
@@ -241,6 +247,21 @@ def build_configs():
                  pool_rows=3, draws=2, multilabel=1, seed=45))
     C.append(cfg(M=3, S=[2, 4, 1], B=4, d=8, heads=2, E=4, k=2, C=3, imputation=TS, compat=1, top_t=2,
                  avail=[[0, 1, 1], [1, 0, 1], [1, 1, 0], [1, 1, 1]], seed=46))
+    # The residual write-back: H_m <- LN3(H_m + Ihat), with sequences, M = 2 and 3 (the LN_IMP ones above).
+    RES = WRITEBACK_RESIDUAL
+    C.append(cfg(M=2, S=3, B=4, d=8, heads=2, E=4, k=2, C=3, avail="some", imputation=TS, writeback=RES, seed=40))
+    C.append(cfg(M=3, S=2, B=4, d=16, heads=4, E=4, k=2, C=4, avail="some", imputation=TS, writeback=RES, seed=41))
+    C.append(cfg(M=3, S=2, B=4, d=8, heads=2, E=4, k=2, C=3, imputation=TS, top_t=2, renorm=1, sepv=1,
+                 avail=[[1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 1, 1]], writeback=RES, seed=42))
+    C.append(cfg(M=3, S=2, B=4, d=8, heads=2, E=4, k=2, C=3, gate=GATE_SOFTMAX, avail="one_sample", imputation=TS,
+                 writeback=RES, seed=43))
+    C.append(cfg(M=3, B=4, d=8, heads=2, E=4, k=2, C=3, imputation=TS, compat=1, top_t=2,
+                 avail=[[0, 1, 1], [1, 0, 1], [1, 1, 0], [1, 1, 1]], writeback=RES, seed=44))
+    # LN_IMP with a longer sequence and M = 2 (T = 1 of 4 candidates).
+    C.append(cfg(M=2, S=4, B=4, d=8, heads=2, E=4, k=2, C=3, avail="some", imputation=TS, seed=45))
+    # The residual write-back with per-modality S_m.
+    C.append(cfg(M=3, S=[3, 1, 2], B=5, d=8, heads=2, E=4, k=2, C=3, avail=[[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 1, 0],
+                 [1, 1, 1]], imputation=TS, writeback=RES, seed=47))
     return C
 
 
@@ -307,6 +328,7 @@ class LibModel:
         mp.renormalize, mp.separate_value = c["renorm"], c["sepv"]
         mp.dropout = 0.0
         mp.compat = c["compat"]
+        mp.writeback = c["writeback"]
         lib.check(lib.model_create(self.ctx, ctypes.byref(mp), ctypes.byref(self.model)), self.ctx, "model_create")
 
     def params(self):
@@ -346,8 +368,9 @@ def expected_shapes(c):
             sh["gate.conf.%d.b" % e] = (1,)
         sh["gate.target.w"] = (C, d)
         sh["gate.target.b"] = (C,)
-    imp = {"imputer.q.w": (d, d), "imputer.q.b": (d,), "imputer.kv.w": (d, d), "imputer.kv.b": (d,),
-           "imputer.ln.weight": (d,), "imputer.ln.bias": (d,)}
+    imp = {"imputer.q.w": (d, d), "imputer.q.b": (d,), "imputer.kv.w": (d, d), "imputer.kv.b": (d,)}
+    if c["writeback"] == WRITEBACK_LN_IMP:
+        imp.update({"imputer.ln.weight": (d,), "imputer.ln.bias": (d,)})
     if c["sepv"]:
         imp.update({"imputer.v.w": (d, d), "imputer.v.b": (d,)})
     sh["readout.w"] = (d, M * d)
@@ -482,12 +505,13 @@ def ref_model(c, P, xs, avail, labels):
     A = linear(O, P["attn.o.w"], P["attn.o.b"])
     H = A + A if c["compat"] else X + A
 
-    Hm_out, slots, gate_losses, counts, gaps = [], [], [], np.zeros(c["E"], np.int64), []
+    Hm_out, Hm_pre, slots, gate_losses, counts, gaps = [], [], [], [], np.zeros(c["E"], np.int64), []
     for m in range(M):
         S = Ss[m]
         # [B S_m, C] or [B S_m]: every token carries its sample's label.
         labels_tok = np.repeat(labels, S, axis=0)
         Hm = H[:, off[m]:off[m + 1], :].reshape(B * S, d)
+        Hm_pre.append(Hm.reshape(B, S, d))
         Z = layer_norm(Hm, P["ln2.weight"], P["ln2.bias"])
         present_tok = np.repeat(avail[:, m], S)
         F, Y, gl, idx, gap = ref_gate(c, Z, P, labels_tok, present_tok)
@@ -534,9 +558,12 @@ def ref_model(c, P, xs, avail, labels):
                 if c["renorm"]:
                     a = a / a.sum(1, keepdim=True)
                 Ihat = torch.einsum("stj,tjd->sd", a, val)
-                r = layer_norm(rows[m][b] + Ihat, P["imputer.ln.weight"], P["imputer.ln.bias"])
-                if c["compat"]:
-                    r = layer_norm(r, P["imputer.ln.weight"], P["imputer.ln.bias"])
+                if c["writeback"] == WRITEBACK_RESIDUAL:
+                    r = layer_norm(Hm_pre[m][b] + Ihat, P["ln3.weight"], P["ln3.bias"])
+                else:
+                    r = layer_norm(rows[m][b] + Ihat, P["imputer.ln.weight"], P["imputer.ln.bias"])
+                    if c["compat"]:
+                        r = layer_norm(r, P["imputer.ln.weight"], P["imputer.ln.bias"])
                 rows[m][b] = r
         Hm_out = [torch.stack(rows[m]) for m in range(M)]
 

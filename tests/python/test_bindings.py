@@ -872,6 +872,19 @@ class TestModelAndOptimizer(unittest.TestCase):
         for ga, gb in zip(runs[0][2], runs[1][2]):
             np.testing.assert_array_equal(ga, gb)
 
+    def test_writeback_option(self):
+        with confsmoe.Context(seed=4) as ctx:
+            ln = self.model(ctx)
+            res = self.model(ctx, writeback="residual")
+            self.assertEqual((ln.options["writeback"], res.options["writeback"]),
+                             (confsmoe.WRITEBACK_LN_IMP, confsmoe.WRITEBACK_RESIDUAL))
+            self.assertEqual([n for n in ln.param_names() if not n.startswith("imputer.ln.")], res.param_names())
+            self.assertIn("imputer.ln.weight", ln.param_names())
+            with self.assertRaises(ValueError):
+                self.model(ctx, writeback="both")
+            with self.assertRaises(confsmoe.InvalidArgumentError):
+                self.model(ctx, writeback=2)
+
     def test_checkpoint_round_trip(self):
         xs, avail, labels = toy_data(30)
         with confsmoe.Context(seed=5) as ctx, tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,9 @@
 computes: one training step of libconfsmoe (dropout 0) and of torch_train.ConfSMoE (run in
 float64 with the library's own parameters, copied by name) must give the same logits, loss and
 gradient of every parameter, for each gate, both imputations and M = 2, 3, 6 (stage 2 keeps
-T = 1 of M - 1 keys). The pools have identical rows so the stage-1 draws do not matter.
+T = 1 of M - 1 keys), one token per modality; then, with the confidence and softmax gates and
+two-stage imputation, sequences (S = 3 and 4, M = 2 and 3) with both write-backs of imputed
+tokens (LN_IMP and RESIDUAL). The pools have identical rows so the stage-1 draws do not matter.
 
     CONFSMOE_LIBRARY=build/lib/libconfsmoe.so BLIS_NUM_THREADS=1 /usr/bin/python3 tests/reference/check_model.py
 
@@ -47,7 +49,8 @@ def torch_params(model):
     if hasattr(model, "imp_q"):
         out["imputer.q.w"], out["imputer.q.b"] = model.imp_q.w, model.imp_q.b
         out["imputer.kv.w"], out["imputer.kv.b"] = model.imp_kv.w, model.imp_kv.b
-        out["imputer.ln.weight"], out["imputer.ln.bias"] = model.imp_ln.weight, model.imp_ln.bias
+        if hasattr(model, "imp_ln"):
+            out["imputer.ln.weight"], out["imputer.ln.bias"] = model.imp_ln.weight, model.imp_ln.bias
     return out
 
 
@@ -77,10 +80,10 @@ class CheckModel(unittest.TestCase):
         if missing:
             raise RuntimeError("library lacks %s" % missing)
 
-    def one(self, gate, imputation, M, seed):
+    def one(self, gate, imputation, M, seed, S=1, writeback=mp.WRITEBACK_LN_IMP):
         lib = self.lib
-        c = mp.cfg(M=M, B=16, d=16, heads=4, E=4, k=2, C=5, gate=gate, imputation=imputation, avail="some",
-                   pool_rows=3, seed=seed)
+        c = mp.cfg(M=M, S=S, B=16, d=16, heads=4, E=4, k=2, C=5, gate=gate, imputation=imputation, avail="some",
+                   pool_rows=3, seed=seed, writeback=writeback)
         rs = np.random.RandomState(seed)
         lm = mp.LibModel(lib, c)
         w = mp.gp.Wrapped(lib, lm.ctx)
@@ -94,8 +97,9 @@ class CheckModel(unittest.TestCase):
                     view[...] = (0.3 * rs.randn(*view.shape)).astype(np.float32)
             params = {n: lib.read(lib.model_param(lm.model, i)) for n, i in names.items()}
             B = c["B"]
-            xs = [np.ascontiguousarray((0.7 * rs.randn(B, f)).astype(np.float32)) for f in c["F"]]
-            rows = [(0.7 * rs.randn(f)).astype(np.float32) for f in c["F"]]
+            tok = (S,) if S > 1 else ()
+            xs = [np.ascontiguousarray((0.7 * rs.randn(B, *tok, f)).astype(np.float32)) for f in c["F"]]
+            rows = [(0.7 * rs.randn(*tok, f)).astype(np.float32) for f in c["F"]]
             pools = [np.ascontiguousarray(np.repeat(r[None], 3, 0)) for r in rows]
             avail = np.ascontiguousarray(mp.make_avail(c, rs))
             labels = rs.randint(0, c["C"], size=B).astype(np.int32)
@@ -113,7 +117,8 @@ class CheckModel(unittest.TestCase):
             lm.close()
 
         model = tt.ConfSMoE(c["F"], c["C"], GATES[gate], "mean" if imputation == mp.IMPUTE_MEAN else "two-stage",
-                            d=16, heads=4, E=4, k=2, hidden=0, dropout=0.0, draws=10)
+                            d=16, heads=4, E=4, k=2, hidden=0, dropout=0.0, draws=10, tokens=S,
+                            writeback="residual" if writeback == mp.WRITEBACK_RESIDUAL else "ln-imp")
         tp, pe = torch_params(model), per_expert(model, 4)
         with torch.no_grad():
             for n, v in params.items():
@@ -163,6 +168,25 @@ class CheckModel(unittest.TestCase):
                         if bad:
                             failures.append("%s %s M=%d seed %d: %s" % (GATES[gate], imp, M, seed, bad))
         print("\n[check_model] worst relative error %.3g over 48 configurations" % worst, file=sys.stderr)
+        if failures:
+            self.fail("\n".join(failures))
+
+    def test_sequences_writeback(self):
+        worst = 0.0
+        failures = []
+        n = 0
+        for gate in (mp.GATE_CONFIDENCE, mp.GATE_SOFTMAX):
+            for writeback in (mp.WRITEBACK_LN_IMP, mp.WRITEBACK_RESIDUAL):
+                for M, S in ((2, 4), (3, 3)):
+                    for seed in (1, 2):
+                        wmax, bad = self.one(gate, mp.IMPUTE_TWO_STAGE, M, seed, S=S, writeback=writeback)
+                        worst = max(worst, wmax)
+                        n += 1
+                        if bad:
+                            failures.append("%s writeback %d M=%d S=%d seed %d: %s"
+                                            % (GATES[gate], writeback, M, S, seed, bad))
+        print("\n[check_model] sequences: worst relative error %.3g over %d configurations" % (worst, n),
+              file=sys.stderr)
         if failures:
             self.fail("\n".join(failures))
 

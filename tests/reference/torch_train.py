@@ -20,16 +20,20 @@ the expert-utilisation numbers (slots of the test evaluation, every modality tok
 Different: the random streams (torch's: initialisation, dropout, stage-1 draws, batch order), so
 runs of the same seed are not the same numbers, only the same distribution.
 
-The model (B samples, M modalities, one token per modality):
+The model (B samples, M modalities of S tokens each; the script's main trains S = 1 views, the
+class takes any S):
     x_m missing -> mean of K distinct pool rows (two-stage) or the pool mean (mean), train and eval
-    X = [enc_m(x_m)]_m + pos;  H = X + Dropout(MHA(LN1(X)))          (dropout also on attention weights)
+    X = [enc_m(x_m)]_m + pos (token l = m S + s);  H = X + Dropout(MHA(LN1(X)))  (dropout also on
+        attention weights)
     Z = LN2(H); top-k of the router logits u(Z) (frozen router for the confidence gate)
     y_j = E_{I_j}(Z)  (2-layer GELU FFN);  c_j = sigmoid(v_i . LN_i(y_j) + beta_i)
-    F = sum_j c_j y_j   (baselines: sum_j softmax(u_topk)_j y_j);   H <- LN3(H + F)
-    stage 2 for missing (b, m): q = W_q mean_j y_{b,m,j} + b_q, kv_{m',j} = W_kv y_{b,m',j} + b_kv
-        over present m' != m; a = softmax_{m'}(q . kv / sqrt(d)) per slot j; keep the top
-        T = max(1, floor((M - 1) / 4)); H_m <- LN_imp(H_m + sum_j sum_{kept m'} a kv)
-    logits = head(LN_out(readout(concat_m H_m)))
+    F = sum_j c_j y_j   (baselines: sum_j softmax(u_topk)_j y_j);   H' = LN3(H + F)
+    stage 2 for each token l of a missing (b, m): q = W_q mean_j y_{b,l,j} + b_q,
+        kv_{l',j} = W_kv y_{b,l',j} + b_kv over the tokens l' of present m' != m;
+        a = softmax_{l'}(q . kv / sqrt(d)) per slot j; keep the top T = max(1, floor((M - 1) S / 4));
+        Ihat = sum_j sum_{kept l'} a kv;  then (writeback) ln-imp: H'_l <- LN_imp(H'_l + Ihat),
+        residual: H'_l <- LN3(H_l + Ihat) (the imputation in place of F; no LN_imp)
+    logits = head(LN_out(readout(concat_m mean_s H'_m)))
     loss = CE + L_conf,  L_conf = sum over the slots of present tokens (c_j - softmax(P y_j)[label])^2
                                   / (k * present tokens)   (target not detached)
 """
@@ -145,17 +149,20 @@ class Gate(torch.nn.Module):
 
 class ConfSMoE(torch.nn.Module):
     def __init__(self, features, C, gate="confidence", imputation="two-stage", d=128, heads=4, E=8, k=2,
-                 hidden=0, dropout=0.1, draws=10):
+                 hidden=0, dropout=0.1, draws=10, tokens=1, writeback="ln-imp"):
         super().__init__()
         self.M, self.d, self.heads, self.k, self.p = len(features), d, heads, k, dropout
+        self.S, self.writeback = tokens, writeback
         self.imputation, self.draws = imputation, draws
         self.enc = torch.nn.ModuleList([Linear(f, d) for f in features])
-        self.pos = torch.nn.Parameter(torch.zeros(self.M, d))
+        self.pos = torch.nn.Parameter(torch.zeros(self.M * tokens, d))
         self.ln1, self.ln2, self.ln3, self.ln_out = LayerNorm(d), LayerNorm(d), LayerNorm(d), LayerNorm(d)
         self.q, self.kk, self.v, self.o = Linear(d, d), Linear(d, d), Linear(d, d), Linear(d, d)
         self.gate = Gate(gate, d, E, k, hidden or d, C)
         if imputation == "two-stage":
-            self.imp_q, self.imp_kv, self.imp_ln = Linear(d, d), Linear(d, d), LayerNorm(d)
+            self.imp_q, self.imp_kv = Linear(d, d), Linear(d, d)
+            if writeback == "ln-imp":
+                self.imp_ln = LayerNorm(d)
         self.readout = Linear(self.M * d, d)
         self.head = Linear(d, C)
         self.pools = [None] * self.M
@@ -184,47 +191,55 @@ class ConfSMoE(torch.nn.Module):
         return out
 
     def forward(self, xs, avail, labels):
-        """xs [M] of [B, F_m] float32; avail [B, M] bool; labels [B] int64 (the confidence
-        target; unused at inference). Returns logits, L_conf, expert index per slot [B*M, k]."""
-        B, M, d, H = xs[0].shape[0], self.M, self.d, self.heads
+        """xs [M] of [B, S, F_m] (or [B, F_m] when S = 1) float32; avail [B, M] bool; labels [B]
+        int64 (the confidence target; unused at inference). Returns logits, L_conf, expert index
+        per slot [B*M*S, k]."""
+        B, M, S, d, H = xs[0].shape[0], self.M, self.S, self.d, self.heads
+        L = M * S
         xs = self.stage1(xs, avail)
-        X = torch.stack([self.enc[m](xs[m]) for m in range(M)], 1) + self.pos  # [B, M, d]
+        X = torch.cat([self.enc[m](xs[m]).reshape(B, S, d) for m in range(M)], 1) + self.pos  # [B, L, d]
         Xn = self.ln1(X)
         dh = d // H
-        Q = self.q(Xn).view(B, M, H, dh).transpose(1, 2)
-        K = self.kk(Xn).view(B, M, H, dh).transpose(1, 2)
-        V = self.v(Xn).view(B, M, H, dh).transpose(1, 2)
+        Q = self.q(Xn).view(B, L, H, dh).transpose(1, 2)
+        K = self.kk(Xn).view(B, L, H, dh).transpose(1, 2)
+        V = self.v(Xn).view(B, L, H, dh).transpose(1, 2)
         att = torch.softmax(Q @ K.transpose(-1, -2) / math.sqrt(dh), -1)
         att = Fn.dropout(att, self.p, self.training)
-        A = self.o((att @ V).transpose(1, 2).reshape(B, M, d))
-        Hs = X + Fn.dropout(A, self.p, self.training)
+        A = self.o((att @ V).transpose(1, 2).reshape(B, L, d))
+        Hpre = X + Fn.dropout(A, self.p, self.training)
 
-        Z = self.ln2(Hs).reshape(B * M, d)
-        lab_tok = labels.repeat_interleave(M)
-        F, Y, l_conf, idx = self.gate(Z, lab_tok, avail.reshape(-1))
-        Hs = self.ln3(Hs + F.view(B, M, d))
+        present_tok = avail.repeat_interleave(S, 1)  # [B, L]: token l's modality present
+        Z = self.ln2(Hpre).reshape(B * L, d)
+        lab_tok = labels.repeat_interleave(L)
+        F, Y, l_conf, idx = self.gate(Z, lab_tok, present_tok.reshape(-1))
+        Hs = self.ln3(Hpre + F.view(B, L, d))
 
         if self.imputation == "two-stage" and not bool(avail.all()):
             k = self.k
-            Ym = Y.view(B, M, k, d)
-            q = self.imp_q(Ym.mean(2))  # [B, M, d]
-            kv = self.imp_kv(Ym)  # [B, M', k, d]
-            s = torch.einsum("bmd,bnjd->bmnj", q, kv) / math.sqrt(d)  # [B, M, M', k]
-            eye = torch.eye(M, dtype=torch.bool)
-            valid = avail[:, None, :] & ~eye[None]  # key m' present for b, m' != m
+            Ym = Y.view(B, L, k, d)
+            q = self.imp_q(Ym.mean(2))  # [B, L, d]
+            kv = self.imp_kv(Ym)  # [B, L', k, d]
+            s = torch.einsum("bld,bnjd->blnj", q, kv) / math.sqrt(d)  # [B, L, L', k]
+            mod = torch.arange(L) // S
+            other = mod[:, None] != mod[None, :]
+            valid = present_tok[:, None, :] & other[None]  # key l' of a present modality other than l's
             # -1e9, not -inf: rows without any key (present m, unused below) stay finite.
             s = s.masked_fill(~valid.unsqueeze(3), -1e9)
             a = torch.softmax(s, 2)
-            T = max(1, (M - 1) // 4)
-            if T < M - 1:
+            T = max(1, (M - 1) * S // 4)
+            if T < (M - 1) * S:
+                # Masked keys weigh 0: a kept one among them (fewer than T valid) adds nothing.
                 top = torch.topk(a.detach(), T, dim=2).indices
                 keep = torch.zeros_like(a).scatter_(2, top, 1.0)
                 a = a * keep
-            ihat = torch.einsum("bmnj,bnjd->bmd", a, kv)
-            miss = (~avail).unsqueeze(2)
-            Hs = torch.where(miss, self.imp_ln(Hs + ihat), Hs)
+            ihat = torch.einsum("blnj,bnjd->bld", a, kv)
+            miss = (~present_tok).unsqueeze(2)
+            if self.writeback == "residual":
+                Hs = torch.where(miss, self.ln3(Hpre + ihat), Hs)
+            else:
+                Hs = torch.where(miss, self.imp_ln(Hs + ihat), Hs)
 
-        r = self.readout(Hs.reshape(B, M * d))
+        r = self.readout(Hs.reshape(B, M, S, d).mean(2).reshape(B, M * d))
         return self.head(self.ln_out(r)), l_conf, idx
 
 
@@ -260,6 +275,8 @@ def main():
                     help="used to dump the masks when --masks is not given")
     ap.add_argument("--gate", choices=["confidence", "softmax", "gaussian", "laplacian"], default="confidence")
     ap.add_argument("--imputation", choices=["two-stage", "mean"], default="two-stage")
+    ap.add_argument("--writeback", choices=["ln-imp", "residual"], default="ln-imp",
+                    help="two-stage: LN_imp(LN3(H + F) + Ihat), or LN3(H + Ihat)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -292,7 +309,7 @@ def main():
     tr, va, te = data["idx"]["train"], data["idx"]["val"], data["idx"]["test"]
 
     model = ConfSMoE([v.shape[1] for v in data["views"]], C, args.gate, args.imputation, args.d, args.heads, E, args.k,
-                     0, args.dropout, args.draws)
+                     0, args.dropout, args.draws, writeback=args.writeback)
     model.set_pools([data["views"][m][tr[data["present"][tr, m] == 1]] for m in range(M)])
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     n_params = sum(p.numel() for p in model.parameters())
@@ -361,7 +378,8 @@ def main():
         out = dict(implementation="pytorch %s (tests/reference/torch_train.py)" % torch.__version__,
                    dataset=os.path.basename(os.path.normpath(args.data)), missing=args.missing, seed=args.seed,
                    config_name=args.config_name or args.gate + ("" if args.imputation == "two-stage" else "+mean-imp"),
-                   config=dict(gate=args.gate, imputation=args.imputation, epochs=args.epochs, batch=args.batch,
+                   config=dict(gate=args.gate, imputation=args.imputation, writeback=args.writeback,
+                               epochs=args.epochs, batch=args.batch,
                                lr=args.lr, d=args.d, heads=args.heads, experts=E, k=args.k, dropout=args.dropout,
                                draws=args.draws, threads=args.threads),
                    masks=os.path.abspath(masks) if args.masks else None, n_params=n_params,

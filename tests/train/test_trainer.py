@@ -187,12 +187,14 @@ class TestLearns(Base):
             self.assertEqual(r.returncode, 0, "%s: %s" % (extra, r.stderr))
             configs[name] = self.load_json(out)["config"]
         d, p, k = configs["default"], configs["paper"], configs["knobs"]
-        self.assertEqual((d["imputation"], d["modality_dropout"]), ("mean", 0.4))
-        self.assertEqual((p["imputation"], p["modality_dropout"], p["eval_fill"]), ("two-stage", 0.0, "draws"))
+        self.assertEqual((d["imputation"], d["modality_dropout"], d["writeback"]), ("mean", 0.4, "residual"))
+        self.assertEqual((p["imputation"], p["modality_dropout"], p["eval_fill"], p["writeback"]),
+                         ("two-stage", 0.0, "draws", "ln-imp"))
         # SMALL sets --lr; the defaults table itself shows in --help.
         help_text = run(["--help"]).stdout
         self.assertRegex(help_text, r"--lr LR +Adam learning rate \(default 0\.001\)")
         self.assertRegex(help_text, r"--modality-dropout P .*\(default 0\.4\)")
+        self.assertRegex(help_text, r"--writeback W .*\(default residual\)")
         self.assertEqual((k["eval_fill"], k["modality_dropout"], k["weight_decay"], k["threads"]),
                          ("pool-mean", 0.3, 1e-4, 2))
         outs = []

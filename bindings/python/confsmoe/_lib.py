@@ -208,6 +208,7 @@ class ImputerParams(ctypes.Structure):
         ("separate_value", ctypes.c_int32),
         ("compat", ctypes.c_int32),
         ("modality_tokens", ctypes.POINTER(ctypes.c_int64)),  # since 0.3.0
+        ("writeback", ctypes.c_int32),  # since 0.3.0
     ]
 
 
@@ -255,6 +256,7 @@ class ModelParams(ctypes.Structure):
         ("predict_pool_mean", ctypes.c_int32),
         ("modality_dropout", ctypes.c_float),
         ("modality_tokens", ctypes.POINTER(ctypes.c_int64)),  # since 0.3.0
+        ("writeback", ctypes.c_int32),  # since 0.3.0
     ]
 
 

@@ -14,6 +14,7 @@ ENUMS = {
     "kind": {"adam": 0, "sgd": 1},
     "gate": {"confidence": 0, "softmax": 1, "gaussian": 2, "laplacian": 3},
     "imputation": {"two_stage": 0, "two-stage": 0, "mean": 1},
+    "writeback": {"ln_imp": 0, "ln-imp": 0, "residual": 1},
 }
 
 #: 0/1 fields that take a bool.

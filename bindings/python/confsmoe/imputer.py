@@ -17,7 +17,9 @@ class Imputer(Layer):
 
     Options (confsmoe_imputer_params, C defaults): tokens=1 (S of every modality, or a list of
     M per-modality S_m), k=2, top_t=0 (auto), renormalize=False, separate_value=False,
-    compat=False. Availability masks are uint8 (or bool) [B, M] with 1 = present."""
+    compat=False, writeback="ln_imp"|"residual" (missing rows of the output: LN(h + Ihat), or
+    Ihat alone, with no "ln.*" parameters). Availability masks are uint8 (or bool) [B, M] with
+    1 = present."""
 
     _kind = "imputer"
     _prefix = "imputer"

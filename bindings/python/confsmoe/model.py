@@ -27,7 +27,8 @@ class Model(Layer):
     router_grad="frozen"|"trainable"|"score", detach_target=False, noisy=False,
     imputation="two_stage"|"mean", draws=10, top_t=0, renormalize=False, separate_value=False,
     dropout=0.1, compat=False, predict_pool_mean=False (True: predict fills stage 1 with the pool
-    mean, deterministic), modality_dropout=0.0. Unknown names: TypeError.
+    mean, deterministic), modality_dropout=0.0, writeback="ln_imp"|"residual" (a two-stage-imputed
+    token becomes LN_imp(LN3(H + F) + Ihat), or LN3(H + Ihat)). Unknown names: TypeError.
 
     Inputs are M float32 arrays x_m [B, S_m, F_m] (or [B, F_m] when S_m = 1), the availability
     mask avail uint8/bool [B, M] (1 = present) and labels int32 [B] (uint8 [B, C] multi-label).
