@@ -32,6 +32,7 @@
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -296,7 +297,7 @@ static void write_folder(const uint8_t *data, size_t size)
 
 static void check_loaded(const dataset *ds)
 {
-    if (ds->n < 1 || ds->m < 1 || ds->n_classes < 2 || ds->tokens < 1)
+    if (ds->n < 1 || ds->m < 1 || ds->n_classes < 2 || ds->tokens < 0)
         fuzz_fail("loaded n=%d m=%d classes=%d tokens=%" PRId64, ds->n, ds->m, ds->n_classes, ds->tokens);
     for (int i = 0; i < ds->n; i++) {
         if (ds->label[i] < 0 || ds->label[i] >= ds->n_classes)
@@ -307,9 +308,17 @@ static void check_loaded(const dataset *ds)
             if (ds->natural[(size_t)i * ds->m + m] > 1)
                 fuzz_fail("natural mask %d", ds->natural[(size_t)i * ds->m + m]);
     }
-    for (int m = 0; m < ds->m; m++)
+    /* tokens is the one S of every view, or 0 when the views differ. */
+    bool views_differ = false;
+    for (int m = 0; m < ds->m; m++) {
         if (ds->views[m].features < 1 || !ds->views[m].x || !ds->views[m].name)
             fuzz_fail("view %d has %" PRId64 " features", m, ds->views[m].features);
+        if (ds->views[m].tokens < 1 || (ds->tokens > 0 && ds->views[m].tokens != ds->tokens))
+            fuzz_fail("view %d has %" PRId64 " tokens, the dataset %" PRId64, m, ds->views[m].tokens, ds->tokens);
+        views_differ |= ds->views[m].tokens != ds->views[0].tokens;
+    }
+    if ((ds->tokens == 0) != views_differ)
+        fuzz_fail("dataset tokens %" PRId64 " but the views %s", ds->tokens, views_differ ? "differ" : "agree");
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
