@@ -54,6 +54,23 @@ size_t confsmoe_sizeof_imputer_params(void) { return sizeof(confsmoe_imputer_par
 
 static bool imputer_is_flag(int32_t v) { return v == 0 || v == 1; }
 
+confsmoe_status csm_total_tokens(confsmoe_ctx *ctx, const char *fn, int32_t M, int64_t tokens,
+                                 const int64_t *modality_tokens, int64_t *total)
+{
+    int64_t L = 0;
+    for (int32_t m = 0; m < M; m++) {
+        const int64_t S = modality_tokens ? modality_tokens[m] : tokens;
+        if (S < 1)
+            return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: modality_tokens[%" PRId32 "] is %" PRId64 ", must be >= 1", fn,
+                            m, S);
+        if (S > INT64_MAX - L)
+            return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: the sum of the modalities' tokens overflows", fn);
+        L += S;
+    }
+    *total = L;
+    return CONFSMOE_OK;
+}
+
 static confsmoe_status imputer_check_params(confsmoe_ctx *ctx, const confsmoe_imputer_params *p)
 {
     static const char fn[] = "imputer_create";
@@ -77,17 +94,11 @@ static confsmoe_status imputer_check_params(confsmoe_ctx *ctx, const confsmoe_im
                         p->writeback);
     /* The tensors the imputer accepts must be describable: L k d (one slot row per token and
      * slot, per sample, L = sum_m S_m) fits in int64 for one sample, and d x d fits for the weights. */
-    const int64_t M = p->n_modalities, k = p->k, d = p->d;
-    int64_t L = 0;
-    for (int64_t m = 0; m < M; m++) {
-        const int64_t S = p->modality_tokens ? p->modality_tokens[m] : p->tokens;
-        if (S < 1)
-            return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: modality_tokens[%" PRId64 "] is %" PRId64 ", must be >= 1", fn,
-                            m, S);
-        if (S > INT64_MAX - L)
-            return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: the sum of the modalities' tokens overflows", fn);
-        L += S;
-    }
+    const int64_t k = p->k, d = p->d;
+    int64_t L;
+    const confsmoe_status st = csm_total_tokens(ctx, fn, p->n_modalities, p->tokens, p->modality_tokens, &L);
+    if (st != CONFSMOE_OK)
+        return st;
     if (L > INT64_MAX / k || L * k > INT64_MAX / d || d > INT64_MAX / d)
         return csm_fail(ctx, CONFSMOE_E_NOMEM,
                         "%s: sizes overflow for d=%" PRId64 ", L=%" PRId64 " tokens, k=%" PRId64, fn, d, L, k);

@@ -8,6 +8,11 @@
 
 /* The imputer's parameter list (q, kv, v with separate_value, ln), which a model appends to its own. */
 const csm_params *csm_imputer_param_list(const confsmoe_imputer *imp);
+/* L = sum_m S_m of M modalities (S_m = modality_tokens[m], or tokens for all when NULL), each
+ * checked >= 1 and the sum against overflow, with fn's messages; the model and the imputer
+ * validate their token counts with it. */
+confsmoe_status csm_total_tokens(confsmoe_ctx *ctx, const char *fn, int32_t M, int64_t tokens,
+                                 const int64_t *modality_tokens, int64_t *total);
 /* The arena the imputer allocates backward's work block from (NULL: none). */
 void csm_imputer_set_arena(confsmoe_imputer *imp, csm_arena *arena);
 

@@ -69,16 +69,10 @@ static confsmoe_status model_check_params(confsmoe_ctx *ctx, const confsmoe_mode
     if ((!p->modality_tokens && p->tokens < 1) || p->d < 1 || p->expert_hidden < 0)
         return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: tokens and d must be >= 1 and expert_hidden >= 0", fn);
     /* L = sum_m S_m tokens and the M d readout input are computed in int64 below (found by tests/fuzz). */
-    int64_t L = 0;
-    for (int32_t m = 0; m < p->n_modalities; m++) {
-        const int64_t S = p->modality_tokens ? p->modality_tokens[m] : p->tokens;
-        if (S < 1)
-            return csm_fail(ctx, CONFSMOE_E_SHAPE, "%s: modality_tokens[%" PRId32 "] is %" PRId64 ", must be >= 1", fn,
-                            m, S);
-        if (S > INT64_MAX - L)
-            return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: the sum of the modalities' tokens overflows", fn);
-        L += S;
-    }
+    int64_t L;
+    const confsmoe_status st = csm_total_tokens(ctx, fn, p->n_modalities, p->tokens, p->modality_tokens, &L);
+    if (st != CONFSMOE_OK)
+        return st;
     if (p->d > INT64_MAX / p->n_modalities)
         return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: n_modalities x d overflows", fn);
     if (p->n_experts < 1)
