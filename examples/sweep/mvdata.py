@@ -7,8 +7,8 @@ numpy only. The data layout is docs/TRAIN.md's: labels.csv, view<i>_<name>.csv, 
 split*.csv / avail.csv (the masks file already carries both). A view is a vector view (S = 1) or a
 sequence view (first line `#tokens=S`, each row S x F values, token-major: token 0's F features,
 then token 1's, ...); S may differ per view. The sweep's floor reads sequence views as flat rows
-of S x F columns (load_folder(..., sequences=True)); the PyTorch reference reads vector views only,
-so by default a sequence view is refused.
+of S x F columns (load_folder(..., sequences=True)); the PyTorch reference reads them as S tokens
+of F features (prepare(..., sequences=True)). By default a sequence view is refused.
 """
 import math
 import os
@@ -87,21 +87,24 @@ def load_masks(path):
     return np.array(split), np.array(natural, np.uint8), np.array(present, np.uint8)
 
 
-def standardise(views, present, train_idx):
+def standardise(views, present, train_idx, tokens=None):
     """The trainer's standardisation: per feature, mean and population standard deviation
     over the training rows in which the modality is present after the protocol (NaN cells
     left out; sd < 1e-8 counts as 1); missing rows become 0, NaN cells in present rows 0.
-    On flat sequence rows each (token, feature) column is one feature here (the floor's
-    choice; the trainer pools a feature over the tokens)."""
+    With `tokens` (S_m per view) a feature is pooled over the S_m tokens of a row, as the
+    trainer does; without, each (token, feature) column of a flat sequence row is one feature
+    (the floor's choice)."""
     out = []
     for m, x in enumerate(views):
         rows = train_idx[present[train_idx, m] == 1]
-        xt = x[rows].astype(np.float64)
+        S = tokens[m] if tokens else 1
+        xt = x[rows].astype(np.float64).reshape(len(rows) * S, -1)
         cnt = np.sum(~np.isnan(xt), 0)
         mean = np.where(cnt > 0, np.nansum(xt, 0) / np.maximum(cnt, 1), 0.0)
         sq = np.nansum((xt - mean) ** 2, 0)
         sd = np.where(cnt > 0, np.sqrt(sq / np.maximum(cnt, 1)), 1.0)
         sd = np.where(sd < 1e-8, 1.0, sd)
+        mean, sd = np.tile(mean, S), np.tile(sd, S)
         z = ((x.astype(np.float64) - mean) / sd).astype(np.float32)
         z[np.isnan(z)] = 0.0
         z[present[:, m] == 0] = 0.0
@@ -109,15 +112,16 @@ def standardise(views, present, train_idx):
     return out
 
 
-def prepare(folder, masks_path):
-    """Everything a trainer needs: standardised views, labels, masks, split index lists."""
-    views, files, labels, _ = load_folder(folder)
+def prepare(folder, masks_path, sequences=False):
+    """Everything a trainer needs: standardised views (flat rows of S_m x F_m), labels, masks,
+    split index lists, tokens (S_m per view). Sequence views only with `sequences`."""
+    views, files, labels, tokens = load_folder(folder, sequences)
     split, natural, present = load_masks(masks_path)
     if split.shape[0] != labels.shape[0] or present.shape[1] != len(views):
         raise ValueError("%s does not match %s" % (masks_path, folder))
     idx = {s: np.nonzero(split == s)[0] for s in ("train", "val", "test")}
-    z = standardise(views, present, idx["train"])
-    return dict(views=z, files=files, labels=labels, present=present, natural=natural, idx=idx,
+    z = standardise(views, present, idx["train"], tokens)
+    return dict(views=z, files=files, labels=labels, present=present, natural=natural, idx=idx, tokens=tokens,
                 n_classes=int(labels.max()) + 1)
 
 

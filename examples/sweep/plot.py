@@ -247,11 +247,12 @@ def main_sequence(args, sweep):
     plot_accuracy(rec, list(sweep.SEQUENCE_CONFIGS) + ["floor"], [d], sweep.SEQUENCE_RATES, args.seeds, path,
                   sweep.stats)
     print("wrote", path)
+    seeds = sweep.PRESETS["collapse"]["seeds"]  # every shape has these (E 8, k 2 has the sequence preset's too)
     for experts, k in sweep.COLLAPSE_SHAPES:
         path = os.path.join(args.docs, "results_collapse_E%d_k%d.svg" % (experts, k))
         title = "Expert load over training on %s, r = 0.3, E = %d, k = %d (seeds %s)" % (
-            d, experts, k, ",".join(map(str, args.seeds)))
-        if plot_collapse(rec, d, 0.3, args.seeds, sweep.COLLAPSE_GATES,
+            d, experts, k, ",".join(map(str, seeds)))
+        if plot_collapse(rec, d, 0.3, seeds, sweep.COLLAPSE_GATES,
                          lambda g: sweep.collapse_name(g, experts, k), path, title):
             print("wrote", path)
         else:

@@ -99,8 +99,8 @@ AVDIGITS = os.path.join(ROOT, "examples", "datasets", "avdigits.py")
 # (examples/datasets/avdigits.py --hard), written by the sweep when absent (sequence_folder).
 SEQUENCE_DATASET = "avdigits-hard"
 SEQUENCE_RATES = [0.0, 0.3, 0.5, 0.7]
-# Hook: write-back variants (confsmoe-train --writeback, issue [K] item 3) are added here, name -> flags.
-SEQUENCE_WRITEBACK_CONFIGS = {}
+# The paper configuration with the other write-back (confsmoe-train --writeback, docs/MODEL.md 5.2).
+SEQUENCE_WRITEBACK_CONFIGS = {"confidence+residual": ["--paper", "--writeback", "residual"]}
 SEQUENCE_CONFIGS = dict(PAPER_CONFIGS, recommended=[], **SEQUENCE_WRITEBACK_CONFIGS)
 # Expert collapse (issue [K] item 4): per-epoch training load of each gate at E x k, r = 0.3, 1 seed.
 COLLAPSE_GATES = ["confidence", "softmax", "gaussian", "laplacian"]
@@ -108,7 +108,8 @@ COLLAPSE_SHAPES = [(8, 1), (8, 2), (16, 1), (16, 2)]
 
 
 def collapse_name(gate, experts, k):
-    return "%s_E%d_k%d" % (gate, experts, k)
+    """E 8, k 2 is the paper configuration: the sequence preset's run of that gate (same out folder)."""
+    return gate if (experts, k) == (8, 2) else "%s_E%d_k%d" % (gate, experts, k)
 
 
 COLLAPSE_CONFIGS = {collapse_name(g, e, k): ["--paper", "--gate", g, "--experts", str(e), "--k", str(k)]
@@ -223,9 +224,10 @@ def run_all(args, configs, rates):
                         continue
                     cmd = run_cmd(args, flags, dataset, r, seed, path + ".tmp")
                     todo.append((name, dataset, r, seed, cmd, path, path[:-5] + ".log"))
-    # Longest first (scene15, handwritten), so that the two workers finish together.
+    # Longest first (scene15, handwritten), so that the two workers finish together; seed by seed,
+    # so that an interrupted sweep leaves whole tables of its first seeds.
     weight = {"scene15": 3, "handwritten": 2, "cub": 1}
-    todo.sort(key=lambda t: -weight.get(t[1], 0))
+    todo.sort(key=lambda t: (t[3], -weight.get(t[1], 0)))
     print("sweep: %d run(s) to do, %d job(s)" % (len(todo), args.jobs), flush=True)
     failed = 0
     t_start = time.time()
@@ -243,11 +245,11 @@ def run_all(args, configs, rates):
 
 def run_reference(args, rates):
     """PyTorch runs on the trainer's masks; the library runs of the same configurations too."""
-    lib_cfgs = {k: PAPER_CONFIGS[k] for k in REFERENCE_CONFIGS}
-    failed = run_all(args, lib_cfgs, rates)
+    ref_cfgs = {k: v for k, v in REFERENCE_CONFIGS.items() if not args.configs or k in args.configs}
+    failed = run_all(args, {k: PAPER_CONFIGS[k] for k in ref_cfgs}, rates)
     todo = []
     os.makedirs(os.path.join(args.out, "torch"), exist_ok=True)
-    for name, flags in REFERENCE_CONFIGS.items():
+    for name, flags in ref_cfgs.items():
         for dataset in args.datasets:
             for r in rates:
                 for seed in args.seeds:
@@ -728,15 +730,35 @@ def table_collapse(rec, dataset, r, seeds):
     return "\n".join(lines)
 
 
+def table_train_speed(rec, datasets, rates, seeds, lib_cfg="confidence", torch_cfg="pytorch:confidence"):
+    """Wall time of whole training runs (30 epochs + evaluation) of the library and of the PyTorch
+    reference, same configuration, data, masks and seed, from the sweep's own runs (1 thread each)."""
+    lines = ["| dataset | r | seeds | libconfsmoe, s per run | PyTorch reference, s per run | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for d in datasets:
+        for r in rates:
+            both = [s for s in seeds if (lib_cfg, d, r, s) in rec and (torch_cfg, d, r, s) in rec]
+            if not both:
+                continue
+            lib = [rec[(lib_cfg, d, r, s)]["seconds"] for s in both]
+            ref = [rec[(torch_cfg, d, r, s)]["seconds"] for s in both]
+            lines.append("| %s | %g | %s | %s | %s | **%.2fx** |" % (
+                d, r, ", ".join(map(str, both)), " / ".join("%.0f" % x for x in lib), " / ".join("%.0f" % x for x in ref),
+                statistics.median(ref) / statistics.median(lib)))
+    return "\n".join(lines)
+
+
 def aggregate_sequence(args, rec, rates):
-    """The blocks of the sequence preset: test accuracy per (configuration, r) with the floor, the
-    other metrics per rate, the validation accuracy at r = 0.3 and 0.5 (where choices are made)."""
-    cfgs = list(SEQUENCE_CONFIGS) + ["floor"]
+    """The blocks of the sequence preset: test accuracy per (configuration, r) with the floor and the
+    PyTorch reference, the other metrics per rate, the validation accuracy at r = 0.3 and 0.5 (where
+    choices are made), the training time of the library against the reference."""
+    cfgs = list(SEQUENCE_CONFIGS) + ["pytorch:confidence", "floor"]
     choose = [r for r in rates if r in (0.3, 0.5)] or rates
     return {"sequence": table_summary(rec, cfgs, args.datasets, rates, args.seeds),
             "sequence-detail": "\n\n".join("**%s**\n\n%s" % (d, table_by_dataset(rec, cfgs, d, rates, args.seeds))
                                             for d in args.datasets),
-            "sequence-validation": table_validation(rec, cfgs, args.datasets, choose, args.seeds)}
+            "sequence-validation": table_validation(rec, cfgs, args.datasets, choose, args.seeds),
+            "sequence-speed": table_train_speed(rec, args.datasets, rates, args.seeds)}
 
 
 def aggregate_collapse(args, rec, rates):

@@ -145,6 +145,21 @@ class Sequence(unittest.TestCase):
         self.assertAlmostEqual(float(z[0][6, 5]), (612.0 - col.mean()) / col.std(), places=4)
         self.assertEqual(float(np.abs(z[0][1]).max()), 0.0)
 
+    def test_standardise_pools_a_feature_over_tokens(self):
+        # The trainer's (and the PyTorch reference's) standardisation: audio feature 2 over the
+        # 2 tokens of the present train rows 0, 2, 3 is {2, 12, 202, 212, 302, 312}.
+        present = np.ones((self.N, 2), np.uint8)
+        present[1, 0] = 0
+        views, _, _, tokens = mvdata.load_folder(self.dir, sequences=True)
+        z = mvdata.standardise(views, present, np.arange(4), tokens)
+        vals = np.array([2.0, 12.0, 202.0, 212.0, 302.0, 312.0])
+        self.assertAlmostEqual(float(z[0][6, 5]), (612.0 - vals.mean()) / vals.std(), places=4)
+        self.assertAlmostEqual(float(z[0][6, 2]), (602.0 - vals.mean()) / vals.std(), places=4)
+        # The image (S = 3, F = 1): one feature over every pixel of the train rows 0, 1, 2.
+        pix = np.array([0.0, 0.0, 0.0, 1.0, -1.0, 2.0, 2.0, -2.0, 4.0])
+        self.assertAlmostEqual(float(z[1][5, 1]), (-5.0 - pix.mean()) / pix.std(), places=4)
+        self.assertEqual(float(np.abs(z[0][1]).max()), 0.0)
+
 
 class Collapse(unittest.TestCase):
     """The collapse table and plot read the last epoch of each run's JSON history."""

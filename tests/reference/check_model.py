@@ -4,8 +4,9 @@ computes: one training step of libconfsmoe (dropout 0) and of torch_train.ConfSM
 float64 with the library's own parameters, copied by name) must give the same logits, loss and
 gradient of every parameter, for each gate, both imputations and M = 2, 3, 6 (stage 2 keeps
 T = 1 of M - 1 keys), one token per modality; then, with the confidence and softmax gates and
-two-stage imputation, sequences (S = 3 and 4, M = 2 and 3) with both write-backs of imputed
-tokens (LN_IMP and RESIDUAL). The pools have identical rows so the stage-1 draws do not matter.
+two-stage imputation, sequences (S = 3 and 4, M = 2 and 3; and per-modality S_m = 8, 4 and
+8, 1, 4, where T_m differs between modalities) with both write-backs of imputed tokens (LN_IMP
+and RESIDUAL). The pools have identical rows so the stage-1 draws do not matter.
 
     CONFSMOE_LIBRARY=build/lib/libconfsmoe.so BLIS_NUM_THREADS=1 /usr/bin/python3 tests/reference/check_model.py
 
@@ -97,9 +98,9 @@ class CheckModel(unittest.TestCase):
                     view[...] = (0.3 * rs.randn(*view.shape)).astype(np.float32)
             params = {n: lib.read(lib.model_param(lm.model, i)) for n, i in names.items()}
             B = c["B"]
-            tok = (S,) if S > 1 else ()
-            xs = [np.ascontiguousarray((0.7 * rs.randn(B, *tok, f)).astype(np.float32)) for f in c["F"]]
-            rows = [(0.7 * rs.randn(*tok, f)).astype(np.float32) for f in c["F"]]
+            tok = [(s,) if s > 1 else () for s in mp.tokens_of(c)]
+            xs = [np.ascontiguousarray((0.7 * rs.randn(B, *t, f)).astype(np.float32)) for t, f in zip(tok, c["F"])]
+            rows = [(0.7 * rs.randn(*t, f)).astype(np.float32) for t, f in zip(tok, c["F"])]
             pools = [np.ascontiguousarray(np.repeat(r[None], 3, 0)) for r in rows]
             avail = np.ascontiguousarray(mp.make_avail(c, rs))
             labels = rs.randint(0, c["C"], size=B).astype(np.int32)
@@ -117,7 +118,7 @@ class CheckModel(unittest.TestCase):
             lm.close()
 
         model = tt.ConfSMoE(c["F"], c["C"], GATES[gate], "mean" if imputation == mp.IMPUTE_MEAN else "two-stage",
-                            d=16, heads=4, E=4, k=2, hidden=0, dropout=0.0, draws=10, tokens=S,
+                            d=16, heads=4, E=4, k=2, hidden=0, dropout=0.0, draws=10, tokens=mp.tokens_of(c),
                             writeback="residual" if writeback == mp.WRITEBACK_RESIDUAL else "ln-imp")
         tp, pe = torch_params(model), per_expert(model, 4)
         with torch.no_grad():
@@ -177,13 +178,13 @@ class CheckModel(unittest.TestCase):
         n = 0
         for gate in (mp.GATE_CONFIDENCE, mp.GATE_SOFTMAX):
             for writeback in (mp.WRITEBACK_LN_IMP, mp.WRITEBACK_RESIDUAL):
-                for M, S in ((2, 4), (3, 3)):
+                for M, S in ((2, 4), (3, 3), (2, [8, 4]), (3, [8, 1, 4])):
                     for seed in (1, 2):
                         wmax, bad = self.one(gate, mp.IMPUTE_TWO_STAGE, M, seed, S=S, writeback=writeback)
                         worst = max(worst, wmax)
                         n += 1
                         if bad:
-                            failures.append("%s writeback %d M=%d S=%d seed %d: %s"
+                            failures.append("%s writeback %d M=%d S=%s seed %d: %s"
                                             % (GATES[gate], writeback, M, S, seed, bad))
         print("\n[check_model] sequences: worst relative error %.3g over %d configurations" % (worst, n),
               file=sys.stderr)

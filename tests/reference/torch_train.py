@@ -20,20 +20,20 @@ the expert-utilisation numbers (slots of the test evaluation, every modality tok
 Different: the random streams (torch's: initialisation, dropout, stage-1 draws, batch order), so
 runs of the same seed are not the same numbers, only the same distribution.
 
-The model (B samples, M modalities of S tokens each; the script's main trains S = 1 views, the
-class takes any S):
+The model (B samples, M modalities of S_m tokens each, L = sum_m S_m; vector views are S_m = 1):
     x_m missing -> mean of K distinct pool rows (two-stage) or the pool mean (mean), train and eval
-    X = [enc_m(x_m)]_m + pos (token l = m S + s);  H = X + Dropout(MHA(LN1(X)))  (dropout also on
+    X = [enc_m(x_m)]_m + pos (modality m's tokens follow those of m' < m);  H = X + Dropout(MHA(LN1(X)))  (dropout also on
         attention weights)
     Z = LN2(H); top-k of the router logits u(Z) (frozen router for the confidence gate)
     y_j = E_{I_j}(Z)  (2-layer GELU FFN);  c_j = sigmoid(v_i . LN_i(y_j) + beta_i)
     F = sum_j c_j y_j   (baselines: sum_j softmax(u_topk)_j y_j);   H' = LN3(H + F)
     stage 2 for each token l of a missing (b, m): q = W_q mean_j y_{b,l,j} + b_q,
         kv_{l',j} = W_kv y_{b,l',j} + b_kv over the tokens l' of present m' != m;
-        a = softmax_{l'}(q . kv / sqrt(d)) per slot j; keep the top T = max(1, floor((M - 1) S / 4));
+        a = softmax_{l'}(q . kv / sqrt(d)) per slot j; keep the top
+        T_m = max(1, floor(sum_{m' != m} S_m' / 4));
         Ihat = sum_j sum_{kept l'} a kv;  then (writeback) ln-imp: H'_l <- LN_imp(H'_l + Ihat),
         residual: H'_l <- LN3(H_l + Ihat) (the imputation in place of F; no LN_imp)
-    logits = head(LN_out(readout(concat_m mean_s H'_m)))
+    logits = head(LN_out(readout(concat_m mean over m's S_m tokens of H')))
     loss = CE + L_conf,  L_conf = sum over the slots of present tokens (c_j - softmax(P y_j)[label])^2
                                   / (k * present tokens)   (target not detached)
 """
@@ -152,10 +152,11 @@ class ConfSMoE(torch.nn.Module):
                  hidden=0, dropout=0.1, draws=10, tokens=1, writeback="ln-imp"):
         super().__init__()
         self.M, self.d, self.heads, self.k, self.p = len(features), d, heads, k, dropout
-        self.S, self.writeback = tokens, writeback
+        self.S = [tokens] * self.M if isinstance(tokens, int) else list(tokens)
+        self.writeback = writeback
         self.imputation, self.draws = imputation, draws
         self.enc = torch.nn.ModuleList([Linear(f, d) for f in features])
-        self.pos = torch.nn.Parameter(torch.zeros(self.M * tokens, d))
+        self.pos = torch.nn.Parameter(torch.zeros(sum(self.S), d))
         self.ln1, self.ln2, self.ln3, self.ln_out = LayerNorm(d), LayerNorm(d), LayerNorm(d), LayerNorm(d)
         self.q, self.kk, self.v, self.o = Linear(d, d), Linear(d, d), Linear(d, d), Linear(d, d)
         self.gate = Gate(gate, d, E, k, hidden or d, C)
@@ -169,7 +170,7 @@ class ConfSMoE(torch.nn.Module):
         self.fill_mean = False  # diagnostics: stage 1 fills with the pool mean even under two-stage
 
     def set_pools(self, pools):
-        self.pools = [torch.as_tensor(p) for p in pools]
+        self.pools = [torch.as_tensor(p).reshape(p.shape[0], -1) for p in pools]  # flat rows, as xs
         self.pool_means = [p.mean(0) for p in self.pools]
 
     def stage1(self, xs, avail):
@@ -191,13 +192,13 @@ class ConfSMoE(torch.nn.Module):
         return out
 
     def forward(self, xs, avail, labels):
-        """xs [M] of [B, S, F_m] (or [B, F_m] when S = 1) float32; avail [B, M] bool; labels [B]
+        """xs [M] of [B, S_m * F_m] (or [B, S_m, F_m]) float32; avail [B, M] bool; labels [B]
         int64 (the confidence target; unused at inference). Returns logits, L_conf, expert index
-        per slot [B*M*S, k]."""
+        per slot [B*L, k]."""
         B, M, S, d, H = xs[0].shape[0], self.M, self.S, self.d, self.heads
-        L = M * S
-        xs = self.stage1(xs, avail)
-        X = torch.cat([self.enc[m](xs[m]).reshape(B, S, d) for m in range(M)], 1) + self.pos  # [B, L, d]
+        L = sum(S)
+        xs = self.stage1([x.reshape(B, -1) for x in xs], avail)
+        X = torch.cat([self.enc[m](xs[m].reshape(B, S[m], -1)) for m in range(M)], 1) + self.pos  # [B, L, d]
         Xn = self.ln1(X)
         dh = d // H
         Q = self.q(Xn).view(B, L, H, dh).transpose(1, 2)
@@ -208,7 +209,8 @@ class ConfSMoE(torch.nn.Module):
         A = self.o((att @ V).transpose(1, 2).reshape(B, L, d))
         Hpre = X + Fn.dropout(A, self.p, self.training)
 
-        present_tok = avail.repeat_interleave(S, 1)  # [B, L]: token l's modality present
+        mod = torch.repeat_interleave(torch.arange(M), torch.tensor(S))  # token l's modality
+        present_tok = avail[:, mod]  # [B, L]: token l's modality present
         Z = self.ln2(Hpre).reshape(B * L, d)
         lab_tok = labels.repeat_interleave(L)
         F, Y, l_conf, idx = self.gate(Z, lab_tok, present_tok.reshape(-1))
@@ -220,17 +222,18 @@ class ConfSMoE(torch.nn.Module):
             q = self.imp_q(Ym.mean(2))  # [B, L, d]
             kv = self.imp_kv(Ym)  # [B, L', k, d]
             s = torch.einsum("bld,bnjd->blnj", q, kv) / math.sqrt(d)  # [B, L, L', k]
-            mod = torch.arange(L) // S
             other = mod[:, None] != mod[None, :]
             valid = present_tok[:, None, :] & other[None]  # key l' of a present modality other than l's
             # -1e9, not -inf: rows without any key (present m, unused below) stay finite.
             s = s.masked_fill(~valid.unsqueeze(3), -1e9)
             a = torch.softmax(s, 2)
-            T = max(1, (M - 1) * S // 4)
-            if T < (M - 1) * S:
-                # Masked keys weigh 0: a kept one among them (fewer than T valid) adds nothing.
-                top = torch.topk(a.detach(), T, dim=2).indices
-                keep = torch.zeros_like(a).scatter_(2, top, 1.0)
+            T = [max(1, (sum(S) - S[m]) // 4) for m in range(M)]
+            if any(T[m] < sum(S) - S[m] for m in range(M)):
+                # Query l keeps its T_m largest weights (topk sorts them); masked keys weigh 0, so a
+                # kept one among them (fewer than T_m valid) adds nothing.
+                top = torch.topk(a.detach(), max(T), dim=2).indices  # [B, L, max T, k]
+                rank_kept = torch.arange(max(T))[None, :] < torch.tensor(T)[mod][:, None]  # [L, max T]
+                keep = torch.zeros_like(a).scatter_(2, top, rank_kept[None, :, :, None].expand_as(top).to(a.dtype))
                 a = a * keep
             ihat = torch.einsum("blnj,bnjd->bld", a, kv)
             miss = (~present_tok).unsqueeze(2)
@@ -239,7 +242,7 @@ class ConfSMoE(torch.nn.Module):
             else:
                 Hs = torch.where(miss, self.imp_ln(Hs + ihat), Hs)
 
-        r = self.readout(Hs.reshape(B, M, S, d).mean(2).reshape(B, M * d))
+        r = self.readout(torch.cat([h.mean(1) for h in Hs.split(S, 1)], 1))
         return self.head(self.ln_out(r)), l_conf, idx
 
 
@@ -299,7 +302,7 @@ def main():
     np.random.seed(args.seed)
 
     masks = args.masks or dump_masks_with(args.trainer, args.data, args.missing, args.seed)
-    data = mvdata.prepare(args.data, masks)
+    data = mvdata.prepare(args.data, masks, sequences=True)
     if not args.masks:
         os.unlink(masks)
     C, M, E = data["n_classes"], len(data["views"]), args.experts
@@ -308,8 +311,9 @@ def main():
     labels = torch.from_numpy(data["labels"])
     tr, va, te = data["idx"]["train"], data["idx"]["val"], data["idx"]["test"]
 
-    model = ConfSMoE([v.shape[1] for v in data["views"]], C, args.gate, args.imputation, args.d, args.heads, E, args.k,
-                     0, args.dropout, args.draws, writeback=args.writeback)
+    tokens = data["tokens"]
+    model = ConfSMoE([v.shape[1] // s for v, s in zip(data["views"], tokens)], C, args.gate, args.imputation, args.d,
+                     args.heads, E, args.k, 0, args.dropout, args.draws, tokens, args.writeback)
     model.set_pools([data["views"][m][tr[data["present"][tr, m] == 1]] for m in range(M)])
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     n_params = sum(p.numel() for p in model.parameters())
