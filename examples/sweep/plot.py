@@ -112,12 +112,14 @@ class Axes:
 
 
 def plot_accuracy(rec, configs, datasets, rates, seeds, path, stats):
-    W, H = 330 * len(datasets) + 60, 480
+    pw = 250 if len(datasets) > 1 else 880  # panel width; one dataset gets the whole width
+    rows = (len(configs) + 3) // 4
+    W, H = max((pw + 80) * len(datasets) + 60, 1040), 440 + 22 * rows
     svg = Svg(W, H)
     note = "gates with the paper's hyper-parameters" + (", and the recommended defaults" if "recommended" in configs
                                                          else "")
     svg.text(W / 2, 22, "Test accuracy vs missing rate r (mean ± std over seeds %s; %s)"
-             % (",".join(str(s) for s in seeds), note), 15, "middle", "bold")
+             % (",".join(str(s) for s in seeds), note), 15 if len(datasets) > 1 else 13, "middle", "bold")
     for di, d in enumerate(datasets):
         series = []
         lo, hi = 100.0, 0.0
@@ -137,7 +139,7 @@ def plot_accuracy(rec, configs, datasets, rates, seeds, path, stats):
         lo, hi = math.floor(lo / 5) * 5, min(100, math.ceil(hi / 5) * 5)
         if hi - lo < 10:
             lo = hi - 10
-        ax = Axes(svg, 75 + di * 330, 60, 250, 300, (-0.03, max(rates) + 0.03), (lo, hi))
+        ax = Axes(svg, 75 + di * (pw + 80), 60, pw, 300, (-0.03, max(rates) + 0.03), (lo, hi))
         ax.frame(d, "missing rate r", "test accuracy %" if di == 0 else "", rates, nice_ticks(lo, hi, 6),
                  "%g", "%g")
         for ci, cfg, pts in series:
@@ -159,7 +161,8 @@ def plot_accuracy(rec, configs, datasets, rates, seeds, path, stats):
         x = lx + (ci % 4) * 240
         y = ly + (ci // 4) * 22
         svg.line(x, y - 4, x + 26, y - 4, color, 2.5, "6,4" if cfg == "floor" else None)
-        label = "floor: mean imputation + logistic regression" if cfg == "floor" else cfg
+        label = {"floor": "floor: mean imputation + logistic regression",
+                 "pytorch:confidence": "PyTorch reference (confidence)"}.get(cfg, cfg)
         svg.text(x + 32, y, label, 12)
     svg.save(path)
 
@@ -244,8 +247,8 @@ def main_sequence(args, sweep):
     rec = sweep.collect(args.out)
     d = sweep.SEQUENCE_DATASET
     path = os.path.join(args.docs, "results_sequence_accuracy.svg")
-    plot_accuracy(rec, list(sweep.SEQUENCE_CONFIGS) + ["floor"], [d], sweep.SEQUENCE_RATES, args.seeds, path,
-                  sweep.stats)
+    plot_accuracy(rec, list(sweep.SEQUENCE_CONFIGS) + ["pytorch:confidence", "floor"], [d], sweep.SEQUENCE_RATES,
+                  args.seeds, path, sweep.stats)
     print("wrote", path)
     seeds = sweep.PRESETS["collapse"]["seeds"]  # every shape has these (E 8, k 2 has the sequence preset's too)
     for experts, k in sweep.COLLAPSE_SHAPES:

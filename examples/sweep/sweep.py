@@ -16,6 +16,8 @@ Sequence data. The presets sequence and collapse run on avdigits-hard (DATA/avdi
 `examples/datasets/avdigits.py --fsdd ../shared/data/fsdd --out DATA/avdigits-hard --hard`; when it is
 absent and --fsdd holds FSDD, the sweep generates it into OUT/data once, saying so). Their runs go
 to build/sweep-sequence; the floor reads each sequence view's row as one flat vector of S x F values.
+The presets reference and timing run on it with --datasets avdigits-hard (then also into
+build/sweep-sequence, and their tables are those of the sequence preset).
 
 Data: --data DIR holds one folder per dataset (--datasets, default handwritten, cub and
 scene15). The default DIR is ../shared/data beside the repository, which is not part of it
@@ -118,7 +120,7 @@ COLLAPSE_CONFIGS = {collapse_name(g, e, k): ["--paper", "--gate", g, "--experts"
 PRESETS = {
     "paper": dict(configs=PAPER_CONFIGS, rates=RATES, floor=True),
     "reference": dict(configs={}, rates=[0.5], floor=False),
-    "timing": dict(configs={}, rates=[0.5], floor=False),
+    "timing": dict(configs={}, rates=[0.5], floor=False, datasets=["handwritten"]),
     "study": dict(configs=STUDY_CONFIGS, rates=[0.3, 0.5], floor=False),
     # The trainer's defaults (no flags): the configuration the study selected; every rate.
     "recommended": dict(configs={"recommended": []}, rates=RATES, floor=True),
@@ -275,27 +277,26 @@ def run_reference(args, rates):
     return failed
 
 
-TIMING_DATASET = "handwritten"
-
-
-def run_timing(args, repeats=3, threads=(1, 2)):
-    """Wall time of the paper configuration (30 epochs, E 8, k 2, d 128, batch 256) on handwritten,
-    r = 0.5, seed 1, on 1 and on 2 threads, one process at a time: confsmoe-train (`--threads T`:
-    the library's own threads, BLIS on one) and the PyTorch reference (torch.set_num_threads(T),
-    without its diagnostics), `repeats` times each, alternating. Run it on an otherwise idle machine."""
+def run_timing(args, threads=(1, 2)):
+    """Wall time of the paper configuration (30 epochs, E 8, k 2, d 128, batch 256) on the first of
+    --datasets (default handwritten), r = 0.5, seed 1, on 1 and on 2 threads, one process at a time:
+    confsmoe-train (`--threads T`: the library's own threads, BLIS on one) and the PyTorch reference
+    (torch.set_num_threads(T), without its diagnostics), --repeats times each, alternating. Run it on
+    an otherwise idle machine."""
+    dataset = args.datasets[0]
     d = os.path.join(args.out, "timing")
     os.makedirs(d, exist_ok=True)
-    masks = dump_masks(args, TIMING_DATASET, 0.5, 1)
+    masks = dump_masks(args, dataset, 0.5, 1)
     for t in threads:
-        for i in range(repeats):
+        for i in range(args.repeats):
             for impl in ("library", "pytorch"):
                 path = os.path.join(d, "%s_t%d_%d.json" % (impl, t, i))
                 if os.path.exists(path):
                     continue
                 if impl == "library":
-                    cmd = run_cmd(args, ["--paper", "--threads", str(t)], TIMING_DATASET, 0.5, 1, path + ".tmp")
+                    cmd = run_cmd(args, ["--paper", "--threads", str(t)], dataset, 0.5, 1, path + ".tmp")
                 else:
-                    cmd = [sys.executable, TORCH_TRAIN, "--data", dataset_folder(args, TIMING_DATASET),
+                    cmd = [sys.executable, TORCH_TRAIN, "--data", dataset_folder(args, dataset),
                            "--missing", "0.5", "--seed", "1", "--masks", masks, "--threads", str(t), "--quiet",
                            "--no-diagnostics", "--json", path + ".tmp"]
                 env = env1()
@@ -533,7 +534,7 @@ def collect(out):
                 accuracy=j["test"]["accuracy"], macro_f1=j["test"]["macro_f1"], macro_auroc=j["test"]["macro_auroc"],
                 load_entropy=(j.get("experts") or {}).get("load_entropy", math.nan),
                 load=(j.get("experts") or {}).get("load"), val_accuracy=j.get("val_accuracy", math.nan),
-                seconds=j.get("seconds", math.nan), best_epoch=j.get("best_epoch"),
+                seconds=j.get("seconds", math.nan), best_epoch=j.get("best_epoch"), history=j.get("history") or [],
                 n=(j.get("n_train"), j.get("n_val"), j.get("n_test")))
     return rec
 
@@ -731,17 +732,18 @@ def table_collapse(rec, dataset, r, seeds):
 
 
 def table_train_speed(rec, datasets, rates, seeds, lib_cfg="confidence", torch_cfg="pytorch:confidence"):
-    """Wall time of whole training runs (30 epochs + evaluation) of the library and of the PyTorch
-    reference, same configuration, data, masks and seed, from the sweep's own runs (1 thread each)."""
-    lines = ["| dataset | r | seeds | libconfsmoe, s per run | PyTorch reference, s per run | speed-up |",
+    """Wall time of the training of the library and of the PyTorch reference (the epochs' training
+    and validation passes; not the final test evaluation, nor the reference's diagnostics), same
+    configuration, data, masks and seed, from the sweep's own runs (1 thread each)."""
+    lines = ["| dataset | r | seeds | libconfsmoe, s per training | PyTorch reference, s per training | speed-up |",
              "|---|---|---|---|---|---|"]
     for d in datasets:
         for r in rates:
             both = [s for s in seeds if (lib_cfg, d, r, s) in rec and (torch_cfg, d, r, s) in rec]
             if not both:
                 continue
-            lib = [rec[(lib_cfg, d, r, s)]["seconds"] for s in both]
-            ref = [rec[(torch_cfg, d, r, s)]["seconds"] for s in both]
+            lib = [sum(h["seconds"] for h in rec[(lib_cfg, d, r, s)]["history"]) for s in both]
+            ref = [sum(h["seconds"] for h in rec[(torch_cfg, d, r, s)]["history"]) for s in both]
             lines.append("| %s | %g | %s | %s | %s | **%.2fx** |" % (
                 d, r, ", ".join(map(str, both)), " / ".join("%.0f" % x for x in lib), " / ".join("%.0f" % x for x in ref),
                 statistics.median(ref) / statistics.median(lib)))
@@ -758,7 +760,8 @@ def aggregate_sequence(args, rec, rates):
             "sequence-detail": "\n\n".join("**%s**\n\n%s" % (d, table_by_dataset(rec, cfgs, d, rates, args.seeds))
                                             for d in args.datasets),
             "sequence-validation": table_validation(rec, cfgs, args.datasets, choose, args.seeds),
-            "sequence-speed": table_train_speed(rec, args.datasets, rates, args.seeds)}
+            "sequence-speed": table_train_speed(rec, args.datasets, rates, args.seeds),
+            "sequence-timing": table_timing(args.out)}
 
 
 def aggregate_collapse(args, rec, rates):
@@ -773,7 +776,8 @@ def main():
                     help="folder of the dataset folders (default ../shared/data beside the repository; "
                     "the repository's own: data, with --datasets handwritten)")
     ap.add_argument("--out", default=None, help="results folder (default build/sweep, or the preset's: "
-                    "build/sweep-sequence for sequence and collapse; with --quick the same + '-quick')")
+                    "build/sweep-sequence for sequence and collapse, and for --datasets avdigits-hard; with --quick "
+                    "the same + '-quick')")
     ap.add_argument("--fsdd", default=os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "fsdd")),
                     help="FSDD, to generate %s into OUT/data when DATA has no such folder (default "
                     "../shared/data/fsdd beside the repository)" % SEQUENCE_DATASET)
@@ -789,6 +793,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 seed, r = 0.5 (collapse: 0.3), 3 epochs, nothing "
                     "written to RESULTS.md")
     ap.add_argument("--quick-epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timing: runs per implementation and thread count")
     ap.add_argument("--no-run", action="store_true", help="only aggregate")
     ap.add_argument("--fresh", action="store_true", help="empty OUT first, so that every run runs again")
     ap.add_argument("--no-floor", action="store_true")
@@ -800,7 +805,8 @@ def main():
     args.seeds = args.seeds or ([1] if args.quick else preset.get("seeds", SEEDS))
     args.generated = {}
     if args.out is None:
-        args.out = os.path.join(ROOT, "build", preset.get("out", "sweep") + ("-quick" if args.quick else ""))
+        default_out = "sweep-sequence" if args.datasets == [SEQUENCE_DATASET] else "sweep"
+        args.out = os.path.join(ROOT, "build", preset.get("out", default_out) + ("-quick" if args.quick else ""))
     if args.results is None and not args.quick:
         args.results = os.path.join(ROOT, "docs", "RESULTS.md")
     configs = dict(preset["configs"])
@@ -841,6 +847,9 @@ def main():
         sys.exit("sweep.py: split sizes differ between runs:\n  " + "\n  ".join(bad))
     if args.preset == "sequence":
         blocks = aggregate_sequence(args, rec, rates)
+    elif SEQUENCE_DATASET in args.datasets and args.preset != "collapse":
+        # The reference or timing runs on sequence data: section 6's blocks, not section 1's.
+        blocks = aggregate_sequence(args, rec, SEQUENCE_RATES)
     elif args.preset == "collapse":
         blocks = aggregate_collapse(args, rec, rates)
     else:

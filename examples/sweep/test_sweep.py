@@ -192,6 +192,19 @@ class Collapse(unittest.TestCase):
                                             lambda g: sweep.collapse_name(g, 16, 1), path, "t"))
 
 
+class TrainSpeed(unittest.TestCase):
+    def test_epoch_seconds_of_both_implementations(self):
+        hist = lambda secs: [dict(seconds=x) for x in secs]  # noqa: E731
+        rec = {("confidence", "av", 0.5, 1): dict(history=hist([10, 20])),
+               ("pytorch:confidence", "av", 0.5, 1): dict(history=hist([40, 50])),
+               ("confidence", "av", 0.5, 2): dict(history=hist([10, 10])),
+               ("pytorch:confidence", "av", 0.5, 2): dict(history=hist([30, 30])),
+               ("confidence", "av", 0.3, 1): dict(history=hist([10]))}  # no reference run: no row
+        table = sweep.table_train_speed(rec, ["av"], [0.3, 0.5], [1, 2])
+        self.assertIn("| av | 0.5 | 1, 2 | 30 / 20 | 90 / 60 | **3.00x** |", table)  # medians 75 / 25
+        self.assertNotIn("| 0.3 |", table)
+
+
 @unittest.skipUnless(os.access(TRAINER, os.X_OK), "no trainer at %s (set CONFSMOE_TRAIN)" % TRAINER)
 class Masks(unittest.TestCase):
     def dump(self, folder, rate, seed, *flags):
