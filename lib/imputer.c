@@ -71,6 +71,15 @@ confsmoe_status csm_total_tokens(confsmoe_ctx *ctx, const char *fn, int32_t M, i
     return CONFSMOE_OK;
 }
 
+confsmoe_status csm_check_writeback(confsmoe_ctx *ctx, const char *fn, int32_t writeback)
+{
+    if (writeback != CONFSMOE_WRITEBACK_LN_IMP && writeback != CONFSMOE_WRITEBACK_RESIDUAL)
+        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
+                        "%s: writeback is %" PRId32 ", must be CONFSMOE_WRITEBACK_LN_IMP (0) or _RESIDUAL (1)", fn,
+                        writeback);
+    return CONFSMOE_OK;
+}
+
 static confsmoe_status imputer_check_params(confsmoe_ctx *ctx, const confsmoe_imputer_params *p)
 {
     static const char fn[] = "imputer_create";
@@ -88,10 +97,9 @@ static confsmoe_status imputer_check_params(confsmoe_ctx *ctx, const confsmoe_im
     if (!imputer_is_flag(p->renormalize) || !imputer_is_flag(p->separate_value) || !imputer_is_flag(p->compat))
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
                         "%s: renormalize, separate_value and compat must be 0 or 1", fn);
-    if (p->writeback != CONFSMOE_WRITEBACK_LN_IMP && p->writeback != CONFSMOE_WRITEBACK_RESIDUAL)
-        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
-                        "%s: writeback is %" PRId32 ", must be CONFSMOE_WRITEBACK_LN_IMP (0) or _RESIDUAL (1)", fn,
-                        p->writeback);
+    const confsmoe_status wb = csm_check_writeback(ctx, fn, p->writeback);
+    if (wb != CONFSMOE_OK)
+        return wb;
     /* The tensors the imputer accepts must be describable: L k d (one slot row per token and
      * slot, per sample, L = sum_m S_m) fits in int64 for one sample, and d x d fits for the weights. */
     const int64_t k = p->k, d = p->d;

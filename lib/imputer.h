@@ -13,6 +13,9 @@ const csm_params *csm_imputer_param_list(const confsmoe_imputer *imp);
  * validate their token counts with it. */
 confsmoe_status csm_total_tokens(confsmoe_ctx *ctx, const char *fn, int32_t M, int64_t tokens,
                                  const int64_t *modality_tokens, int64_t *total);
+/* CONFSMOE_OK when writeback is a CONFSMOE_WRITEBACK_* value, else E_INVALID_ARGUMENT with fn's
+ * message; the model and the imputer check it with this. */
+confsmoe_status csm_check_writeback(confsmoe_ctx *ctx, const char *fn, int32_t writeback);
 /* The arena the imputer allocates backward's work block from (NULL: none). */
 void csm_imputer_set_arena(confsmoe_imputer *imp, csm_arena *arena);
 

@@ -102,12 +102,9 @@ static confsmoe_status model_check_params(confsmoe_ctx *ctx, const confsmoe_mode
     if (p->predict_pool_mean != 0 && p->predict_pool_mean != 1)
         return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT, "%s: predict_pool_mean is %" PRId32 ", must be 0 or 1", fn,
                         p->predict_pool_mean);
-    if (p->writeback != CONFSMOE_WRITEBACK_LN_IMP && p->writeback != CONFSMOE_WRITEBACK_RESIDUAL)
-        return csm_fail(ctx, CONFSMOE_E_INVALID_ARGUMENT,
-                        "%s: writeback is %" PRId32 ", must be CONFSMOE_WRITEBACK_LN_IMP (0) or _RESIDUAL (1)", fn,
-                        p->writeback);
-    /* The gate and the imputer check the rest of their options when they are created. */
-    return CONFSMOE_OK;
+    /* The gate and the imputer check the rest of their options when they are created; the
+     * write-back also here, as there is no imputer with mean imputation. */
+    return csm_check_writeback(ctx, fn, p->writeback);
 }
 
 static confsmoe_status model_new_layernorm(confsmoe_model *model, const char *name, model_layernorm *ln)

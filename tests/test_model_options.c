@@ -285,14 +285,17 @@ END_TEST
 
 START_TEST(test_writeback_validated)
 {
-    const int32_t bad[] = {-1, 2};
-    for (int i = 0; i < 2; i++) {
-        confsmoe_model_params p;
-        valid_params(&p);
-        ck_assert_int_eq(p.writeback, CONFSMOE_WRITEBACK_LN_IMP);
-        p.writeback = bad[i];
-        expect_refused(&p, "writeback");
-    }
+    /* Also with mean imputation, where no imputer is created to check it. */
+    const int32_t bad[] = {-1, 2}, imputation[] = {CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_IMPUTE_MEAN};
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) {
+            confsmoe_model_params p;
+            valid_params(&p);
+            ck_assert_int_eq(p.writeback, CONFSMOE_WRITEBACK_LN_IMP);
+            p.writeback = bad[i];
+            p.imputation = imputation[j];
+            expect_refused(&p, "writeback");
+        }
 }
 END_TEST
 
