@@ -71,21 +71,15 @@ def trainer_masks(trainer, folder, views, r, seed):
     return split, present
 
 
-def read_labels(folder):
-    with open(os.path.join(folder, "labels.csv")) as f:
-        return np.array([int(line) for line in f if line.strip()], np.int64)
-
-
 def floor(folder, trainer, r, seed, use=None):
     """The floor's result dict for one (r, seed) on the views in `use` (default all): the selected
     L2, its validation accuracy and the test metrics."""
     t0 = time.time()
-    files = mvdata.view_files(folder)
+    views, files, labels, _ = mvdata.load_folder(folder, sequences=True)
     if use is not None and not all(0 <= m < len(files) for m in use):
         raise ValueError("--views %s: %s has views 0..%d" % (" ".join(map(str, use)), folder, len(files) - 1))
-    views = [mvdata.read_view(os.path.join(folder, fn))[0] for fn in files]
     split, present = trainer_masks(trainer, folder, views, r, seed)
-    res = fit_floor(views, read_labels(folder), split, present, use)
+    res = fit_floor(views, labels, split, present, use)
     used = [fn for m, fn in enumerate(files) if use is None or m in use]
     return dict(method="mean imputation + multinomial logistic regression on the flattened tokens",
                 data=folder, missing=r, seed=seed, views=used, seconds=time.time() - t0, **res)
