@@ -30,8 +30,8 @@
  *   its work on threads of the library's own as well (confsmoe_ctx_params.n_threads;
  *   the environment variable CONFSMOE_NUM_THREADS is the fallback when it is 0):
  *   the calling thread's OpenMP team, or a pool of the ctx's own, started at first
- *   use (docs/API.md, "Threads"). BLIS threading follows the host's
- *   BLIS_NUM_THREADS / OMP_NUM_THREADS outside them.
+ *   use (docs/API.md, "Threads"). Outside them BLIS runs on n_threads threads
+ *   too; with n_threads 1 it follows the host's BLIS_NUM_THREADS.
  * - Tensors are dense, row-major and contiguous. Dimensions are int64_t.
  * - Options structs are sized: each starts with size_t struct_size, the size of the
  *   struct the caller was compiled with. confsmoe_X_params_init(p) is a macro that

@@ -37,7 +37,7 @@ static const float *attention_weights(const confsmoe_model *model, const workspa
     const int64_t L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
     const float scale = 1.0f / sqrtf((float)dh);
     const int64_t off = b * L * d + h * dh;
-    csm_gemm_ld(false, true, L, L, dh, scale, w->Q + off, d, w->K + off, d, 0.0f, a->P, L);
+    csm_gemm_ld(model->ctx, false, true, L, L, dh, scale, w->Q + off, d, w->K + off, d, 0.0f, a->P, L);
     csm_softmax_rows(a->P, L, L);
     if (!w->dropout)
         return a->P;
@@ -69,7 +69,7 @@ static void attention_forward_task(void *arg, int64_t first, int64_t last, int w
             /* Head h of sample b: columns h dh .. h dh + dh - 1 of rows b L .. b L + L - 1. */
             const int64_t off = b * L * d + h * dh;
             const float *weights = attention_weights(model, w, &a, b, h, false);
-            csm_gemm_ld(false, false, L, dh, L, 1.0f, weights, L, w->V + off, d, 0.0f, w->ctx_ + off, d);
+            csm_gemm_ld(model->ctx, false, false, L, dh, L, 1.0f, weights, L, w->V + off, d, 0.0f, w->ctx_ + off, d);
         }
 }
 
@@ -135,15 +135,15 @@ static void attention_backward_task(void *arg, int64_t first, int64_t last, int 
             /* Forward's weights again. */
             const float *weights = attention_weights(model, w, &a, b, h, true), *P = a.P;
             /* ctx = weights V: d(weights) = dctx V^T and dV = weights^T dctx. */
-            csm_gemm_ld(false, true, L, L, dh, 1.0f, g->dctx + off, d, w->V + off, d, 0.0f, a.dP, L);
-            csm_gemm_ld(true, false, L, dh, L, 1.0f, weights, L, g->dctx + off, d, 0.0f, g->dV + off, d);
+            csm_gemm_ld(model->ctx, false, true, L, L, dh, 1.0f, g->dctx + off, d, w->V + off, d, 0.0f, a.dP, L);
+            csm_gemm_ld(model->ctx, true, false, L, dh, L, 1.0f, weights, L, g->dctx + off, d, 0.0f, g->dV + off, d);
             if (w->dropout)
                 csm_mask_scale_inplace(a.dP, attention_keep_of(model, w, b, h), kept, L * L);
             for (int64_t i = 0; i < L; i++)
                 csm_softmax_backward_row(P + i * L, a.dP + i * L, a.dP + i * L, L);
             /* scores = scale Q K^T. */
-            csm_gemm_ld(false, false, L, dh, L, scale, a.dP, L, w->K + off, d, 0.0f, g->dQ + off, d);
-            csm_gemm_ld(true, false, L, dh, L, scale, a.dP, L, w->Q + off, d, 0.0f, g->dK + off, d);
+            csm_gemm_ld(model->ctx, false, false, L, dh, L, scale, a.dP, L, w->K + off, d, 0.0f, g->dQ + off, d);
+            csm_gemm_ld(model->ctx, true, false, L, dh, L, scale, a.dP, L, w->Q + off, d, 0.0f, g->dK + off, d);
         }
 }
 

@@ -140,7 +140,7 @@ float csm_confidence_loss_forward(const csm_confidence_target *t, const float *y
 {
     const int64_t C = t->n_classes;
     csm_broadcast_rows(t->probs, t->b, rows, C);
-    csm_gemm(false, true, rows, C, t->d, 1.0f, y, t->w, 1.0f, t->probs);
+    csm_gemm(t->ctx, false, true, rows, C, t->d, 1.0f, y, t->w, 1.0f, t->probs);
     if (t->multi_label)
         for (int64_t i = 0; i < rows * C; i++)
             t->probs[i] = csm_sigmoid(t->probs[i]);
@@ -191,11 +191,11 @@ void csm_confidence_loss_rows(const csm_confidence_target *t, float scale, bool 
 
 void csm_target_backward_input(const csm_confidence_target *t, const float *dz, int64_t rows, float *dy)
 {
-    csm_gemm(false, false, rows, t->d, t->n_classes, 1.0f, dz, t->w, 1.0f, dy);
+    csm_gemm(t->ctx, false, false, rows, t->d, t->n_classes, 1.0f, dz, t->w, 1.0f, dy);
 }
 
 void csm_target_backward_params(const csm_confidence_target *t, const float *dz, const float *y, int64_t rows)
 {
-    csm_gemm(true, false, t->n_classes, t->d, rows, 1.0f, dz, y, 1.0f, t->dw);
+    csm_gemm(t->ctx, true, false, t->n_classes, t->d, rows, 1.0f, dz, y, 1.0f, t->dw);
     csm_add_column_sums(t->db, dz, rows, t->n_classes);
 }

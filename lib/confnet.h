@@ -6,6 +6,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include "confsmoe.h"
 
 typedef struct {
     const float *ln_weight, *ln_bias, *w, *b;  /* [d], [d], [d], [1] */
@@ -49,6 +50,7 @@ void csm_confnet_block_backward(const csm_confnet_block *b, const float *dc, flo
 /* The target classifier p = softmax / sigmoid(y W^T + b) over a call's n k block rows, and the
  * confidence loss mean over present slots of (c - p(truth))^2. */
 typedef struct {
+    const confsmoe_ctx *ctx;
     int64_t k, d, n_classes;
     bool multi_label;
     bool compat;                  /* the mean counts absent slots too, as the reference did */

@@ -161,10 +161,10 @@ void csm_expert_forward_rows(const confsmoe_expert *e, const float *x, int64_t n
     if (kept)
         act = kept;
     float *buf = kept ? kept + n * e->h : act;
-    csm_gemm(false, true, n, e->h, e->d, 1.0f, x, csm_f32(e->params.param[W1]), 0.0f, buf);
+    csm_gemm(e->ctx, false, true, n, e->h, e->d, 1.0f, x, csm_f32(e->params.param[W1]), 0.0f, buf);
     csm_bias_gelu(buf, csm_f32(e->params.param[B1]), act, n, e->h, kept != NULL);
     csm_broadcast_rows(y, csm_f32(e->params.param[B2]), n, e->d);
-    csm_gemm(false, true, n, e->d, e->h, 1.0f, act, csm_f32(e->params.param[W2]), 1.0f, y);
+    csm_gemm(e->ctx, false, true, n, e->d, e->h, 1.0f, act, csm_f32(e->params.param[W2]), 1.0f, y);
 }
 
 confsmoe_status confsmoe_expert_backward(confsmoe_expert *e, confsmoe_saved *saved, const confsmoe_tensor *dy,
@@ -208,13 +208,13 @@ void csm_expert_backward_rows(confsmoe_expert *e, const float *x, const float *k
     const float *act = kept, *gelu_grad = kept + n * h;
     float *dpre = scratch;
     /* d(act) = dy W2, then through GELU: dpre = d(act) GELU'(pre), with db1 in the same pass. */
-    csm_gemm(false, false, n, h, e->d, 1.0f, dy, csm_f32(e->params.param[W2]), 0.0f, dpre);
-    csm_gemm(true, false, e->d, h, n, 1.0f, dy, act, 1.0f, csm_f32(e->params.grad[W2]));
+    csm_gemm(e->ctx, false, false, n, h, e->d, 1.0f, dy, csm_f32(e->params.param[W2]), 0.0f, dpre);
+    csm_gemm(e->ctx, true, false, e->d, h, n, 1.0f, dy, act, 1.0f, csm_f32(e->params.grad[W2]));
     csm_add_column_sums(csm_f32(e->params.grad[B2]), dy, n, e->d);
     csm_mul_colsum(dpre, gelu_grad, csm_f32(e->params.grad[B1]), n, h);
-    csm_gemm(true, false, h, e->d, n, 1.0f, dpre, x, 1.0f, csm_f32(e->params.grad[W1]));
+    csm_gemm(e->ctx, true, false, h, e->d, n, 1.0f, dpre, x, 1.0f, csm_f32(e->params.grad[W1]));
     if (dx)
-        csm_gemm(false, false, n, e->d, h, 1.0f, dpre, csm_f32(e->params.param[W1]), 0.0f, dx);
+        csm_gemm(e->ctx, false, false, n, e->d, h, 1.0f, dpre, csm_f32(e->params.param[W1]), 0.0f, dx);
 }
 
 int32_t confsmoe_expert_n_params(const confsmoe_expert *e) { return e ? e->params.count : -1; }

@@ -298,7 +298,7 @@ csm_confnet_block csm_gate_confnet_block(const confsmoe_gate *g, gate_saved *s, 
 
 csm_confidence_target csm_gate_target(const confsmoe_gate *g, const gate_saved *s)
 {
-    return (csm_confidence_target){g->p.k, g->p.d, g->p.n_classes, g->p.target == CONFSMOE_TARGET_MULTI_LABEL,
+    return (csm_confidence_target){g->ctx, g->p.k, g->p.d, g->p.n_classes, g->p.target == CONFSMOE_TARGET_MULTI_LABEL,
                                    g->p.compat != 0, csm_f32(g->target_w), csm_f32(g->target_b),
                                    csm_f32(g->target_dw), csm_f32(g->target_db), s->slot_of, s->present, s->labels,
                                    s->multi_labels, s->c, s->probs};

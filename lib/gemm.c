@@ -79,7 +79,7 @@ static void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t
     }
 }
 
-void csm_gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+void csm_gemm_ld(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                  int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc)
 {
     if (m == 0 || n == 0)
@@ -99,24 +99,25 @@ void csm_gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
     rntm_t rntm;
     bli_rntm_init_from_global(&rntm);
     bli_rntm_disable_l3_sup(&rntm);
-    /* team is -1 when the host gave BLIS per-loop ways (BLIS_JC_NT, ...) instead of a count:
-     * those are kept unless the product is worth one thread only. */
-    const dim_t team = bli_rntm_num_threads(&rntm);
-    /* Inside a worker of the library's own threads, one BLIS thread: the workers already occupy
-     * the cores that BLIS's team would have used (threads.h). */
-    int64_t useful = csm_threads_in_worker() ? 1 : m * n * k / MNK_PER_BLIS_THREAD;
+    /* BLIS's team: one thread inside a worker of the library's own threads (the workers already
+     * occupy the cores, threads.h); else the ctx's thread count, or, when that is 1, the host's
+     * setting for BLIS (BLIS_NUM_THREADS; -1 when the host gave per-loop ways such as BLIS_JC_NT,
+     * which are kept unless the product is worth one thread only). */
+    const dim_t host_team = bli_rntm_num_threads(&rntm);
+    const int64_t team = csm_threads_in_worker() ? 1 : ctx->threads > 1 ? ctx->threads : host_team;
+    int64_t useful = m * n * k / MNK_PER_BLIS_THREAD;
     if (useful < 1)
         useful = 1;
-    if (team < 1 ? useful == 1 : useful < team)
-        bli_rntm_set_num_threads((dim_t)useful, &rntm);
+    if (team >= 1 || useful == 1)
+        bli_rntm_set_num_threads((dim_t)(team >= 1 && team < useful ? team : useful), &rntm);
     /* BLIS takes the strides of the stored matrix and applies the transpose itself. */
     bli_sgemm_ex(trans_a ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE, trans_b ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE,
                  (dim_t)m, (dim_t)n, (dim_t)k, &alpha, (float *)a, (inc_t)lda, 1, (float *)b, (inc_t)ldb, 1, &beta, c,
                  (inc_t)ldc, 1, NULL, &rntm);
 }
 
-void csm_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+void csm_gemm(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
               const float *b, float beta, float *c)
 {
-    csm_gemm_ld(trans_a, trans_b, m, n, k, alpha, a, trans_a ? m : k, b, trans_b ? k : n, beta, c, n);
+    csm_gemm_ld(ctx, trans_a, trans_b, m, n, k, alpha, a, trans_a ? m : k, b, trans_b ? k : n, beta, c, n);
 }

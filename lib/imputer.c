@@ -574,15 +574,15 @@ static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64
     const float scale = 1.0f / sqrtf((float)d);
     /* One GEMM per projection over all rows: Q = ybar Wq^T + bq, KV = G Wk^T + bk, V = G Wv^T + bv. */
     csm_broadcast_rows(s->q, csm_f32(imp->param[Q_B]), s->nq, d);
-    csm_gemm(false, true, s->nq, d, d, 1.0f, s->ybar, csm_f32(imp->param[Q_W]), 1.0f, s->q);
+    csm_gemm(imp->ctx, false, true, s->nq, d, d, 1.0f, s->ybar, csm_f32(imp->param[Q_W]), 1.0f, s->q);
     for (int64_t i = 0; i < s->n_pairs; i++)
         if (s->pairs[i].zero_query)
             memset(s->q + s->pairs[i].q_row * d, 0, (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float));
     csm_broadcast_rows(s->kv, csm_f32(imp->param[KV_B]), s->nk, d);
-    csm_gemm(false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[KV_W]), 1.0f, s->kv);
+    csm_gemm(imp->ctx, false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[KV_W]), 1.0f, s->kv);
     if (imp->p.separate_value) {
         csm_broadcast_rows(s->v, csm_f32(imp->param[V_B]), s->nk, d);
-        csm_gemm(false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[V_W]), 1.0f, s->v);
+        csm_gemm(imp->ctx, false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[V_W]), 1.0f, s->v);
     }
     for (int64_t i = 0; i < s->n_samples; i++) {
         const sample_plan *plan = &s->plans[i];
@@ -595,7 +595,7 @@ static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64
         for (int64_t j = 0; j < k; j++) {
             const int64_t cand = plan->kv_row + j * L, at = plan->att + j * nq * L;
             float *p = s->p + at, *w = s->w + at;
-            csm_gemm(false, true, nq, L, d, scale, q, s->kv + cand * d, 0.0f, p);
+            csm_gemm(imp->ctx, false, true, nq, L, d, scale, q, s->kv + cand * d, 0.0f, p);
             csm_softmax_rows(p, nq, L);
             /* Each missing m keeps its own T_m, capped at L_b. */
             for (int64_t i = plan->first_pair; i < plan->first_pair + plan->n_pairs; i++) {
@@ -605,7 +605,7 @@ static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64
                     keep_top(p + r * L, L, kept, imp->p.renormalize, rank, s->keep + at + r * L, w + r * L);
             }
             /* Ihat += W V with the masked weights: T of the L columns are non-zero. */
-            csm_gemm(false, false, nq, d, L, 1.0f, w, s->v + cand * d, 1.0f, x_pre);
+            csm_gemm(imp->ctx, false, false, nq, d, L, 1.0f, w, s->v + cand * d, 1.0f, x_pre);
         }
     }
 }

@@ -89,8 +89,8 @@ static void imputer_attention_backward(const confsmoe_imputer *imp, const impute
             const float *p = s->p + at, *wt = s->w + at;
             const uint8_t *keep = s->keep + at;
             /* Ihat = W V: dW = dIhat V^T, dV += W^T dIhat. */
-            csm_gemm(false, true, nq, L, d, 1.0f, di, s->v + cand * d, 0.0f, w->dw);
-            csm_gemm(true, false, L, d, nq, 1.0f, wt, di, 1.0f, w->dv + cand * d);
+            csm_gemm(imp->ctx, false, true, nq, L, d, 1.0f, di, s->v + cand * d, 0.0f, w->dw);
+            csm_gemm(imp->ctx, true, false, L, d, nq, 1.0f, wt, di, 1.0f, w->dv + cand * d);
             for (int64_t r = 0; r < nq; r++) {
                 float *dwr = w->dw + r * L;
                 const float *pr = p + r * L, *wr = wt + r * L;
@@ -113,8 +113,8 @@ static void imputer_attention_backward(const confsmoe_imputer *imp, const impute
                 csm_softmax_backward_row(pr, dwr, w->dz + r * L, L);
             }
             /* logits = q kv^T / sqrt(d). */
-            csm_gemm(false, false, nq, d, L, scale, w->dz, s->kv + cand * d, 1.0f, dq);
-            csm_gemm(true, false, L, d, nq, scale, w->dz, q, 1.0f, w->dkv + cand * d);
+            csm_gemm(imp->ctx, false, false, nq, d, L, scale, w->dz, s->kv + cand * d, 1.0f, dq);
+            csm_gemm(imp->ctx, true, false, L, d, nq, scale, w->dz, q, 1.0f, w->dkv + cand * d);
         }
     }
 }
@@ -168,21 +168,21 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
 
     /* Projections: q = Wq ybar + bq, kv = Wk g + bk, v = Wv g + bv. */
     if (imp->p.separate_value && s->nk > 0) {
-        csm_gemm(true, false, d, d, s->nk, 1.0f, w.dv, s->g, 1.0f, csm_f32(imp->grad[V_W]));
+        csm_gemm(imp->ctx, true, false, d, d, s->nk, 1.0f, w.dv, s->g, 1.0f, csm_f32(imp->grad[V_W]));
         csm_add_column_sums(csm_f32(imp->grad[V_B]), w.dv, s->nk, d);
-        csm_gemm(false, false, s->nk, d, d, 1.0f, w.dv, csm_f32(imp->param[V_W]), 0.0f, w.dg);
+        csm_gemm(imp->ctx, false, false, s->nk, d, d, 1.0f, w.dv, csm_f32(imp->param[V_W]), 0.0f, w.dg);
     }
     if (s->nk > 0) {
-        csm_gemm(true, false, d, d, s->nk, 1.0f, w.dkv, s->g, 1.0f, csm_f32(imp->grad[KV_W]));
+        csm_gemm(imp->ctx, true, false, d, d, s->nk, 1.0f, w.dkv, s->g, 1.0f, csm_f32(imp->grad[KV_W]));
         csm_add_column_sums(csm_f32(imp->grad[KV_B]), w.dkv, s->nk, d);
-        csm_gemm(false, false, s->nk, d, d, 1.0f, w.dkv, csm_f32(imp->param[KV_W]),
+        csm_gemm(imp->ctx, false, false, s->nk, d, d, 1.0f, w.dkv, csm_f32(imp->param[KV_W]),
                  imp->p.separate_value ? 1.0f : 0.0f, w.dg);
     }
     float *dybar = spare;
     if (s->nq > 0) {
-        csm_gemm(true, false, d, d, s->nq, 1.0f, w.dq, s->ybar, 1.0f, csm_f32(imp->grad[Q_W]));
+        csm_gemm(imp->ctx, true, false, d, d, s->nq, 1.0f, w.dq, s->ybar, 1.0f, csm_f32(imp->grad[Q_W]));
         csm_add_column_sums(csm_f32(imp->grad[Q_B]), w.dq, s->nq, d);
-        csm_gemm(false, false, s->nq, d, d, 1.0f, w.dq, csm_f32(imp->param[Q_W]), 0.0f, dybar);
+        csm_gemm(imp->ctx, false, false, s->nq, d, d, 1.0f, w.dq, csm_f32(imp->param[Q_W]), 0.0f, dybar);
     }
 
     if (dslots) {

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "confsmoe.h"
 #include "stream.h"
 
 /* Elementwise kernels are written as loops over fixed chunks of CSM_CHUNK elements, which
@@ -29,11 +30,12 @@
 
 /* Row-major C[m,n] = alpha * op(A) op(B) + beta * C through BLIS.
  * op(A) is [m,k]: A is stored [m,k] (lda = k), or [k,m] (lda = m) when trans_a.
- * op(B) is [k,n]: B is stored [k,n] (ldb = n), or [n,k] (ldb = k) when trans_b. */
-void csm_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+ * op(B) is [k,n]: B is stored [k,n] (ldb = n), or [n,k] (ldb = k) when trans_b.
+ * BLIS runs on up to ctx's thread count (one thread inside the library's own workers). */
+void csm_gemm(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
               const float *b, float beta, float *c);
 /* The same with leading dimensions (row strides) of the stored matrices. */
-void csm_gemm_ld(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+void csm_gemm_ld(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                  int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 
 /* Each row of out[rows, cols] = bias[cols]. */

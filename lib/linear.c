@@ -27,15 +27,15 @@ void csm_linear_forward(const csm_linear *l, const float *x, int64_t rows, float
 {
     const int64_t out = l->w->dims[0], in = l->w->dims[1];
     csm_broadcast_rows(y, csm_f32(l->b), rows, out);
-    csm_gemm(false, true, rows, out, in, 1.0f, x, csm_f32(l->w), 1.0f, y);
+    csm_gemm(l->w->ctx, false, true, rows, out, in, 1.0f, x, csm_f32(l->w), 1.0f, y);
 }
 
 void csm_linear_backward(const csm_linear *l, const csm_params *params, const float *x, const float *dy, int64_t rows,
                          float *dx, bool accumulate)
 {
     const int64_t out = l->w->dims[0], in = l->w->dims[1];
-    csm_gemm(true, false, out, in, rows, 1.0f, dy, x, 1.0f, csm_f32(csm_params_grad_of(params, l->w)));
+    csm_gemm(l->w->ctx, true, false, out, in, rows, 1.0f, dy, x, 1.0f, csm_f32(csm_params_grad_of(params, l->w)));
     csm_add_column_sums(csm_f32(csm_params_grad_of(params, l->b)), dy, rows, out);
     if (dx)
-        csm_gemm(false, false, rows, in, out, 1.0f, dy, csm_f32(l->w), accumulate ? 1.0f : 0.0f, dx);
+        csm_gemm(l->w->ctx, false, false, rows, in, out, 1.0f, dy, csm_f32(l->w), accumulate ? 1.0f : 0.0f, dx);
 }

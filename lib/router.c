@@ -29,13 +29,13 @@ void csm_router_logits(const csm_router *r, const float *x, int64_t n, float *u)
     const int32_t E = r->n_experts;
     const float *w = csm_f32(r->w);
     if (r->kind == CONFSMOE_ROUTER_SOFTMAX) {
-        csm_gemm(false, false, n, E, r->d, 1.0f, x, w, 0.0f, u);
+        csm_gemm(r->w->ctx, false, false, n, E, r->d, 1.0f, x, w, 0.0f, u);
         return;
     }
     /* Squared distances from one GEMM: ||x||^2 - 2 x.w + ||w||^2. */
     float *wn = r->per_expert;
     column_norms(w, r->d, E, wn);
-    csm_gemm(false, false, n, E, r->d, -2.0f, x, w, 0.0f, u);
+    csm_gemm(r->w->ctx, false, false, n, E, r->d, -2.0f, x, w, 0.0f, u);
     for (int64_t t = 0; t < n; t++) {
         float xn = row_norm(x + t * r->d, r->d);
         for (int32_t e = 0; e < E; e++) {
@@ -50,7 +50,7 @@ void csm_router_add_noise(const csm_router *r, csm_substream *noise, const float
                           float *eps)
 {
     const int64_t total = n * r->n_experts;
-    csm_gemm(false, false, n, r->n_experts, r->d, 1.0f, x, csm_f32(r->wn), 0.0f, h);
+    csm_gemm(r->w->ctx, false, false, n, r->n_experts, r->d, 1.0f, x, csm_f32(r->wn), 0.0f, h);
     for (int64_t i = 0; i < total; i++) {
         eps[i] = csm_substream_normal(noise);
         u[i] += eps[i] * (csm_softplus(h[i]) + 0.01f);
@@ -90,14 +90,14 @@ void csm_router_backward(const csm_router *r, const float *x, int64_t n, const f
         /* sigma = softplus(h) + 0.01 and h = x W_noise. */
         for (int64_t i = 0; i < total; i++)
             scratch[i] = dsigma[i] * csm_sigmoid(h[i]);
-        csm_gemm(true, false, d, E, n, 1.0f, x, scratch, 1.0f, csm_f32(r->dwn));
+        csm_gemm(r->w->ctx, true, false, d, E, n, 1.0f, x, scratch, 1.0f, csm_f32(r->dwn));
         if (dx)
-            csm_gemm(false, true, n, d, E, 1.0f, scratch, csm_f32(r->wn), 1.0f, dx);
+            csm_gemm(r->w->ctx, false, true, n, d, E, 1.0f, scratch, csm_f32(r->wn), 1.0f, dx);
     }
     if (r->kind == CONFSMOE_ROUTER_SOFTMAX) {
-        csm_gemm(true, false, d, E, n, 1.0f, x, du_clean, 1.0f, csm_f32(r->dw));
+        csm_gemm(r->w->ctx, true, false, d, E, n, 1.0f, x, du_clean, 1.0f, csm_f32(r->dw));
         if (dx)
-            csm_gemm(false, true, n, d, E, 1.0f, du_clean, w, 1.0f, dx);
+            csm_gemm(r->w->ctx, false, true, n, d, E, 1.0f, du_clean, w, 1.0f, dx);
         return;
     }
     /* a = dL/ds for the squared distance s = ||x - w_e||^2; ds/dx = 2(x - w_e), ds/dw_e = -2(x - w_e). */
@@ -125,6 +125,6 @@ void csm_router_backward(const csm_router *r, const float *x, int64_t n, const f
         for (int32_t e = 0; e < E; e++)
             dw[i * E + e] += 2.0f * col_sum[e] * w[i * E + e];
     if (dx)
-        csm_gemm(false, true, n, d, E, -2.0f, scratch, w, 1.0f, dx);
-    csm_gemm(true, false, d, E, n, -2.0f, x, scratch, 1.0f, dw);
+        csm_gemm(r->w->ctx, false, true, n, d, E, -2.0f, scratch, w, 1.0f, dx);
+    csm_gemm(r->w->ctx, true, false, d, E, n, -2.0f, x, scratch, 1.0f, dw);
 }

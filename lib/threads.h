@@ -12,10 +12,10 @@
  * Two sets of threads would compete for the cores: libgomp's idle team polls for milliseconds
  * after each BLIS call (docs/PERFORMANCE.md, "Threads of the library's own").
  *
- * With BLIS: inside a region every product runs on one BLIS thread (gemm.c asks
- * csm_threads_in_worker() and sets a per-call rntm_t; the process-global BLIS setting is never
- * touched), so the workers and BLIS's own threads never oversubscribe the cores: BLIS is
- * threaded outside the regions, the library inside them. */
+ * With BLIS: inside a region every product runs on one BLIS thread, outside on ctx->threads
+ * (gemm.c asks csm_threads_in_worker() and sets a per-call rntm_t; the process-global BLIS
+ * setting is never touched), so the workers and BLIS's own threads never oversubscribe the
+ * cores: BLIS is threaded outside the regions, the library inside them. */
 #ifndef CONFSMOE_THREADS_H
 #define CONFSMOE_THREADS_H
 

@@ -484,9 +484,9 @@ int main(int argc, char **argv)
         opt.json = opt.checkpoint = opt.dump_masks = NULL;
     }
     if (opt.threads > 0) {
-        /* Before the first BLIS call (BLIS reads it once). The library's own threads (the ctx's
-         * n_threads, below) split the experts and the samples, with BLIS on one thread inside
-         * them; the products outside them (encoders, projections) use BLIS's threads. */
+        /* The ctx's n_threads (below) sets the library's own threads and, when above 1, BLIS's
+         * for the products outside them; with --threads 1 BLIS would follow the environment, so
+         * the count goes there too, before the first BLIS call (BLIS reads it once). */
         char buf[16];
         snprintf(buf, sizeof buf, "%d", opt.threads);
         setenv("BLIS_NUM_THREADS", buf, 1);
