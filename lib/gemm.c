@@ -11,6 +11,14 @@
  * thousands of times per step. Measured on the handwritten model: 30% of a training step. */
 #define SMALL_GEMM_MNK 4096
 
+/* Products below this many multiply-adds (those BLIS would run on one thread, below) go to the
+ * library's own kernels (gemm_direct.c) unless B is transposed with more than their packing
+ * buffer holds: BLIS packs both operands for every call, which does not pay at these sizes, and
+ * BLIS 0.9.0's kernels on the Intel Xeons are AVX2 (haswell). The per-head attention products
+ * (150 x 150 x 32, 150 x 32 x 150) ran at 78-84 GFLOP/s in BLIS and at 118-135 GFLOP/s there;
+ * docs/PERFORMANCE.md. Shape alone decides it, so results do not depend on the thread count. */
+#define DIRECT_GEMM_MNK (INT64_C(2) << 20)
+
 /* Each BLIS thread gets at least this many multiply-adds (about 25 us of one core). Below it,
  * starting and joining BLIS's team costs more than the split saves: at BLIS_NUM_THREADS=2 the
  * small gate (64 x 128 x 128 expert products) took twice as long as at 1 (docs/PERFORMANCE.md). */
@@ -93,6 +101,9 @@ void csm_gemm_ld(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m,
         small_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }
+    if (m * n * k < DIRECT_GEMM_MNK &&
+        csm_gemm_direct(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
+        return;
     /* BLIS 0.9.0's small-matrix ("sup") kernels read past the end of their operands
      * (flame/blis#635, #821: fixed upstream after 0.9.0, the Debian 12 version), which
      * can fault when a host buffer ends at a page boundary. The packed path reads in bounds. */

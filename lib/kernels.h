@@ -38,6 +38,17 @@ void csm_gemm(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, in
 void csm_gemm_ld(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                  int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 
+/* The product of csm_gemm_ld by the library's own register-blocked kernels (gemm_direct.c), on
+ * one thread; false (and nothing written) when it cannot: no AVX2 + FMA on this CPU, or a
+ * transposed B of more than 16384 floats. */
+bool csm_gemm_direct(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                     int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
+/* The same with a given instruction set (tests run each one the CPU has); false for one it has not. */
+typedef enum { CSM_DIRECT_NONE, CSM_DIRECT_AVX2, CSM_DIRECT_AVX512 } csm_direct_isa;
+csm_direct_isa csm_gemm_direct_best(void);
+bool csm_gemm_direct_on(csm_direct_isa isa, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                        const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
+
 /* Each row of out[rows, cols] = bias[cols]. */
 void csm_broadcast_rows(float *out, const float *bias, int64_t rows, int64_t cols);
 /* acc[cols] += column sums of x[rows, cols]. */

@@ -1,6 +1,7 @@
 /* Private elementwise kernels (lib/elementwise.c, linked from the internal library) against
  * independent references: the dropout mask's statistics and stream layout, the fused
- * bias + GELU + GELU' pass against the exact GELU in double, and the row softmax. */
+ * bias + GELU + GELU' pass against the exact GELU in double, the row softmax, and the direct
+ * products of lib/gemm_direct.c against sums in double. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -131,6 +132,80 @@ START_TEST(test_softmax_rows)
 }
 END_TEST
 
+/* One direct product against sums in double: C's elements within float rounding, C's padding
+ * columns untouched, and with beta 0 a C of NaN overwritten (BLIS's rule: C is not read). */
+static void check_direct(csm_direct_isa isa, bool have, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float beta,
+                         trng *r)
+{
+    const float alpha = 0.5f, sentinel = 1234.5f;
+    const int64_t lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 2, ldc = n + 5;
+    const int64_t arows = ta ? k : m, brows = tb ? n : k;
+    float *a = xcalloc((size_t)(arows * lda), sizeof *a), *b = xcalloc((size_t)(brows * ldb), sizeof *b);
+    float *c = xcalloc((size_t)(m * ldc), sizeof *c), *c0 = xcalloc((size_t)(m * ldc), sizeof *c0);
+    for (int64_t i = 0; i < arows * lda; i++)
+        a[i] = (float)trng_uniform(r, -1, 1);
+    for (int64_t i = 0; i < brows * ldb; i++)
+        b[i] = (float)trng_uniform(r, -1, 1);
+    for (int64_t i = 0; i < m * ldc; i++)
+        c0[i] = c[i] = i % ldc >= n ? sentinel : beta == 0.0f ? NAN : (float)trng_uniform(r, -1, 1);
+    const bool ran = csm_gemm_direct_on(isa, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    ck_assert_msg(ran == have, "isa %d: the direct product %s on this CPU", (int)isa, ran ? "ran" : "did not run");
+    for (int64_t i = 0; ran && i < m; i++)
+        for (int64_t j = 0; j < ldc; j++) {
+            const float got = c[i * ldc + j];
+            if (j >= n) {
+                ck_assert_msg(got == sentinel, "padding C[%lld, %lld] written", (long long)i, (long long)j);
+                continue;
+            }
+            double sum = 0.0, mag = 0.0;
+            for (int64_t p = 0; p < k; p++) {
+                const double t = (double)(ta ? a[p * lda + i] : a[i * lda + p]) * (tb ? b[j * ldb + p] : b[p * ldb + j]);
+                sum += t;
+                mag += fabs(t);
+            }
+            const double want = alpha * sum + (beta == 0.0f ? 0.0 : beta * (double)c0[i * ldc + j]);
+            ck_assert_msg(fabs(got - want) <= 1e-6 * (mag + fabs(want)) + 1e-7,
+                          "isa %d ta %d tb %d m %lld n %lld k %lld beta %g: C[%lld, %lld] = %.9g, want %.9g", (int)isa,
+                          ta, tb, (long long)m, (long long)n, (long long)k, (double)beta, (long long)i, (long long)j,
+                          (double)got, want);
+        }
+    free(a);
+    free(b);
+    free(c);
+    free(c0);
+}
+
+/* Each instruction set the CPU has (and refusals of those it has not), every transpose case, row
+ * and column tails of the 6 x 32 (AVX-512) and 6 x 16 (AVX2) blocks, padded leading dimensions. */
+START_TEST(test_gemm_direct)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    const bool have[] = {false, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                         __builtin_cpu_supports("avx512f")};
+#else
+    const bool have[] = {false, false, false};
+#endif
+    const int64_t ms[] = {1, 5, 6, 7, 13}, ns[] = {1, 7, 8, 9, 16, 17, 32, 33, 150}, ks[] = {1, 3, 32};
+    trng r = {11};
+    for (int isa = CSM_DIRECT_NONE; isa <= CSM_DIRECT_AVX512; isa++)
+        for (int t = 0; t < 4; t++)
+            for (size_t mi = 0; mi < sizeof ms / sizeof *ms; mi++)
+                for (size_t ni = 0; ni < sizeof ns / sizeof *ns; ni++)
+                    for (size_t ki = 0; ki < sizeof ks / sizeof *ks; ki++) {
+                        check_direct(isa, have[isa], t & 1, t & 2, ms[mi], ns[ni], ks[ki], 0.0f, &r);
+                        check_direct(isa, have[isa], t & 1, t & 2, ms[mi], ns[ni], ks[ki], 1.5f, &r);
+                    }
+    /* A transposed B larger than the packing buffer is left to BLIS, with C untouched. */
+    const int64_t big = 129;
+    float *a = xcalloc((size_t)(big * big), sizeof *a), *c = xcalloc((size_t)(big * big), sizeof *c);
+    ck_assert(!csm_gemm_direct(false, true, big, big, big, 1.0f, a, big, a, big, 0.0f, c, big));
+    for (int64_t i = 0; i < big * big; i++)
+        ck_assert(c[i] == 0.0f);
+    free(a);
+    free(c);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("kernels");
@@ -140,6 +215,7 @@ int main(void)
     tcase_add_test(tc, test_dropout_layout);
     tcase_add_test(tc, test_bias_gelu_keeps_gelu_and_its_derivative);
     tcase_add_test(tc, test_softmax_rows);
+    tcase_add_test(tc, test_gemm_direct);
     suite_add_tcase(s, tc);
     return test_run(s);
 }
