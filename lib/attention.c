@@ -28,31 +28,26 @@ static uint8_t *attention_keep_of(const confsmoe_model *model, const workspace *
     return w->attn_keep + (size_t)(b * model->p.heads + h) * (size_t)(L * L);
 }
 
-/* The weights P = softmax(scale Q K^T) of head h of sample b: kept in w->attn_weights in
- * training (backward reads them), else in the worker's scratch a->P. */
-static float *attention_weights_of(const confsmoe_model *model, const workspace *w, const attention_scratch *a,
-                                   int64_t b, int64_t h)
+/* The weights of head h of sample b: P = softmax(scale Q K^T) into a->P, and into a->P_w the
+ * dropped weights P keep / (1 - p) with the draws of this head (when dropout is on), which
+ * forward draws and backward reads back: backward sees exactly forward's weights. */
+static const float *attention_weights(const confsmoe_model *model, const workspace *w, const attention_scratch *a,
+                                      int64_t b, int64_t h, bool backward)
 {
-    const int64_t L = model->tokens_total;
-    return w->attn_weights ? w->attn_weights + (size_t)(b * model->p.heads + h) * (size_t)(L * L) : a->P;
-}
-
-/* The weights that multiply V: P, or with dropout P keep / (1 - p) in a->P_w, with the draws
- * of this head, which forward draws and backward reads back: backward sees exactly forward's
- * weights. */
-static const float *attention_dropped(const confsmoe_model *model, const workspace *w, const attention_scratch *a,
-                                      const float *P, int64_t b, int64_t h, bool backward)
-{
-    const int64_t L = model->tokens_total, heads = model->p.heads;
+    const int64_t L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
+    const float scale = 1.0f / sqrtf((float)dh);
+    const int64_t off = b * L * d + h * dh;
+    csm_gemm_ld(model->ctx, false, true, L, L, dh, scale, w->Q + off, d, w->K + off, d, 0.0f, a->P, L);
+    csm_softmax_rows(a->P, L, L);
     if (!w->dropout)
-        return P;
+        return a->P;
     const float kept = 1.0f / (1.0f - model->p.dropout);
     uint8_t *keep = attention_keep_of(model, w, b, h);
     if (!backward)
         csm_rng_dropout_mask(model->ctx,
                              w->draws.attention + (uint64_t)((w->first + b) * heads + h) * csm_dropout_draws(L * L),
                              model->p.dropout, keep, L * L);
-    csm_mask_scale(a->P_w, P, keep, kept, L * L);
+    csm_mask_scale(a->P_w, a->P, keep, kept, L * L);
     return a->P_w;
 }
 
@@ -68,16 +63,12 @@ static void attention_forward_task(void *arg, int64_t first, int64_t last, int w
     const confsmoe_model *model = t->model;
     const workspace *w = t->w;
     const int64_t L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
-    const float scale = 1.0f / sqrtf((float)dh);
     const attention_scratch a = attention_scratch_of(model, w, worker);
     for (int64_t b = first; b < last; b++)
         for (int64_t h = 0; h < heads; h++) {
             /* Head h of sample b: columns h dh .. h dh + dh - 1 of rows b L .. b L + L - 1. */
             const int64_t off = b * L * d + h * dh;
-            float *P = attention_weights_of(model, w, &a, b, h);
-            csm_gemm_ld(model->ctx, false, true, L, L, dh, scale, w->Q + off, d, w->K + off, d, 0.0f, P, L);
-            csm_softmax_rows(P, L, L);
-            const float *weights = attention_dropped(model, w, &a, P, b, h, false);
+            const float *weights = attention_weights(model, w, &a, b, h, false);
             csm_gemm_ld(model->ctx, false, false, L, dh, L, 1.0f, weights, L, w->V + off, d, 0.0f, w->ctx_ + off, d);
         }
 }
@@ -141,9 +132,8 @@ static void attention_backward_task(void *arg, int64_t first, int64_t last, int 
     for (int64_t b = first; b < last; b++)
         for (int64_t h = 0; h < heads; h++) {
             const int64_t off = b * L * d + h * dh;
-            /* Forward's weights. */
-            const float *P = attention_weights_of(model, w, &a, b, h);
-            const float *weights = attention_dropped(model, w, &a, P, b, h, true);
+            /* Forward's weights again. */
+            const float *weights = attention_weights(model, w, &a, b, h, true), *P = a.P;
             /* ctx = weights V: d(weights) = dctx V^T and dV = weights^T dctx. */
             csm_gemm_ld(model->ctx, false, true, L, L, dh, 1.0f, g->dctx + off, d, w->V + off, d, 0.0f, a.dP, L);
             csm_gemm_ld(model->ctx, true, false, L, dh, L, 1.0f, weights, L, g->dctx + off, d, 0.0f, g->dV + off, d);

@@ -386,9 +386,8 @@ static void model_workspace_parts(csm_layout *l, const confsmoe_model *model, wo
     w->avail = CSM_LAYOUT_ARRAY(l, uint8_t, b * M);
     w->gate_weight = CSM_LAYOUT_ARRAY(l, float, M);
     w->gate_saved = CSM_LAYOUT_ARRAY(l, confsmoe_saved *, M);
-    /* Backward reads forward's attention weights and draws rather than computing them again
-     * (model.h, "Memory"). */
-    w->attn_weights = w->training ? CSM_LAYOUT_ROWS(l, float, b * (size_t)p->heads, L * L) : NULL;
+    /* Backward reads forward's attention draws rather than drawing them again: 1 byte per
+     * weight (23 MB at the paper's batch) against the draws' share of a step. */
     w->attn_keep = w->dropout ? CSM_LAYOUT_ROWS(l, uint8_t, b * (size_t)p->heads, L * L) : NULL;
 }
 

@@ -64,13 +64,11 @@ typedef struct {
  * rows of modality m are B o_m .. B o_m + B S_m - 1, (sample b, token s) at B o_m + b S_m + s
  * ([M, B S, ...] when every S_m is S).
  *
- * Memory: a training forward keeps the attention weights P = softmax(scale Q K^T) of every
- * (sample, head) and the attention dropout draws (1 byte each), so that backward needs no
- * Q K^T and softmax again (92 + 23 MB at the paper's batch); the dropped weights are formed
- * again from those two. Inference keeps neither: it computes the weights one (sample, head) at
- * a time in an L x L scratch. The residual dropout masks are not kept: the ctx RNG is
- * counter-based, so backward regenerates the very same draws from the stream positions in
- * draws. */
+ * Memory: the attention weights are not kept. Forward computes them one (sample, head) at
+ * a time in an L x L scratch, and backward recomputes them the same way (one more Q K^T and
+ * softmax per head, bit-identical). The residual dropout masks are not kept either: the ctx
+ * RNG is counter-based, so backward regenerates the very same draws from the stream positions
+ * in draws. */
 typedef struct {
     int64_t B;
     int64_t first, global_B;  /* these samples' place in their global batch (0 and B unless a shard) */
@@ -84,7 +82,6 @@ typedef struct {
     float *scratch;                     /* per worker: csm_attention_scratch_floats (attention.h) */
     size_t scratch_stride;              /* floats per worker */
     bool dropout;                       /* training with dropout > 0 */
-    float *attn_weights;                /* [B, heads, L, L] the attention weights P (training) */
     uint8_t *attn_keep;                 /* [B, heads, L, L] the attention dropout draws (with dropout) */
     model_draws draws;                  /* the call's stream positions */
     float *Hm, *sum_, *ln2_stats, *ln3_stats;  /* [B L, d] x 2 modality-major, [2 B L] x 2 (modality
