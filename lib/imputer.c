@@ -414,7 +414,7 @@ static imputer_saved *imputer_alloc_saved(const confsmoe_imputer *imp, const pla
 
 static confsmoe_status imputer_check_forward(confsmoe_imputer *imp, const confsmoe_tensor *h,
                                              const confsmoe_tensor *slots, const confsmoe_tensor *avail,
-                                             const confsmoe_tensor *out)
+                                             const confsmoe_tensor *out, bool finite)
 {
     static const char fn[] = "imputer_forward";
     confsmoe_ctx *ctx = imp->ctx;
@@ -426,7 +426,7 @@ static confsmoe_status imputer_check_forward(confsmoe_imputer *imp, const confsm
     const int64_t B = h->dims[0], out_dims[3] = {B, L, d};
     if ((s = csm_imputer_expect_slots(imp, fn, "slots", slots, B)) != CONFSMOE_OK ||
         (s = imputer_check_avail(ctx, fn, avail, B, M)) != CONFSMOE_OK ||
-        (s = csm_expect_tensor(ctx, fn, "out", out, CONFSMOE_F32, 3, out_dims)) != CONFSMOE_OK ||
+        (s = csm_expect_tensor(ctx, fn, "out", out, CONFSMOE_F32, 3, out_dims)) != CONFSMOE_OK || !finite ||
         (s = csm_expect_finite(ctx, fn, "h", h)) != CONFSMOE_OK)
         return s;
     return csm_expect_finite(ctx, fn, "slots", slots);
@@ -610,9 +610,9 @@ static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64
     }
 }
 
-confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_tensor *h,
-                                         const confsmoe_tensor *slots, const confsmoe_tensor *avail,
-                                         confsmoe_tensor *out, confsmoe_saved **saved)
+static confsmoe_status imputer_forward(confsmoe_imputer *imp, const confsmoe_tensor *h, const confsmoe_tensor *slots,
+                                       const confsmoe_tensor *avail, confsmoe_tensor *out, confsmoe_saved **saved,
+                                       bool finite)
 {
     if (!imp)
         return CONFSMOE_E_INVALID_ARGUMENT;
@@ -620,7 +620,7 @@ confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_t
     confsmoe_ctx *ctx = imp->ctx;
     if (saved)
         *saved = NULL;
-    confsmoe_status st = imputer_check_forward(imp, h, slots, avail, out);
+    confsmoe_status st = imputer_check_forward(imp, h, slots, avail, out, finite);
     if (st != CONFSMOE_OK)
         return st;
     const int64_t B = h->dims[0], d = imp->p.d;
@@ -661,4 +661,17 @@ confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_t
     else
         s->base.release(&s->base);
     return CONFSMOE_OK;
+}
+
+confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_tensor *h,
+                                         const confsmoe_tensor *slots, const confsmoe_tensor *avail,
+                                         confsmoe_tensor *out, confsmoe_saved **saved)
+{
+    return imputer_forward(imp, h, slots, avail, out, saved, true);
+}
+
+confsmoe_status csm_imputer_forward_trusted(confsmoe_imputer *imp, const confsmoe_tensor *h, const confsmoe_tensor *slots,
+                                        const confsmoe_tensor *avail, confsmoe_tensor *out, confsmoe_saved **saved)
+{
+    return imputer_forward(imp, h, slots, avail, out, saved, false);
 }

@@ -10,7 +10,7 @@
 
 static confsmoe_status imputer_check_backward(confsmoe_imputer *imp, const confsmoe_saved *saved,
                                               const confsmoe_tensor *dout, const confsmoe_tensor *dh,
-                                              const confsmoe_tensor *dslots)
+                                              const confsmoe_tensor *dslots, bool finite)
 {
     static const char fn[] = "imputer_backward";
     confsmoe_ctx *ctx = imp->ctx;
@@ -27,7 +27,7 @@ static confsmoe_status imputer_check_backward(confsmoe_imputer *imp, const confs
         s = csm_expect_tensor(ctx, fn, "dh", dh, CONFSMOE_F32, 3, dims);
     if (s == CONFSMOE_OK && dslots)
         s = csm_imputer_expect_slots(imp, fn, "dslots", dslots, B);
-    if (s == CONFSMOE_OK)
+    if (s == CONFSMOE_OK && finite)
         s = csm_expect_finite(ctx, fn, "dout", dout);
     return s;
 }
@@ -119,12 +119,12 @@ static void imputer_attention_backward(const confsmoe_imputer *imp, const impute
     }
 }
 
-confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved *saved, const confsmoe_tensor *dout,
-                                          confsmoe_tensor *dh, confsmoe_tensor *dslots)
+static confsmoe_status imputer_backward(confsmoe_imputer *imp, confsmoe_saved *saved, const confsmoe_tensor *dout,
+                                        confsmoe_tensor *dh, confsmoe_tensor *dslots, bool finite)
 {
     if (!imp)
         return CONFSMOE_E_INVALID_ARGUMENT;
-    confsmoe_status st = imputer_check_backward(imp, saved, dout, dh, dslots);
+    confsmoe_status st = imputer_check_backward(imp, saved, dout, dh, dslots, finite);
     if (st != CONFSMOE_OK)
         return st;
     imputer_saved *s = (imputer_saved *)saved;
@@ -222,4 +222,16 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
     }
     csm_lent_free(imp->ctx, imp->arena, block, block_bytes);
     return CONFSMOE_OK;
+}
+
+confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved *saved, const confsmoe_tensor *dout,
+                                          confsmoe_tensor *dh, confsmoe_tensor *dslots)
+{
+    return imputer_backward(imp, saved, dout, dh, dslots, true);
+}
+
+confsmoe_status csm_imputer_backward_trusted(confsmoe_imputer *imp, confsmoe_saved *saved, const confsmoe_tensor *dout,
+                                         confsmoe_tensor *dh, confsmoe_tensor *dslots)
+{
+    return imputer_backward(imp, saved, dout, dh, dslots, false);
 }

@@ -623,8 +623,8 @@ confsmoe_status csm_model_forward(confsmoe_model *model, const confsmoe_tensor *
         if (s == CONFSMOE_OK)
             s = model_wrap(model, CONFSMOE_F32, 3, B, L, d, 0, w->H2, &out);
         if (s == CONFSMOE_OK)
-            s = confsmoe_imputer_forward(model->imputer, h, slots, avail, out,
-                                         w->training ? &w->imputer_saved : NULL);
+            s = csm_imputer_forward_trusted(model->imputer, h, slots, avail, out,
+                                            w->training ? &w->imputer_saved : NULL);
         confsmoe_tensor_destroy(h);
         confsmoe_tensor_destroy(slots);
         confsmoe_tensor_destroy(out);
@@ -759,7 +759,7 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
         if (s == CONFSMOE_OK)
             s = model_wrap(model, CONFSMOE_F32, 3, B * L, model->p.k, d, 0, g->dslots, &dslots);
         if (s == CONFSMOE_OK)
-            s = confsmoe_imputer_backward(model->imputer, w->imputer_saved, dout, dh, dslots);
+            s = csm_imputer_backward_trusted(model->imputer, w->imputer_saved, dout, dh, dslots);
         confsmoe_tensor_destroy(dout);
         confsmoe_tensor_destroy(dh);
         confsmoe_tensor_destroy(dslots);
