@@ -61,6 +61,59 @@ void csm_layernorm_forward(const float *restrict x, const float *restrict gamma,
     }
 }
 
+/* One row of backward: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dout
+ * gamma, written or added; with params, dgamma and dbeta accumulate this row's terms. */
+static inline __attribute__((always_inline)) void layernorm_backward_row(const float *restrict xr, float m, float rs,
+                                                                         const float *restrict gamma, const float *g,
+                                                                         float *dxr, float *restrict dgamma,
+                                                                         float *restrict dbeta, int64_t cols,
+                                                                         bool accumulate, bool params)
+{
+    double l1[CSM_CHUNK] = {0.0}, l2[CSM_CHUNK] = {0.0}, sum_dxhat = 0.0, sum_dxhat_xhat = 0.0;
+    int64_t c = 0;
+    for (; c + CSM_CHUNK <= cols; c += CSM_CHUNK)
+        for (int l = 0; l < CSM_CHUNK; l++) {
+            float xhat = (xr[c + l] - m) * rs, gv = g[c + l];
+            float dxhat = gv * gamma[c + l];
+            l1[l] += dxhat;
+            l2[l] += (double)dxhat * xhat;
+            if (params) {
+                dgamma[c + l] += gv * xhat;
+                dbeta[c + l] += gv;
+            }
+        }
+    for (; c < cols; c++) {
+        float xhat = (xr[c] - m) * rs, gv = g[c];
+        float dxhat = gv * gamma[c];
+        sum_dxhat += dxhat;
+        sum_dxhat_xhat += (double)dxhat * xhat;
+        if (params) {
+            dgamma[c] += gv * xhat;
+            dbeta[c] += gv;
+        }
+    }
+    for (int l = 0; l < CSM_CHUNK; l++) {
+        sum_dxhat += l1[l];
+        sum_dxhat_xhat += l2[l];
+    }
+    const float a = (float)(sum_dxhat / (double)cols), b = (float)(sum_dxhat_xhat / (double)cols);
+    c = 0;
+    for (; c + CSM_CHUNK <= cols; c += CSM_CHUNK) {
+        float v[CSM_CHUNK];
+        for (int l = 0; l < CSM_CHUNK; l++) {
+            float xhat = (xr[c + l] - m) * rs;
+            v[l] = rs * (g[c + l] * gamma[c + l] - a - xhat * b);
+        }
+        for (int l = 0; l < CSM_CHUNK; l++)
+            dxr[c + l] = accumulate ? dxr[c + l] + v[l] : v[l];
+    }
+    for (; c < cols; c++) {
+        float xhat = (xr[c] - m) * rs;
+        const float v = rs * (g[c] * gamma[c] - a - xhat * b);
+        dxr[c] = accumulate ? dxr[c] + v : v;
+    }
+}
+
 /* dx may alias dout (then accumulate must be false). */
 CSM_SIMD_CLONES
 void csm_layernorm_backward(const float *restrict x, const float *restrict mean, const float *restrict rstd,
@@ -68,63 +121,31 @@ void csm_layernorm_backward(const float *restrict x, const float *restrict mean,
                             float *restrict dbeta, int64_t rows, int64_t cols, bool accumulate)
 {
     for (int64_t r = 0; r < rows; r++) {
+        if (!dgamma)
+            layernorm_backward_row(x + r * cols, mean[r], rstd[r], gamma, dout + r * cols, dx + r * cols, NULL, NULL,
+                                   cols, accumulate, false);
+        else if (accumulate)
+            layernorm_backward_row(x + r * cols, mean[r], rstd[r], gamma, dout + r * cols, dx + r * cols, dgamma, dbeta,
+                                   cols, true, true);
+        else
+            layernorm_backward_row(x + r * cols, mean[r], rstd[r], gamma, dout + r * cols, dx + r * cols, dgamma, dbeta,
+                                   cols, false, true);
+    }
+}
+
+/* The same terms, in the same order of rows, as csm_layernorm_backward adds to dgamma and dbeta. */
+CSM_SIMD_CLONES
+void csm_layernorm_param_grads(const float *restrict x, const float *restrict mean, const float *restrict rstd,
+                               const float *restrict dout, float *restrict dgamma, float *restrict dbeta, int64_t rows,
+                               int64_t cols, int64_t first_col, int64_t last_col)
+{
+    for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * cols, *g = dout + r * cols;
         const float m = mean[r], rs = rstd[r];
-        /* dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dout gamma. */
-        double l1[CSM_CHUNK] = {0.0}, l2[CSM_CHUNK] = {0.0}, sum_dxhat = 0.0, sum_dxhat_xhat = 0.0;
-        int64_t c = 0;
-        for (; c + CSM_CHUNK <= cols; c += CSM_CHUNK)
-            for (int l = 0; l < CSM_CHUNK; l++) {
-                float xhat = (xr[c + l] - m) * rs, gv = g[c + l];
-                float dxhat = gv * gamma[c + l];
-                l1[l] += dxhat;
-                l2[l] += (double)dxhat * xhat;
-                dgamma[c + l] += gv * xhat;
-                dbeta[c + l] += gv;
-            }
-        for (; c < cols; c++) {
+        for (int64_t c = first_col; c < last_col; c++) {
             float xhat = (xr[c] - m) * rs, gv = g[c];
-            float dxhat = gv * gamma[c];
-            sum_dxhat += dxhat;
-            sum_dxhat_xhat += (double)dxhat * xhat;
             dgamma[c] += gv * xhat;
             dbeta[c] += gv;
-        }
-        for (int l = 0; l < CSM_CHUNK; l++) {
-            sum_dxhat += l1[l];
-            sum_dxhat_xhat += l2[l];
-        }
-        const float a = (float)(sum_dxhat / (double)cols), b = (float)(sum_dxhat_xhat / (double)cols);
-        float *dxr = dx + r * cols;
-        c = 0;
-        if (accumulate) {
-            for (; c + CSM_CHUNK <= cols; c += CSM_CHUNK) {
-                float v[CSM_CHUNK];
-                for (int l = 0; l < CSM_CHUNK; l++) {
-                    float xhat = (xr[c + l] - m) * rs;
-                    v[l] = rs * (g[c + l] * gamma[c + l] - a - xhat * b);
-                }
-                for (int l = 0; l < CSM_CHUNK; l++)
-                    dxr[c + l] += v[l];
-            }
-            for (; c < cols; c++) {
-                float xhat = (xr[c] - m) * rs;
-                dxr[c] += rs * (g[c] * gamma[c] - a - xhat * b);
-            }
-        } else {
-            for (; c + CSM_CHUNK <= cols; c += CSM_CHUNK) {
-                float v[CSM_CHUNK];
-                for (int l = 0; l < CSM_CHUNK; l++) {
-                    float xhat = (xr[c + l] - m) * rs;
-                    v[l] = rs * (g[c + l] * gamma[c + l] - a - xhat * b);
-                }
-                for (int l = 0; l < CSM_CHUNK; l++)
-                    dxr[c + l] = v[l];
-            }
-            for (; c < cols; c++) {
-                float xhat = (xr[c] - m) * rs;
-                dxr[c] = rs * (g[c] * gamma[c] - a - xhat * b);
-            }
         }
     }
 }

@@ -4,6 +4,7 @@
 
 #include "kernels.h"
 #include "linear.h"
+#include "passes.h"
 
 confsmoe_status csm_linear_new(confsmoe_ctx *ctx, csm_params *params, const char *name, int64_t in, int64_t out,
                                csm_linear *l)
@@ -26,7 +27,7 @@ confsmoe_status csm_linear_new(confsmoe_ctx *ctx, csm_params *params, const char
 void csm_linear_forward(const csm_linear *l, const float *x, int64_t rows, float *y)
 {
     const int64_t out = l->w->dims[0], in = l->w->dims[1];
-    csm_broadcast_rows(y, csm_f32(l->b), rows, out);
+    csm_pass_broadcast_rows(l->w->ctx, y, csm_f32(l->b), rows, out);
     csm_gemm(l->w->ctx, false, true, rows, out, in, 1.0f, x, csm_f32(l->w), 1.0f, y);
 }
 

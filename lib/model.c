@@ -17,6 +17,7 @@
 #include "layout.h"
 #include "model.h"
 #include "params.h"
+#include "passes.h"
 #include "sized.h"
 #include "stage1.h"
 #include "threads.h"
@@ -423,37 +424,34 @@ void csm_model_workspace_release(confsmoe_model *model, workspace *w)
 
 /* ------------------------------------------------------------------ small layers */
 
-static void model_layernorm_forward(const model_layernorm *ln, const float *x, int64_t rows, int64_t d, float *y,
-                                    float *stats)
+static void model_layernorm_forward(confsmoe_model *model, const model_layernorm *ln, const float *x, int64_t rows,
+                                    int64_t d, float *y, float *stats)
 {
-    csm_layernorm_forward(x, csm_f32(ln->weight), csm_f32(ln->bias), y, stats, stats + rows, rows, d, LN_EPS);
+    csm_pass_layernorm_forward(model->ctx, x, csm_f32(ln->weight), csm_f32(ln->bias), y, stats, stats + rows, rows,
+                               d, LN_EPS);
 }
 
-static void model_layernorm_backward(const model_layernorm *ln, const csm_params *params, const float *x,
+static void model_layernorm_backward(confsmoe_model *model, const model_layernorm *ln, const float *x,
                                      const float *stats, const float *dy, int64_t rows, int64_t d, float *dx,
                                      bool accumulate)
 {
-    csm_layernorm_backward(x, stats, stats + rows, csm_f32(ln->weight), dy, dx,
-                           csm_f32(csm_params_grad_of(params, ln->weight)),
-                           csm_f32(csm_params_grad_of(params, ln->bias)), rows, d, accumulate);
+    const csm_params *params = &model->params;
+    csm_pass_layernorm_backward(model->ctx, x, stats, stats + rows, csm_f32(ln->weight), dy, dx,
+                                csm_f32(csm_params_grad_of(params, ln->weight)),
+                                csm_f32(csm_params_grad_of(params, ln->bias)), rows, d, accumulate);
 }
 
 /* Rows (b, o_m + s) of a [B L, d] array <-> rows (b S_m + s) of a [B S_m, d] array. */
-static void model_gather_modality(const confsmoe_model *model, const float *all, float *one, int64_t B, int32_t m)
+static void model_gather_modality(confsmoe_model *model, const float *all, float *one, int64_t B, int32_t m)
 {
     const int64_t S = model->tokens[m], L = model->tokens_total, d = model->p.d, o = model->token_offset[m];
-    for (int64_t b = 0; b < B; b++)
-        memcpy(one + b * S * d, all + (b * L + o) * d, (size_t)(S * d) * sizeof(float));
+    csm_pass_copy_blocks(model->ctx, one, S * d, all + o * d, L * d, B, S * d);
 }
 
-static void model_scatter_modality(const confsmoe_model *model, const float *one, float *all, int64_t B, int32_t m)
+static void model_scatter_modality(confsmoe_model *model, const float *one, float *all, int64_t B, int32_t m)
 {
     const int64_t S = model->tokens[m], L = model->tokens_total, d = model->p.d, o = model->token_offset[m];
-    for (int64_t b = 0; b < B; b++) {
-        float *dst = all + (b * L + o) * d;
-        const float *src = one + b * S * d;
-        memcpy(dst, src, (size_t)(S * d) * sizeof(float));
-    }
+    csm_pass_copy_blocks(model->ctx, all + o * d, L * d, one, S * d, B, S * d);
 }
 
 /* ------------------------------------------------------------------ forward */
@@ -519,7 +517,7 @@ static confsmoe_status model_moe_forward(confsmoe_model *model, const confsmoe_t
         float *sum = w->sum_ + first_row * d;
         if (labels)
             model_token_labels(model, labels, w, m);
-        model_layernorm_forward(&model->ln2, Hm, rows, d, Z, w->ln2_stats + 2 * first_row);
+        model_layernorm_forward(model, &model->ln2, Hm, rows, d, Z, w->ln2_stats + 2 * first_row);
         for (int64_t i = 0; i < rows; i++)
             w->tok_present[i] = a[(i / S) * M + m];
         float loss = 0.0f;
@@ -545,8 +543,8 @@ static confsmoe_status model_moe_forward(confsmoe_model *model, const confsmoe_t
         if (s != CONFSMOE_OK)
             break;
         *aux += w->gate_weight[m] * loss;
-        csm_add(sum, Hm, F, rows * d);
-        model_layernorm_forward(&model->ln3, sum, rows, d, w->tok, w->ln3_stats + 2 * first_row);
+        csm_pass_add(model->ctx, sum, Hm, F, rows, d);
+        model_layernorm_forward(model, &model->ln3, sum, rows, d, w->tok, w->ln3_stats + 2 * first_row);
         model_scatter_modality(model, w->tok, w->H2, B, m);
     }
     csm_rng_seek(model->ctx, w->draws.end);
@@ -591,7 +589,7 @@ static void model_readout_forward(confsmoe_model *model, workspace *w)
             }
         }
     csm_linear_forward(&model->readout, w->pooled, B, w->r);
-    model_layernorm_forward(&model->ln_out, w->r, B, d, w->rn, w->ln_out_stats);
+    model_layernorm_forward(model, &model->ln_out, w->r, B, d, w->rn, w->ln_out_stats);
     csm_linear_forward(&model->head, w->rn, B, w->logits);
 }
 
@@ -610,7 +608,7 @@ confsmoe_status csm_model_forward(confsmoe_model *model, const confsmoe_tensor *
         model_scatter_modality(model, w->tok, w->X, B, m);
     }
     csm_add_rows(w->X, csm_f32(model->pos), B, L * d);
-    model_layernorm_forward(&model->ln1, w->X, B * L, d, w->Xn, w->ln1_stats);
+    model_layernorm_forward(model, &model->ln1, w->X, B * L, d, w->Xn, w->ln1_stats);
     csm_attention_forward(model, w);
     csm_residual_forward(model, w);
     if ((s = model_moe_forward(model, avail, labels, w, aux)) != CONFSMOE_OK)
@@ -684,7 +682,7 @@ static void model_ln3_backward(confsmoe_model *model, workspace *w, gradients *g
     for (int32_t m = 0; m < model->p.n_modalities; m++) {
         const int64_t rows = B * model->tokens[m], first_row = B * model->token_offset[m];
         model_gather_modality(model, g->dH3, g->dtok, B, m);
-        model_layernorm_backward(&model->ln3, &model->params, w->sum_ + first_row * d, w->ln3_stats + 2 * first_row,
+        model_layernorm_backward(model, &model->ln3, w->sum_ + first_row * d, w->ln3_stats + 2 * first_row,
                                  g->dtok, rows, d, g->dsum, false);
         model_scatter_modality(model, g->dsum, g->dH2, B, m);
     }
@@ -697,7 +695,6 @@ static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, g
 {
     const int32_t M = model->p.n_modalities;
     const int64_t B = w->B, d = model->p.d, k = model->p.k;
-    const csm_params *params = &model->params;
     confsmoe_status s = CONFSMOE_OK;
     for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
         const int64_t rows = B * model->tokens[m], first_row = B * model->token_offset[m];
@@ -714,7 +711,7 @@ static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, g
         } else {
             /* H_m <- LN3(H_m + F): both terms get the same gradient. */
             model_gather_modality(model, g->dH2, g->dtok, B, m);
-            model_layernorm_backward(&model->ln3, params, sum, w->ln3_stats + 2 * first_row, g->dtok, rows, d,
+            model_layernorm_backward(model, &model->ln3, sum, w->ln3_stats + 2 * first_row, g->dtok, rows, d,
                                      g->dsum, false);
         }
         const csm_gate_grad_call call = {w->gate_saved[m], dF, g->dslots + first_row * k * d, w->gate_weight[m],
@@ -723,7 +720,7 @@ static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, g
         if (s != CONFSMOE_OK)
             break;
         /* Z = LN2(H_m): its gradient joins the residual's in dsum. */
-        model_layernorm_backward(&model->ln2, params, Hm, w->ln2_stats + 2 * first_row, g->dZ, rows, d, g->dsum, true);
+        model_layernorm_backward(model, &model->ln2, Hm, w->ln2_stats + 2 * first_row, g->dZ, rows, d, g->dsum, true);
         model_scatter_modality(model, g->dsum, g->dH, B, m);
     }
     return s;
@@ -737,7 +734,7 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
     confsmoe_status s = CONFSMOE_OK;
 
     csm_linear_backward(&model->head, params, w->rn, g->dlogits, B, g->drn, false);
-    model_layernorm_backward(&model->ln_out, params, w->r, w->ln_out_stats, g->drn, B, d, g->dr, false);
+    model_layernorm_backward(model, &model->ln_out, w->r, w->ln_out_stats, g->drn, B, d, g->dr, false);
     csm_linear_backward(&model->readout, params, w->pooled, g->dr, B, g->dpooled, false);
     for (int64_t b = 0; b < B; b++)
         for (int32_t m = 0; m < M; m++)
@@ -766,7 +763,7 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
         if (s != CONFSMOE_OK)
             return s;
     } else {
-        memcpy(g->dH2, g->dH3, (size_t)(B * L * d) * sizeof(float));
+        csm_pass_copy_blocks(model->ctx, g->dH2, d, g->dH3, d, B * L, d);
     }
     if ((s = model_moe_backward(model, w, g, residual)) != CONFSMOE_OK)
         return s;
@@ -775,7 +772,7 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
     csm_residual_backward(model, w, g);
     csm_attention_backward(model, w, g);
     /* dX is dH itself (the residual), plus LN1's gradient; under compat X has no residual. */
-    model_layernorm_backward(&model->ln1, params, w->X, w->ln1_stats, g->dXn, B * L, d, g->dX, !model->p.compat);
+    model_layernorm_backward(model, &model->ln1, w->X, w->ln1_stats, g->dXn, B * L, d, g->dX, !model->p.compat);
     float *dpos = csm_f32(csm_params_grad_of(params, model->pos));
     for (int64_t b = 0; b < B; b++)
         csm_axpy(dpos, 1.0f, g->dX + b * L * d, L * d);

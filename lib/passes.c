@@ -1,0 +1,141 @@
+/* Whole-array passes over the ctx's threads (passes.h). */
+#include <string.h>
+
+#include "kernels.h"
+#include "passes.h"
+#include "threads.h"
+
+/* Floats per block of rows (256 KiB): a region costs a few microseconds to enter, a block of
+ * this size tens of microseconds to stream. */
+#define PASSES_BLOCK_FLOATS 65536
+
+/* One pass's arrays: out = f(a, b), and LayerNorm's. */
+typedef struct {
+    float *out;
+    const float *a, *b;
+    const float *gamma, *beta, *mean, *rstd;
+    float *mean_out, *rstd_out, *dgamma, *dbeta;
+    int64_t rows, cols, out_stride, in_stride;
+    float eps;
+    bool accumulate;
+} passes_task;
+
+/* Rows per block, and whether the array is worth more than one worker. */
+static int64_t passes_rows_per_block(confsmoe_ctx *ctx, int64_t rows, int64_t cols, bool *parallel)
+{
+    const int64_t per = cols >= PASSES_BLOCK_FLOATS ? 1 : PASSES_BLOCK_FLOATS / cols;
+    *parallel = rows > per && csm_parallel_workers(ctx, rows) > 1;
+    return per;
+}
+
+static void passes_broadcast_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const passes_task *t = arg;
+    csm_broadcast_rows(t->out + first * t->cols, t->a, last - first, t->cols);
+}
+
+void csm_pass_broadcast_rows(confsmoe_ctx *ctx, float *out, const float *bias, int64_t rows, int64_t cols)
+{
+    bool parallel;
+    const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
+    passes_task t = {.out = out, .a = bias, .cols = cols};
+    if (parallel)
+        csm_parallel_for(ctx, rows, per, passes_broadcast_task, &t);
+    else
+        csm_broadcast_rows(out, bias, rows, cols);
+}
+
+static void passes_add_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const passes_task *t = arg;
+    csm_add(t->out + first * t->cols, t->a + first * t->cols, t->b + first * t->cols, (last - first) * t->cols);
+}
+
+void csm_pass_add(confsmoe_ctx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols)
+{
+    bool parallel;
+    const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
+    passes_task t = {.out = y, .a = a, .b = b, .cols = cols};
+    if (parallel)
+        csm_parallel_for(ctx, rows, per, passes_add_task, &t);
+    else
+        csm_add(y, a, b, rows * cols);
+}
+
+static void passes_copy_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const passes_task *t = arg;
+    for (int64_t i = first; i < last; i++)
+        memcpy(t->out + i * t->out_stride, t->a + i * t->in_stride, (size_t)t->cols * sizeof(float));
+}
+
+void csm_pass_copy_blocks(confsmoe_ctx *ctx, float *dst, int64_t dst_stride, const float *src, int64_t src_stride,
+                          int64_t count, int64_t len)
+{
+    bool parallel;
+    const int64_t per = passes_rows_per_block(ctx, count, len, &parallel);
+    passes_task t = {.out = dst, .a = src, .cols = len, .out_stride = dst_stride, .in_stride = src_stride};
+    if (parallel)
+        csm_parallel_for(ctx, count, per, passes_copy_task, &t);
+    else
+        passes_copy_task(&t, 0, count, 0);
+}
+
+static void passes_layernorm_forward_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const passes_task *t = arg;
+    const int64_t cols = t->cols;
+    csm_layernorm_forward(t->a + first * cols, t->gamma, t->beta, t->out + first * cols, t->mean_out + first,
+                          t->rstd_out + first, last - first, cols, t->eps);
+}
+
+void csm_pass_layernorm_forward(confsmoe_ctx *ctx, const float *x, const float *gamma, const float *beta, float *out,
+                                float *mean, float *rstd, int64_t rows, int64_t cols, float eps)
+{
+    bool parallel;
+    const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
+    passes_task t = {.out = out, .a = x, .gamma = gamma, .beta = beta, .mean_out = mean, .rstd_out = rstd,
+                     .cols = cols, .eps = eps};
+    if (parallel)
+        csm_parallel_for(ctx, rows, per, passes_layernorm_forward_task, &t);
+    else
+        csm_layernorm_forward(x, gamma, beta, out, mean, rstd, rows, cols, eps);
+}
+
+/* dx of a block of rows; the parameter gradients are left to passes_layernorm_params_task. */
+static void passes_layernorm_dx_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const passes_task *t = arg;
+    const int64_t cols = t->cols;
+    csm_layernorm_backward(t->a + first * cols, t->mean + first, t->rstd + first, t->gamma, t->b + first * cols,
+                           t->out + first * cols, NULL, NULL, last - first, cols, t->accumulate);
+}
+
+/* dgamma and dbeta of columns first .. last - 1, over every row in order. */
+static void passes_layernorm_params_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const passes_task *t = arg;
+    csm_layernorm_param_grads(t->a, t->mean, t->rstd, t->b, t->dgamma, t->dbeta, t->rows, t->cols, first, last);
+}
+
+void csm_pass_layernorm_backward(confsmoe_ctx *ctx, const float *x, const float *mean, const float *rstd,
+                                 const float *gamma, const float *dout, float *dx, float *dgamma, float *dbeta,
+                                 int64_t rows, int64_t cols, bool accumulate)
+{
+    bool parallel;
+    const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
+    if (!parallel) {
+        csm_layernorm_backward(x, mean, rstd, gamma, dout, dx, dgamma, dbeta, rows, cols, accumulate);
+        return;
+    }
+    /* The parameter gradients first: dx may overwrite dout. Columns in blocks of a cache line. */
+    passes_task t = {.out = dx, .a = x, .b = dout, .gamma = gamma, .mean = mean, .rstd = rstd, .dgamma = dgamma, .dbeta = dbeta, .rows = rows, .cols = cols, .accumulate = accumulate};
+    csm_parallel_for(ctx, cols, 16, passes_layernorm_params_task, &t);
+    csm_parallel_for(ctx, rows, per, passes_layernorm_dx_task, &t);
+}
