@@ -6,6 +6,7 @@
 
 #include "gate_internal.h"
 #include "kernels.h"
+#include "passes.h"
 #include "layout.h"
 #include "threads.h"
 
@@ -219,7 +220,7 @@ confsmoe_status csm_gate_forward_rows(confsmoe_gate *g, const csm_gate_call *cal
     const float *xin = call->x;
     /* n == 0: these buffers may be NULL, which memcpy must not see (found by tests/fuzz). */
     if (training && n > 0) {
-        memcpy(s->x, xin, (size_t)(n * d) * sizeof *xin);
+        csm_pass_copy_blocks(g->ctx, s->x, d, xin, d, n, d);
         xin = s->x;
     }
     if (call->present && n > 0)

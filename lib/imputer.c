@@ -24,6 +24,7 @@
 #include "params.h"
 #include "sized.h"
 #include "stage1.h"
+#include "threads.h"
 
 #define LN_EPS 1e-5f
 
@@ -381,7 +382,8 @@ static imputer_saved *imputer_saved_parts(csm_layout *l, const confsmoe_imputer 
     view->y1 = ln && compat ? CSM_LAYOUT_ROWS(l, float, nq, d) : NULL;
     view->mean2 = ln && compat ? CSM_LAYOUT_ARRAY(l, float, nq) : NULL;
     view->rstd2 = ln && compat ? CSM_LAYOUT_ARRAY(l, float, nq) : NULL;
-    *rank = CSM_LAYOUT_ARRAY(l, uint64_t, (size_t)z->max_cand); /* keep_top's ranking scratch */
+    /* keep_top's ranking scratch, one per worker of imputer_attend. */
+    *rank = CSM_LAYOUT_ARRAY(l, uint64_t, (size_t)(z->max_cand * csm_parallel_workers(imp->ctx, z->n_samples)));
     return header;
 }
 
@@ -407,6 +409,7 @@ static imputer_saved *imputer_alloc_saved(const confsmoe_imputer *imp, const pla
     s->nk = z->nk;
     s->na = z->na;
     s->max_block = z->max_block;
+    s->max_cand = z->max_cand;
     return s;
 }
 
@@ -566,25 +569,23 @@ static void keep_top(const float *p, int64_t L, int64_t kept, bool renormalize, 
         w[c] = keep[c] ? p[c] * scale : 0.0f;
 }
 
-/* Queries, keys, values, attention and x_pre = h + Ihat (Ihat with the residual write-back),
- * for every missing token. */
-static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64_t *rank)
+typedef struct {
+    const confsmoe_imputer *imp;
+    imputer_saved *s;
+    uint64_t *rank;  /* [workers, max L_b] */
+} attend_task;
+
+/* The attention of samples first .. last - 1 (each writes only its own rows of p, w, keep and
+ * x_pre), on worker `worker`'s ranking scratch. */
+static void imputer_attend_task(void *arg, int64_t first, int64_t last, int worker)
 {
+    const attend_task *t = arg;
+    const confsmoe_imputer *imp = t->imp;
+    imputer_saved *s = t->s;
     const int64_t k = imp->p.k, d = imp->p.d;
     const float scale = 1.0f / sqrtf((float)d);
-    /* One GEMM per projection over all rows: Q = ybar Wq^T + bq, KV = G Wk^T + bk, V = G Wv^T + bv. */
-    csm_broadcast_rows(s->q, csm_f32(imp->param[Q_B]), s->nq, d);
-    csm_gemm(imp->ctx, false, true, s->nq, d, d, 1.0f, s->ybar, csm_f32(imp->param[Q_W]), 1.0f, s->q);
-    for (int64_t i = 0; i < s->n_pairs; i++)
-        if (s->pairs[i].zero_query)
-            memset(s->q + s->pairs[i].q_row * d, 0, (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float));
-    csm_broadcast_rows(s->kv, csm_f32(imp->param[KV_B]), s->nk, d);
-    csm_gemm(imp->ctx, false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[KV_W]), 1.0f, s->kv);
-    if (imp->p.separate_value) {
-        csm_broadcast_rows(s->v, csm_f32(imp->param[V_B]), s->nk, d);
-        csm_gemm(imp->ctx, false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[V_W]), 1.0f, s->v);
-    }
-    for (int64_t i = 0; i < s->n_samples; i++) {
+    uint64_t *rank = t->rank + (size_t)worker * (size_t)s->max_cand;
+    for (int64_t i = first; i < last; i++) {
         const sample_plan *plan = &s->plans[i];
         const int64_t nq = plan->n_query, L = plan->n_cand;
         /* No other modality present: nothing to attend to, Ihat = 0 (the rows get LN(h), or 0). */
@@ -608,6 +609,27 @@ static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64
             csm_gemm(imp->ctx, false, false, nq, d, L, 1.0f, w, s->v + cand * d, 1.0f, x_pre);
         }
     }
+}
+
+/* Queries, keys, values, attention and x_pre = h + Ihat (Ihat with the residual write-back),
+ * for every missing token. */
+static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64_t *rank)
+{
+    const int64_t d = imp->p.d;
+    /* One GEMM per projection over all rows: Q = ybar Wq^T + bq, KV = G Wk^T + bk, V = G Wv^T + bv. */
+    csm_broadcast_rows(s->q, csm_f32(imp->param[Q_B]), s->nq, d);
+    csm_gemm(imp->ctx, false, true, s->nq, d, d, 1.0f, s->ybar, csm_f32(imp->param[Q_W]), 1.0f, s->q);
+    for (int64_t i = 0; i < s->n_pairs; i++)
+        if (s->pairs[i].zero_query)
+            memset(s->q + s->pairs[i].q_row * d, 0, (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float));
+    csm_broadcast_rows(s->kv, csm_f32(imp->param[KV_B]), s->nk, d);
+    csm_gemm(imp->ctx, false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[KV_W]), 1.0f, s->kv);
+    if (imp->p.separate_value) {
+        csm_broadcast_rows(s->v, csm_f32(imp->param[V_B]), s->nk, d);
+        csm_gemm(imp->ctx, false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[V_W]), 1.0f, s->v);
+    }
+    attend_task task = {imp, s, rank};
+    csm_parallel_for(imp->ctx, s->n_samples, 1, imputer_attend_task, &task);
 }
 
 static confsmoe_status imputer_forward(confsmoe_imputer *imp, const confsmoe_tensor *h, const confsmoe_tensor *slots,

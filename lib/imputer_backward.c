@@ -7,6 +7,7 @@
 #include "imputer_internal.h"
 #include "kernels.h"
 #include "layout.h"
+#include "threads.h"
 
 static confsmoe_status imputer_check_backward(confsmoe_imputer *imp, const confsmoe_saved *saved,
                                               const confsmoe_tensor *dout, const confsmoe_tensor *dh,
@@ -39,7 +40,7 @@ typedef struct {
     float *dkv;        /* [nk, d] */
     float *dv;         /* [nk, d] with separate_value, else == dkv */
     float *dg;         /* [nk, d] gradient of the gathered slot rows */
-    float *dw, *dz;    /* [max_block] gradient of the weights, then of the logits */
+    float *dw, *dz;    /* [workers, max_block] gradient of the weights, then of the logits */
 } backward_work;
 
 /* The arrays of one backward call (layout.h). */
@@ -53,8 +54,10 @@ static void imputer_backward_parts(csm_layout *l, const confsmoe_imputer *imp, c
     w->dkv = CSM_LAYOUT_ROWS(l, float, nk, d);
     w->dv = imp->p.separate_value ? CSM_LAYOUT_ROWS(l, float, nk, d) : w->dkv;
     w->dg = CSM_LAYOUT_ROWS(l, float, nk, d);
-    w->dw = CSM_LAYOUT_ARRAY(l, float, mb);
-    w->dz = CSM_LAYOUT_ARRAY(l, float, mb);
+    /* One pair per worker of imputer_attention_backward. */
+    const size_t workers = (size_t)csm_parallel_workers(imp->ctx, s->n_samples);
+    w->dw = CSM_LAYOUT_ARRAY(l, float, mb * workers);
+    w->dz = CSM_LAYOUT_ARRAY(l, float, mb * workers);
 }
 
 static void *imputer_backward_alloc(const confsmoe_imputer *imp, const imputer_saved *s, backward_work *w,
@@ -71,13 +74,28 @@ static void *imputer_backward_alloc(const confsmoe_imputer *imp, const imputer_s
     return block;
 }
 
-/* Through the attention of every sample: dIhat -> dq, dkv, dv. */
-static void imputer_attention_backward(const confsmoe_imputer *imp, const imputer_saved *s, const float *dihat,
-                                       backward_work *w)
+typedef struct {
+    const confsmoe_imputer *imp;
+    const imputer_saved *s;
+    const float *dihat;
+    const backward_work *w;
+} attention_backward_task;
+
+/* Through the attention of samples first .. last - 1: dIhat -> dq, dkv, dv. Each sample writes
+ * only its own rows of those (its queries, its k L_b candidates) and its worker's dw and dz. */
+static void imputer_attention_backward_task(void *arg, int64_t first, int64_t last, int worker)
 {
+    const attention_backward_task *t = arg;
+    const confsmoe_imputer *imp = t->imp;
+    const imputer_saved *s = t->s;
+    const float *dihat = t->dihat;
+    backward_work own = *t->w;
+    own.dw += (size_t)worker * (size_t)s->max_block;
+    own.dz += (size_t)worker * (size_t)s->max_block;
+    backward_work *w = &own;
     const int64_t k = imp->p.k, d = imp->p.d;
     const float scale = 1.0f / sqrtf((float)d);
-    for (int64_t i = 0; i < s->n_samples; i++) {
+    for (int64_t i = first; i < last; i++) {
         const sample_plan *plan = &s->plans[i];
         const int64_t nq = plan->n_query, L = plan->n_cand;
         if (L == 0)
@@ -117,6 +135,13 @@ static void imputer_attention_backward(const confsmoe_imputer *imp, const impute
             csm_gemm(imp->ctx, true, false, L, d, nq, scale, w->dz, q, 1.0f, w->dkv + cand * d);
         }
     }
+}
+
+static void imputer_attention_backward(const confsmoe_imputer *imp, const imputer_saved *s, const float *dihat,
+                                       backward_work *w)
+{
+    attention_backward_task task = {imp, s, dihat, w};
+    csm_parallel_for(imp->ctx, s->n_samples, 1, imputer_attention_backward_task, &task);
 }
 
 static confsmoe_status imputer_backward(confsmoe_imputer *imp, confsmoe_saved *saved, const confsmoe_tensor *dout,

@@ -55,6 +55,7 @@ typedef struct {
     int64_t nk;              /* gathered candidate slot rows */
     int64_t na;              /* attention elements */
     int64_t max_block;       /* largest n_query x L_b of one sample */
+    int64_t max_cand;        /* largest L_b of one sample */
     missing_pair *pairs;     /* [n_pairs] */
     sample_plan *plans;      /* [n_samples] */
     int64_t *src_row;        /* [nk] row of slots (viewed as [B L k, d]) each candidate came from */
