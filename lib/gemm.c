@@ -12,12 +12,16 @@
 #define SMALL_GEMM_MNK 4096
 
 /* Products below this many multiply-adds (those BLIS would run on one thread, below) go to the
- * library's own kernels (gemm_direct.c) unless B is transposed with more than their packing
- * buffer holds: BLIS packs both operands for every call, which does not pay at these sizes, and
- * BLIS 0.9.0's kernels on the Intel Xeons are AVX2 (haswell). The per-head attention products
- * (150 x 150 x 32, 150 x 32 x 150) ran at 78-84 GFLOP/s in BLIS and at 118-135 GFLOP/s there;
- * docs/PERFORMANCE.md. Shape alone decides it, so results do not depend on the thread count. */
+ * library's own kernels (gemm_direct.c), and so do products with at most DIRECT_NARROW columns of
+ * C or (with B not transposed) terms per sum, where BLIS fills 8 or 10 of its micro-kernel's 16
+ * columns and packs a whole large operand for one pass: the router's and the target
+ * classifier's. At these sizes BLIS's packing of both operands does not pay, and BLIS 0.9.0's
+ * kernels on the Intel Xeons are AVX2 (haswell). Measured alone (docs/PERFORMANCE.md): the
+ * per-head attention products (150 x 150 x 32, 150 x 32 x 150) at 78-84 GFLOP/s in BLIS and
+ * 112-134 there, the classifier's 25600 x 10 x 128 at 36 and 64, the router's 12800 x 8 x 128 at
+ * 29 and 53. Shape alone decides it, so results do not depend on the thread count. */
 #define DIRECT_GEMM_MNK (INT64_C(2) << 20)
+#define DIRECT_NARROW 16
 
 /* Each BLIS thread gets at least this many multiply-adds (about 25 us of one core). Below it,
  * starting and joining BLIS's team costs more than the split saves: at BLIS_NUM_THREADS=2 the
@@ -101,7 +105,8 @@ void csm_gemm_ld(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m,
         small_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }
-    if (m * n * k < DIRECT_GEMM_MNK &&
+    const bool narrow = !trans_a && (n <= DIRECT_NARROW || (k <= DIRECT_NARROW && !trans_b));
+    if ((m * n * k < DIRECT_GEMM_MNK || narrow) &&
         csm_gemm_direct(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
         return;
     /* BLIS 0.9.0's small-matrix ("sup") kernels read past the end of their operands

@@ -176,7 +176,8 @@ static void check_direct(csm_direct_isa isa, bool have, bool ta, bool tb, int64_
 }
 
 /* Each instruction set the CPU has (and refusals of those it has not), every transpose case, row
- * and column tails of the 6 x 32 (AVX-512) and 6 x 16 (AVX2) blocks, padded leading dimensions. */
+ * and column tails of the 6 x 32 and 12 x 16 (AVX-512) and 6 x 16 and 12 x 8 (AVX2) blocks, padded
+ * leading dimensions. */
 START_TEST(test_gemm_direct)
 {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -185,7 +186,7 @@ START_TEST(test_gemm_direct)
 #else
     const bool have[] = {false, false, false};
 #endif
-    const int64_t ms[] = {1, 5, 6, 7, 13}, ns[] = {1, 7, 8, 9, 16, 17, 32, 33, 150}, ks[] = {1, 3, 32};
+    const int64_t ms[] = {1, 5, 6, 7, 13, 25}, ns[] = {1, 7, 8, 9, 16, 17, 32, 33, 150}, ks[] = {1, 3, 32};
     trng r = {11};
     for (int isa = CSM_DIRECT_NONE; isa <= CSM_DIRECT_AVX512; isa++)
         for (int t = 0; t < 4; t++)
