@@ -50,7 +50,7 @@ void csm_confnet_block_backward(const csm_confnet_block *b, const float *dc, flo
 /* The target classifier p = softmax / sigmoid(y W^T + b) over a call's n k block rows, and the
  * confidence loss mean over present slots of (c - p(truth))^2. */
 typedef struct {
-    const confsmoe_ctx *ctx;
+    confsmoe_ctx *ctx;
     int64_t k, d, n_classes;
     bool multi_label;
     bool compat;                  /* the mean counts absent slots too, as the reference did */

@@ -22,6 +22,9 @@
  * 29 and 53. Shape alone decides it, so results do not depend on the thread count. */
 #define DIRECT_GEMM_MNK (INT64_C(2) << 20)
 #define DIRECT_NARROW 16
+/* A worker's least share of rows when a narrow product is split over the ctx's threads (a
+ * multiple of the kernels' 6 and 12 rows). */
+#define DIRECT_ROWS_PER_WORKER 480
 
 /* Each BLIS thread gets at least this many multiply-adds (about 25 us of one core). Below it,
  * starting and joining BLIS's team costs more than the split saves: at BLIS_NUM_THREADS=2 the
@@ -91,7 +94,29 @@ static void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t
     }
 }
 
-void csm_gemm_ld(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+/* Rows first .. last - 1 of a narrow product with A as stored (not transposed). */
+typedef struct {
+    bool trans_b;
+    int64_t n, k;
+    float alpha;
+    const float *a;
+    int64_t lda;
+    const float *b;
+    int64_t ldb;
+    float beta;
+    float *c;
+    int64_t ldc;
+} gemm_rows_task;
+
+static void gemm_direct_rows_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const gemm_rows_task *t = arg;
+    csm_gemm_direct(false, t->trans_b, last - first, t->n, t->k, t->alpha, t->a + first * t->lda, t->lda, t->b,
+                    t->ldb, t->beta, t->c + first * t->ldc, t->ldc);
+}
+
+void csm_gemm_ld(confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                  int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc)
 {
     if (m == 0 || n == 0)
@@ -106,6 +131,13 @@ void csm_gemm_ld(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m,
         return;
     }
     const bool narrow = !trans_a && (n <= DIRECT_NARROW || (k <= DIRECT_NARROW && !trans_b));
+    if (m * n * k >= DIRECT_GEMM_MNK && narrow && csm_gemm_direct_fits(trans_b, n, k) &&
+        csm_parallel_workers(ctx, m / DIRECT_ROWS_PER_WORKER) > 1) {
+        /* A product BLIS would have split over its threads: rows split over the ctx's. */
+        gemm_rows_task t = {trans_b, n, k, alpha, a, lda, b, ldb, beta, c, ldc};
+        csm_parallel_for(ctx, m, DIRECT_ROWS_PER_WORKER / 2, gemm_direct_rows_task, &t);
+        return;
+    }
     if ((m * n * k < DIRECT_GEMM_MNK || narrow) &&
         csm_gemm_direct(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
         return;
@@ -132,7 +164,7 @@ void csm_gemm_ld(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m,
                  (inc_t)ldc, 1, NULL, &rntm);
 }
 
-void csm_gemm(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+void csm_gemm(confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
               const float *b, float beta, float *c)
 {
     csm_gemm_ld(ctx, trans_a, trans_b, m, n, k, alpha, a, trans_a ? m : k, b, trans_b ? k : n, beta, c, n);

@@ -3,11 +3,11 @@
  * model's per-(sample, head) attention, L x L x d/heads and L x d/heads x L). */
 #include "kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-
 /* B^T's largest packed size (floats, per thread). */
 #define DIRECT_PACK_FLOATS 16384
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 
 /* op(B) packed as rows: the NT case reads B^T[p, j] = B[j, p] from here. */
 static _Thread_local float direct_pack[DIRECT_PACK_FLOATS];
@@ -177,6 +177,11 @@ bool csm_gemm_direct_on(csm_direct_isa isa, bool trans_a, bool trans_b, int64_t 
     return false;
 }
 #endif
+
+bool csm_gemm_direct_fits(bool trans_b, int64_t n, int64_t k)
+{
+    return csm_gemm_direct_best() != CSM_DIRECT_NONE && (!trans_b || k * n <= DIRECT_PACK_FLOATS);
+}
 
 bool csm_gemm_direct(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                      int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc)

@@ -32,10 +32,10 @@
  * op(A) is [m,k]: A is stored [m,k] (lda = k), or [k,m] (lda = m) when trans_a.
  * op(B) is [k,n]: B is stored [k,n] (ldb = n), or [n,k] (ldb = k) when trans_b.
  * BLIS runs on up to ctx's thread count (one thread inside the library's own workers). */
-void csm_gemm(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+void csm_gemm(confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
               const float *b, float beta, float *c);
 /* The same with leading dimensions (row strides) of the stored matrices. */
-void csm_gemm_ld(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+void csm_gemm_ld(confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                  int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 
 /* The product of csm_gemm_ld by the library's own register-blocked kernels (gemm_direct.c), on
@@ -43,6 +43,8 @@ void csm_gemm_ld(const confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m,
  * transposed B of more than 16384 floats. */
 bool csm_gemm_direct(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                      int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
+/* Whether csm_gemm_direct runs such a product on this CPU. */
+bool csm_gemm_direct_fits(bool trans_b, int64_t n, int64_t k);
 /* The same with a given instruction set (tests run each one the CPU has); false for one it has not. */
 typedef enum { CSM_DIRECT_NONE, CSM_DIRECT_AVX2, CSM_DIRECT_AVX512 } csm_direct_isa;
 csm_direct_isa csm_gemm_direct_best(void);

@@ -4,6 +4,7 @@
  * products of lib/gemm_direct.c against sums in double. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../lib/kernels.h"
 #include "testutil.h"
@@ -207,6 +208,43 @@ START_TEST(test_gemm_direct)
 }
 END_TEST
 
+/* csm_gemm_ld on a ctx of 2 threads, which splits narrow products over its threads by rows,
+ * gives the bits of 1 thread: the classifier's and the router's shapes, and a wide one for BLIS. */
+START_TEST(test_gemm_threads_same_results)
+{
+    const struct {
+        bool ta, tb;
+        int64_t m, n, k;
+    } cases[] = {{false, true, 2000, 10, 128}, {false, false, 2000, 8, 64}, {false, false, 1999, 128, 10},
+                 {true, false, 128, 96, 1000}};
+    confsmoe_ctx_params p;
+    confsmoe_ctx_params_init(&p);
+    confsmoe_ctx *one = NULL, *two = NULL;
+    ck_assert_int_eq(confsmoe_ctx_create(&p, &one), CONFSMOE_OK);
+    p.n_threads = 2;
+    ck_assert_int_eq(confsmoe_ctx_create(&p, &two), CONFSMOE_OK);
+    trng r = {13};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        const bool ta = cases[i].ta, tb = cases[i].tb;
+        const int64_t m = cases[i].m, n = cases[i].n, k = cases[i].k;
+        float *a = xcalloc((size_t)(m * k), sizeof *a), *b = xcalloc((size_t)(k * n), sizeof *b);
+        float *c1 = xcalloc((size_t)(m * n), sizeof *c1), *c2 = xcalloc((size_t)(m * n), sizeof *c2);
+        for (int64_t j = 0; j < m * k; j++)
+            a[j] = (float)trng_uniform(&r, -1, 1);
+        for (int64_t j = 0; j < k * n; j++)
+            b[j] = (float)trng_uniform(&r, -1, 1);
+        for (int64_t j = 0; j < m * n; j++)
+            c1[j] = c2[j] = (float)trng_uniform(&r, -1, 1);
+        csm_gemm(one, ta, tb, m, n, k, 0.5f, a, b, 1.0f, c1);
+        csm_gemm(two, ta, tb, m, n, k, 0.5f, a, b, 1.0f, c2);
+        ck_assert_msg(memcmp(c1, c2, (size_t)(m * n) * sizeof *c1) == 0, "case %zu: 2 threads differ from 1", i);
+        free(a), free(b), free(c1), free(c2);
+    }
+    confsmoe_ctx_destroy(one);
+    confsmoe_ctx_destroy(two);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("kernels");
@@ -217,6 +255,7 @@ int main(void)
     tcase_add_test(tc, test_bias_gelu_keeps_gelu_and_its_derivative);
     tcase_add_test(tc, test_softmax_rows);
     tcase_add_test(tc, test_gemm_direct);
+    tcase_add_test(tc, test_gemm_threads_same_results);
     suite_add_tcase(s, tc);
     return test_run(s);
 }
