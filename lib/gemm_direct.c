@@ -35,17 +35,17 @@ static _Thread_local float direct_pack[DIRECT_PACK_FLOATS];
         mask_t m0, mask_t m1, float beta, float *c, int64_t ldc)                                                       \
     {                                                                                                                  \
         vec_t acc0[6], acc1[6];                                                                                        \
-        _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) acc0[r] = acc1[r] = ZERO();                                 \
+        _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) acc0[r] = acc1[r] = ZERO();                                \
         for (int64_t p = 0; p < k; p++) {                                                                              \
             const vec_t y0 = LOAD(y + p * ldy, m0), y1 = LOAD(y + p * ldy + W, m1);                                    \
-            _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) if (r < mr)                                             \
+            _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) if (r < mr)                                            \
             {                                                                                                          \
                 const vec_t a = SET1(x[r * xr + p * xc]);                                                              \
                 acc0[r] = FMA(a, y0, acc0[r]);                                                                         \
                 acc1[r] = FMA(a, y1, acc1[r]);                                                                         \
             }                                                                                                          \
         }                                                                                                              \
-        _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) if (r < mr)                                                 \
+        _Pragma("GCC unroll 6") for (int r = 0; r < 6; r++) if (r < mr)                                                \
         {                                                                                                              \
             DIRECT_STORE(vec_t, acc0[r], c + r * ldc, m0, SET1, LOAD, STORE, MUL, FMA);                                \
             DIRECT_STORE(vec_t, acc1[r], c + r * ldc + W, m1, SET1, LOAD, STORE, MUL, FMA);                            \
@@ -57,13 +57,13 @@ static _Thread_local float direct_pack[DIRECT_PACK_FLOATS];
     {                                                                                                                  \
         (void)m1;                                                                                                      \
         vec_t acc[12];                                                                                                 \
-        _Pragma("GCC unroll 12") for (int r = 0; r < 12; r++) acc[r] = ZERO();                                          \
+        _Pragma("GCC unroll 12") for (int r = 0; r < 12; r++) acc[r] = ZERO();                                         \
         for (int64_t p = 0; p < k; p++) {                                                                              \
             const vec_t y0 = LOAD(y + p * ldy, m0);                                                                    \
-            _Pragma("GCC unroll 12") for (int r = 0; r < 12; r++) if (r < mr) acc[r] =                                  \
+            _Pragma("GCC unroll 12") for (int r = 0; r < 12; r++) if (r < mr) acc[r] =                                 \
                 FMA(SET1(x[r * xr + p * xc]), y0, acc[r]);                                                             \
         }                                                                                                              \
-        _Pragma("GCC unroll 12") for (int r = 0; r < 12; r++) if (r < mr)                                               \
+        _Pragma("GCC unroll 12") for (int r = 0; r < 12; r++) if (r < mr)                                              \
             DIRECT_STORE(vec_t, acc[r], c + r * ldc, m0, SET1, LOAD, STORE, MUL, FMA);                                 \
     }
 

@@ -692,8 +692,9 @@ confsmoe_status confsmoe_imputer_forward(confsmoe_imputer *imp, const confsmoe_t
     return imputer_forward(imp, h, slots, avail, out, saved, true);
 }
 
-confsmoe_status csm_imputer_forward_trusted(confsmoe_imputer *imp, const confsmoe_tensor *h, const confsmoe_tensor *slots,
-                                        const confsmoe_tensor *avail, confsmoe_tensor *out, confsmoe_saved **saved)
+confsmoe_status csm_imputer_forward_trusted(confsmoe_imputer *imp, const confsmoe_tensor *h,
+                                            const confsmoe_tensor *slots, const confsmoe_tensor *avail,
+                                            confsmoe_tensor *out, confsmoe_saved **saved)
 {
     return imputer_forward(imp, h, slots, avail, out, saved, false);
 }

@@ -18,10 +18,12 @@ confsmoe_status csm_total_tokens(confsmoe_ctx *ctx, const char *fn, int32_t M, i
 confsmoe_status csm_check_writeback(confsmoe_ctx *ctx, const char *fn, int32_t writeback);
 /* confsmoe_imputer_forward and _backward without the finite checks of their arrays, for the
  * model, whose own intermediate arrays these are (its optimizer checks the gradients). */
-confsmoe_status csm_imputer_forward_trusted(confsmoe_imputer *imp, const confsmoe_tensor *h, const confsmoe_tensor *slots,
-                                        const confsmoe_tensor *avail, confsmoe_tensor *out, confsmoe_saved **saved);
-confsmoe_status csm_imputer_backward_trusted(confsmoe_imputer *imp, confsmoe_saved *saved, const confsmoe_tensor *dout,
-                                         confsmoe_tensor *dh, confsmoe_tensor *dslots);
+confsmoe_status csm_imputer_forward_trusted(confsmoe_imputer *imp, const confsmoe_tensor *h,
+                                            const confsmoe_tensor *slots, const confsmoe_tensor *avail,
+                                            confsmoe_tensor *out, confsmoe_saved **saved);
+confsmoe_status csm_imputer_backward_trusted(confsmoe_imputer *imp, confsmoe_saved *saved,
+                                             const confsmoe_tensor *dout, confsmoe_tensor *dh,
+                                             confsmoe_tensor *dslots);
 /* The arena the imputer allocates backward's work block from (NULL: none). */
 void csm_imputer_set_arena(confsmoe_imputer *imp, csm_arena *arena);
 

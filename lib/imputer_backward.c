@@ -255,8 +255,9 @@ confsmoe_status confsmoe_imputer_backward(confsmoe_imputer *imp, confsmoe_saved 
     return imputer_backward(imp, saved, dout, dh, dslots, true);
 }
 
-confsmoe_status csm_imputer_backward_trusted(confsmoe_imputer *imp, confsmoe_saved *saved, const confsmoe_tensor *dout,
-                                         confsmoe_tensor *dh, confsmoe_tensor *dslots)
+confsmoe_status csm_imputer_backward_trusted(confsmoe_imputer *imp, confsmoe_saved *saved,
+                                             const confsmoe_tensor *dout, confsmoe_tensor *dh,
+                                             confsmoe_tensor *dslots)
 {
     return imputer_backward(imp, saved, dout, dh, dslots, false);
 }

@@ -135,7 +135,17 @@ void csm_pass_layernorm_backward(confsmoe_ctx *ctx, const float *x, const float 
         return;
     }
     /* The parameter gradients first: dx may overwrite dout. Columns in blocks of a cache line. */
-    passes_task t = {.out = dx, .a = x, .b = dout, .gamma = gamma, .mean = mean, .rstd = rstd, .dgamma = dgamma, .dbeta = dbeta, .rows = rows, .cols = cols, .accumulate = accumulate};
+    passes_task t = {.out = dx,
+                     .a = x,
+                     .b = dout,
+                     .gamma = gamma,
+                     .mean = mean,
+                     .rstd = rstd,
+                     .dgamma = dgamma,
+                     .dbeta = dbeta,
+                     .rows = rows,
+                     .cols = cols,
+                     .accumulate = accumulate};
     csm_parallel_for(ctx, cols, 16, passes_layernorm_params_task, &t);
     csm_parallel_for(ctx, rows, per, passes_layernorm_dx_task, &t);
 }

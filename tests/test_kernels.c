@@ -160,7 +160,8 @@ static void check_direct(csm_direct_isa isa, bool have, bool ta, bool tb, int64_
             }
             double sum = 0.0, mag = 0.0;
             for (int64_t p = 0; p < k; p++) {
-                const double t = (double)(ta ? a[p * lda + i] : a[i * lda + p]) * (tb ? b[j * ldb + p] : b[p * ldb + j]);
+                const double t =
+                    (double)(ta ? a[p * lda + i] : a[i * lda + p]) * (tb ? b[j * ldb + p] : b[p * ldb + j]);
                 sum += t;
                 mag += fabs(t);
             }
