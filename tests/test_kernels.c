@@ -218,12 +218,7 @@ START_TEST(test_gemm_threads_same_results)
         int64_t m, n, k;
     } cases[] = {{false, true, 2000, 10, 128}, {false, false, 2000, 8, 64}, {false, false, 1999, 128, 10},
                  {true, false, 128, 96, 1000}};
-    confsmoe_ctx_params p;
-    confsmoe_ctx_params_init(&p);
-    confsmoe_ctx *one = NULL, *two = NULL;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &one), CONFSMOE_OK);
-    p.n_threads = 2;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &two), CONFSMOE_OK);
+    confsmoe_ctx *one = test_ctx_threads(1), *two = test_ctx_threads(2);
     trng r = {13};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         const bool ta = cases[i].ta, tb = cases[i].tb;

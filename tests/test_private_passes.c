@@ -33,16 +33,6 @@ static void same(const float *got, const float *want, int64_t n, const char *wha
     ck_assert_msg(memcmp(got, want, (size_t)n * sizeof *got) == 0, "%s differs at %d threads", what, threads);
 }
 
-static confsmoe_ctx *ctx_of(int threads)
-{
-    confsmoe_ctx_params p;
-    confsmoe_ctx_params_init(&p);
-    p.n_threads = threads;
-    confsmoe_ctx *ctx = NULL;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
-    return ctx;
-}
-
 START_TEST(test_passes_match_the_serial_kernels)
 {
     const int64_t n = (int64_t)ROWS * COLS;
@@ -65,7 +55,7 @@ START_TEST(test_passes_match_the_serial_kernels)
     const int counts[] = {1, 2, 3};
     for (size_t c = 0; c < sizeof counts / sizeof *counts; c++) {
         const int t = counts[c];
-        confsmoe_ctx *ctx = ctx_of(t);
+        confsmoe_ctx *ctx = test_ctx_threads(t);
         float *out = xcalloc((size_t)n, sizeof *out), *mean = xcalloc(ROWS, sizeof *mean);
         float *rstd = xcalloc(ROWS, sizeof *rstd), *dx = copy_of(y, n);
         float *dg = copy_of(gamma, COLS), *db = copy_of(beta, COLS);

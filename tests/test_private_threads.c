@@ -88,16 +88,6 @@ static void count_items(void *arg, int64_t begin, int64_t end, int worker)
     }
 }
 
-static confsmoe_ctx *ctx_of_threads(int32_t threads)
-{
-    confsmoe_ctx_params p;
-    confsmoe_ctx_params_init(&p);
-    p.n_threads = threads;
-    confsmoe_ctx *ctx = NULL;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
-    return ctx;
-}
-
 /* One region over ITEMS items in chunks of grain; checks every item ran once. Returns the
  * number of worker indices that ran items. */
 static int run_region(tally *t, int64_t grain)
@@ -127,7 +117,7 @@ START_TEST(test_every_item_once)
     const int64_t grains[] = {1, 7, ITEMS, 5000};
     for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
         tally *t = calloc(1, sizeof *t);
-        t->ctx = ctx_of_threads(counts[c]);
+        t->ctx = test_ctx_threads(counts[c]);
         ck_assert_int_eq(csm_parallel_workers(t->ctx, ITEMS), counts[c]);
         /* Fewer items than threads: as many workers as items, and 1 for none. */
         ck_assert_int_eq(csm_parallel_workers(t->ctx, 1), 1);
@@ -143,7 +133,7 @@ END_TEST
 START_TEST(test_pool_threads_take_items)
 {
     tally *t = calloc(1, sizeof *t);
-    t->ctx = ctx_of_threads(2);
+    t->ctx = test_ctx_threads(2);
     t->wait_for_two = true;
     ck_assert_int_eq(run_region(t, 1), 2);
     confsmoe_ctx_destroy(t->ctx);
@@ -154,7 +144,7 @@ END_TEST
 START_TEST(test_nested_region_inline)
 {
     tally *t = calloc(1, sizeof *t);
-    t->ctx = ctx_of_threads(3);
+    t->ctx = test_ctx_threads(3);
     t->nest = true;
     run_region(t, 10);
     const int nested_not_inline = atomic_load(&t->nested_not_inline);
@@ -168,7 +158,7 @@ END_TEST
 START_TEST(test_regions_after_sleep)
 {
     tally *t = calloc(1, sizeof *t);
-    t->ctx = ctx_of_threads(2);
+    t->ctx = test_ctx_threads(2);
     t->wait_for_two = true;
     const struct timespec pause = {0, 20 * 1000 * 1000};
     for (int round = 0; round < 5; round++) {
@@ -195,7 +185,7 @@ START_TEST(test_environment_fallback)
             ck_assert_int_eq(setenv("CONFSMOE_NUM_THREADS", cases[i].value, 1), 0);
         else
             ck_assert_int_eq(unsetenv("CONFSMOE_NUM_THREADS"), 0);
-        confsmoe_ctx *from_env = ctx_of_threads(0), *explicit_two = ctx_of_threads(2);
+        confsmoe_ctx *from_env = test_ctx_threads(0), *explicit_two = test_ctx_threads(2);
         /* Read at create: a later change does not reach these ctxs. */
         ck_assert_int_eq(setenv("CONFSMOE_NUM_THREADS", "5", 1), 0);
         ck_assert_msg(csm_parallel_workers(from_env, 1000) == cases[i].threads, "CONFSMOE_NUM_THREADS=%s: %d workers",
@@ -244,7 +234,7 @@ START_TEST(test_pool_started_and_joined)
 {
     const int before = process_threads();
     tally *t = calloc(1, sizeof *t);
-    t->ctx = ctx_of_threads(3);
+    t->ctx = test_ctx_threads(3);
     ck_assert_int_eq(process_threads(), before);
     run_region(t, 1);
     ck_assert_int_eq(process_threads(), before + 2);
@@ -298,7 +288,7 @@ END_TEST
 START_TEST(test_forked_child_runs_inline)
 {
     tally *t = calloc(1, sizeof *t);
-    t->ctx = ctx_of_threads(2);
+    t->ctx = test_ctx_threads(2);
     run_region(t, 1); /* the parent's threads start */
     const pid_t child = fork();
     ck_assert_int_ge(child, 0);

@@ -66,6 +66,17 @@ static inline confsmoe_ctx *test_ctx_counted(test_alloc *a, confsmoe_allocator *
 
 static inline confsmoe_ctx *test_ctx(uint64_t seed) { return test_ctx_with(seed, 1, NULL); }
 
+/* A ctx of n_threads `threads` (0: CONFSMOE_NUM_THREADS), the rest as by default. */
+static inline confsmoe_ctx *test_ctx_threads(int32_t threads)
+{
+    confsmoe_ctx_params p;
+    confsmoe_ctx_params_init(&p);
+    p.n_threads = threads;
+    confsmoe_ctx *ctx = NULL;
+    ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
+    return ctx;
+}
+
 /* A tensor of nd of the dims d0..d3 (the rest are ignored). */
 static inline confsmoe_tensor *test_tensor(confsmoe_ctx *ctx, confsmoe_dtype dt, int32_t nd, int64_t d0, int64_t d1,
                                            int64_t d2, int64_t d3)
