@@ -1,6 +1,7 @@
 /* Direct products (kernels.h, csm_gemm_direct): register-blocked AVX-512 and AVX2 kernels that
- * read the operands where they are, for products too small for BLIS's packing to pay (the
- * model's per-(sample, head) attention, L x L x d/heads and L x d/heads x L). */
+ * read the operands where they are, for products too small or too narrow for BLIS's packing to
+ * pay (the model's per-(sample, head) attention, L x L x d/heads and L x d/heads x L; the
+ * router's and the target classifier's E or C columns; gemm.c decides which). */
 #include "kernels.h"
 
 /* B^T's largest packed size (floats, per thread). */
