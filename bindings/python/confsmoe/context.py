@@ -55,9 +55,10 @@ class Context(NativeObject):
     - allocator: an object with alloc(size, alignment) -> address (0 for failure) and
       free(address); used for every allocation of this ctx. It must stay usable until the
       ctx is destroyed (the Context keeps a reference to it).
-    - threads: threads of the library's own for every object made from this Context, the
-      calling thread included (1: none; at most 64); 0 takes the environment variable
-      CONFSMOE_NUM_THREADS, else 1. Results do not depend on it.
+    - threads: the thread count of every object made from this Context, the calling thread
+      included: the library's own threads, and above 1 BLIS's outside them too (1: none of the
+      library's own, BLIS as BLIS_NUM_THREADS says; at most 64); 0 takes the environment
+      variable CONFSMOE_NUM_THREADS, else 1. Results do not depend on it.
 
     Defaults are the C library's (confsmoe_ctx_params_init). A Context is used by one thread at
     a time; different Contexts may run concurrently.
