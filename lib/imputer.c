@@ -429,8 +429,11 @@ static confsmoe_status imputer_check_forward(confsmoe_imputer *imp, const confsm
     const int64_t B = h->dims[0], out_dims[3] = {B, L, d};
     if ((s = csm_imputer_expect_slots(imp, fn, "slots", slots, B)) != CONFSMOE_OK ||
         (s = imputer_check_avail(ctx, fn, avail, B, M)) != CONFSMOE_OK ||
-        (s = csm_expect_tensor(ctx, fn, "out", out, CONFSMOE_F32, 3, out_dims)) != CONFSMOE_OK || !finite ||
-        (s = csm_expect_finite(ctx, fn, "h", h)) != CONFSMOE_OK)
+        (s = csm_expect_tensor(ctx, fn, "out", out, CONFSMOE_F32, 3, out_dims)) != CONFSMOE_OK)
+        return s;
+    if (!finite)
+        return CONFSMOE_OK;
+    if ((s = csm_expect_finite(ctx, fn, "h", h)) != CONFSMOE_OK)
         return s;
     return csm_expect_finite(ctx, fn, "slots", slots);
 }
