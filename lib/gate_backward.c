@@ -136,9 +136,11 @@ static void gate_block_backward_task(void *arg, int64_t first, int64_t last, int
 {
     const gate_block_task *t = arg;
     float *net_scratch = t->w->worker + (size_t)worker * t->w->per_worker;
-    for (int64_t e = first; e < last; e++)
+    for (int64_t i = first; i < last; i++) {
+        const int32_t e = t->s->by_rows[i];
         if (t->s->offset[e + 1] > t->s->offset[e])
-            gate_block_backward(t, (int32_t)e, net_scratch);
+            gate_block_backward(t, e, net_scratch);
+    }
 }
 
 /* dx_t += the input gradients of token t's k slots, in block-row order (the order in which

@@ -89,7 +89,8 @@ static void gate_run_forward_task(void *arg, int64_t first, int64_t last, int wo
     const gate_saved *s = t->s;
     const int64_t d = g->p.d;
     float *act = t->scratch + (size_t)worker * t->per_worker;
-    for (int64_t e = first; e < last; e++) {
+    for (int64_t i = first; i < last; i++) {
+        const int32_t e = s->by_rows[i];
         const int64_t begin = s->offset[e], rows = s->offset[e + 1] - begin;
         if (rows > 0)
             csm_expert_forward_rows(g->experts[e], t->rows + begin * d, rows, s->yb + begin * d,
@@ -104,12 +105,13 @@ static void gate_run_backward_task(void *arg, int64_t first, int64_t last, int w
     const gate_saved *s = t->s;
     const int64_t d = g->p.d;
     float *xs = t->scratch + (size_t)worker * t->per_worker;
-    for (int64_t e = first; e < last; e++) {
+    for (int64_t i = first; i < last; i++) {
+        const int32_t e = s->by_rows[i];
         const int64_t begin = s->offset[e], rows = s->offset[e + 1] - begin;
         if (rows == 0)
             continue;
         /* The expert's input rows again (the saved state keeps x, n rows, not the n k of a block). */
-        csm_gate_gather_rows(g, s, (int32_t)e, s->x, xs);
+        csm_gate_gather_rows(g, s, e, s->x, xs);
         csm_expert_backward_rows(g->experts[e], xs, s->kept_block + s->kept_at[e], rows, t->rows + begin * d,
                                  t->dxb ? t->dxb + begin * d : NULL, xs + rows * d);
     }

@@ -46,6 +46,7 @@ static gate_saved *gate_saved_parts(csm_layout *l, const confsmoe_gate *g, int64
     view->g = CSM_LAYOUT_ROWS(l, float, N, k);
     view->c = CSM_LAYOUT_ROWS(l, float, N, k);
     view->offset = CSM_LAYOUT_ARRAY(l, int64_t, E + 1);
+    view->by_rows = CSM_LAYOUT_ARRAY(l, int32_t, E);
     view->row_of = CSM_LAYOUT_ROWS(l, int64_t, N, k);
     view->slot_of = CSM_LAYOUT_ROWS(l, int64_t, N, k);
     view->yb = CSM_LAYOUT_ROWS(l, float, nk, d);
@@ -106,6 +107,26 @@ static void gate_route(confsmoe_gate *g, gate_saved *s, const float *x, int64_t 
     csm_softmax_rows(s->g, n, k);
 }
 
+/* order = the E experts by block rows, most first (Shell sort with Ciura's gaps: E may be
+ * large, and ties may fall in any order, since each expert's work is its own). */
+static void gate_order_by_rows(const int64_t *offset, int32_t E, int32_t *order)
+{
+    static const int32_t gaps[] = {701, 301, 132, 57, 23, 10, 4, 1};
+    for (int32_t e = 0; e < E; e++)
+        order[e] = e;
+    for (size_t g = 0; g < sizeof gaps / sizeof gaps[0]; g++) {
+        const int32_t gap = gaps[g];
+        for (int32_t i = gap; i < E; i++) {
+            const int32_t e = order[i];
+            const int64_t rows = offset[e + 1] - offset[e];
+            int32_t j = i;
+            for (; j >= gap && offset[order[j - gap] + 1] - offset[order[j - gap]] < rows; j -= gap)
+                order[j] = order[j - gap];
+            order[j] = e;
+        }
+    }
+}
+
 /* Sorts the n*k slots by expert (stable in t, then j). */
 static void gate_dispatch(const confsmoe_gate *g, gate_saved *s)
 {
@@ -126,6 +147,7 @@ static void gate_dispatch(const confsmoe_gate *g, gate_saved *s)
     s->offset[0] = 0;
     for (int64_t r = 0; r < n * k; r++)
         s->row_of[s->slot_of[r]] = r;
+    gate_order_by_rows(s->offset, E, s->by_rows);
 }
 
 /* Per expert: its input rows packed into the block (pack), or its ConfNet over its outputs
@@ -143,19 +165,22 @@ static void gate_pack_task(void *arg, int64_t first, int64_t last, int worker)
 {
     const gate_expert_task *t = arg;
     (void)worker;
-    for (int64_t e = first; e < last; e++)
-        csm_gate_gather_rows(t->g, t->s, (int32_t)e, t->x, t->xb + t->s->offset[e] * t->g->p.d);
+    for (int64_t i = first; i < last; i++) {
+        const int32_t e = t->s->by_rows[i];
+        csm_gate_gather_rows(t->g, t->s, e, t->x, t->xb + t->s->offset[e] * t->g->p.d);
+    }
 }
 
 static void gate_confnet_task(void *arg, int64_t first, int64_t last, int worker)
 {
     const gate_expert_task *t = arg;
     float *scratch = t->scratch + (size_t)worker * t->per_worker;
-    for (int64_t e = first; e < last; e++) {
+    for (int64_t i = first; i < last; i++) {
+        const int32_t e = t->s->by_rows[i];
         if (t->s->offset[e + 1] == t->s->offset[e])
             continue;
-        const csm_confnet net = csm_gate_confnet(t->g, (int32_t)e);
-        const csm_confnet_block block = csm_gate_confnet_block(t->g, t->s, (int32_t)e, &net);
+        const csm_confnet net = csm_gate_confnet(t->g, e);
+        const csm_confnet_block block = csm_gate_confnet_block(t->g, t->s, e, &net);
         csm_confnet_block_forward(&block, t->s->c, scratch);
     }
 }

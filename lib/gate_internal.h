@@ -44,6 +44,9 @@ typedef struct {
     float *g;                    /* [n, k] softmax over the kept logits */
     float *c;                    /* [n, k] confidence per slot (CONFIDENCE) */
     int64_t *offset;             /* [E + 1] first block row of each expert */
+    int32_t *by_rows;            /* [E] the experts, most block rows first: the order in which
+                                  * the per-expert tasks claim them, so that the last ones to
+                                  * start are short and the workers finish together */
     int64_t *row_of;             /* [n k] slot -> block row */
     int64_t *slot_of;            /* [n k] block row -> slot t * k + j */
     float *yb;                   /* [n k, d] expert outputs in block order */
