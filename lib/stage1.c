@@ -7,6 +7,7 @@
 #include "internal.h"
 #include "layout.h"
 #include "stage1.h"
+#include "threads.h"
 
 confsmoe_status csm_pools_init(confsmoe_ctx *ctx, csm_pools *pools, int32_t n_modalities)
 {
@@ -67,6 +68,78 @@ static uint64_t stage1_uniform_below(csm_substream *stream, uint64_t n)
     return r % n;
 }
 
+/* Missing cells per task of the loop over them. */
+#define STAGE1_CELL_GRAIN 4
+
+/* The missing cells of modality m, each on its own: per worker, the double sums [row], the
+ * picked rows [K] and the marks of Floyd's algorithm [mark_words]. */
+typedef struct {
+    confsmoe_ctx *ctx;
+    const float *pool;
+    int64_t P, K, row, first;
+    int32_t M, m;
+    uint64_t base;
+    const int64_t *cell_b;  /* [n_missing] the sample of each missing cell */
+    float *means;           /* [n_missing, row] */
+    int64_t *bad;           /* [n_missing, 2] pool row and element of a non-finite mean, or -1 */
+    double *acc;
+    int64_t *picked;
+    uint64_t *marks;
+    size_t mark_words;
+} stage1_task;
+
+static void stage1_cells_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    const stage1_task *t = arg;
+    const int64_t P = t->P, K = t->K, row = t->row;
+    double *acc = t->acc + (size_t)worker * (size_t)row;
+    int64_t *picked = t->picked + (size_t)worker * (size_t)K;
+    uint64_t *marks = t->marks + (size_t)worker * t->mark_words;
+    for (int64_t cell = first; cell < last; cell++) {
+        const int64_t b = t->cell_b[cell];
+        if (K == P) {
+            /* The pool has no more rows than draws: all of them, no randomness needed. */
+            for (int64_t i = 0; i < P; i++)
+                picked[i] = i;
+        } else {
+            /* Floyd's algorithm: K distinct rows, each K-subset equally likely, K draws. */
+            csm_substream stream = csm_rng_substream(t->ctx, t->base, (uint64_t)((t->first + b) * t->M + t->m));
+            int64_t n = 0;
+            for (int64_t j = P - K; j < P; j++) {
+                int64_t r = (int64_t)stage1_uniform_below(&stream, (uint64_t)j + 1);
+                if (marks[r / 64] >> (r % 64) & 1)
+                    r = j;
+                marks[r / 64] |= UINT64_C(1) << (r % 64);
+                picked[n++] = r;
+            }
+            for (int64_t i = 0; i < K; i++)
+                marks[picked[i] / 64] = 0;
+        }
+        memset(acc, 0, (size_t)row * sizeof *acc);
+        for (int64_t i = 0; i < K; i++) {
+            const float *r = t->pool + picked[i] * row;
+            for (int64_t c = 0; c < row; c++)
+                acc[c] += r[c];
+        }
+        float *dst = t->means + cell * row;
+        int64_t *bad = t->bad + 2 * cell;
+        bad[0] = bad[1] = -1;
+        for (int64_t c = 0; c < row; c++) {
+            /* The sum of finite floats is finite in double: a non-finite mean means a drawn row has NaN/Inf.
+             * Only drawn rows are checked, so a large pool is not scanned on every call. */
+            if (t->ctx->check_finite && !isfinite(acc[c])) {
+                bad[0] = picked[0];
+                bad[1] = c;
+                for (int64_t i = 0; i < K; i++)
+                    if (!isfinite(t->pool[picked[i] * row + c]))
+                        bad[0] = picked[i];
+                break;
+            }
+            dst[c] = (float)(acc[c] / (double)K);
+        }
+    }
+}
+
 confsmoe_status csm_stage1_fill_draws(confsmoe_ctx *ctx, const char *fn, const float *pool, int64_t pool_rows,
                                       int32_t draws, const uint8_t *avail, int64_t B, int32_t M, int32_t m,
                                       int64_t row, float *x, uint64_t base, int64_t first)
@@ -80,77 +153,42 @@ confsmoe_status csm_stage1_fill_draws(confsmoe_ctx *ctx, const char *fn, const f
 
     /* All means are computed before x changes, so that a NaN in the pool leaves x untouched. */
     const int64_t K = draws < P ? draws : P;
-    const size_t mark_words = ((size_t)P + 63) / 64;
-    float *means = NULL;
-    double *acc = NULL;
-    int64_t *picked = NULL;
-    uint64_t *marks = NULL;
+    const int workers = csm_parallel_workers(ctx, n_missing);
+    stage1_task t = {ctx, pool, P, K, row, first, M, m, base, .mark_words = ((size_t)P + 63) / 64};
+    int64_t *cell_b = NULL;
     char *block = NULL;
     size_t bytes;
     csm_layout l = csm_layout_measure();
     for (int pass = 0; pass < 2; pass++) {
-        means = CSM_LAYOUT_ROWS(&l, float, (size_t)n_missing, (size_t)row);
-        acc = CSM_LAYOUT_ARRAY(&l, double, (size_t)row);
-        picked = CSM_LAYOUT_ARRAY(&l, int64_t, (size_t)K);
-        marks = CSM_LAYOUT_ARRAY(&l, uint64_t, mark_words);
+        t.cell_b = cell_b = CSM_LAYOUT_ARRAY(&l, int64_t, (size_t)n_missing);
+        t.means = CSM_LAYOUT_ROWS(&l, float, (size_t)n_missing, (size_t)row);
+        t.bad = CSM_LAYOUT_ROWS(&l, int64_t, (size_t)n_missing, 2);
+        t.acc = CSM_LAYOUT_ROWS(&l, double, (size_t)workers, (size_t)row);
+        t.picked = CSM_LAYOUT_ROWS(&l, int64_t, (size_t)workers, (size_t)K);
+        t.marks = CSM_LAYOUT_ROWS(&l, uint64_t, (size_t)workers, t.mark_words);
         if (pass == 0 && (!csm_layout_size(&l, &bytes) || !(block = csm_alloc(ctx, bytes))))
             return csm_fail(ctx, CONFSMOE_E_NOMEM, "%s: out of memory for %" PRId64 " missing rows of %" PRId64, fn,
                             n_missing, row);
         csm_layout_place(&l, block);
     }
-    memset(marks, 0, mark_words * sizeof *marks);
-
-    int64_t done = 0;
-    for (int64_t b = 0; b < B; b++) {
-        if (avail[b * M + m])
-            continue;
-        if (K == P) {
-            /* The pool has no more rows than draws: all of them, no randomness needed. */
-            for (int64_t i = 0; i < P; i++)
-                picked[i] = i;
-        } else {
-            /* Floyd's algorithm: K distinct rows, each K-subset equally likely, K draws. */
-            csm_substream stream = csm_rng_substream(ctx, base, (uint64_t)((first + b) * M + m));
-            int64_t n = 0;
-            for (int64_t j = P - K; j < P; j++) {
-                int64_t t = (int64_t)stage1_uniform_below(&stream, (uint64_t)j + 1);
-                if (marks[t / 64] >> (t % 64) & 1)
-                    t = j;
-                marks[t / 64] |= UINT64_C(1) << (t % 64);
-                picked[n++] = t;
-            }
-            for (int64_t i = 0; i < K; i++)
-                marks[picked[i] / 64] = 0;
-        }
-        memset(acc, 0, (size_t)row * sizeof *acc);
-        for (int64_t i = 0; i < K; i++) {
-            const float *r = pool + picked[i] * row;
-            for (int64_t c = 0; c < row; c++)
-                acc[c] += r[c];
-        }
-        float *dst = means + done * row;
-        for (int64_t c = 0; c < row; c++) {
-            /* The sum of finite floats is finite in double: a non-finite mean means a drawn row has NaN/Inf.
-             * Only drawn rows are checked, so a large pool is not scanned on every call. */
-            if (ctx->check_finite && !isfinite(acc[c])) {
-                int64_t bad = picked[0];
-                for (int64_t i = 0; i < K; i++)
-                    if (!isfinite(pool[picked[i] * row + c]))
-                        bad = picked[i];
-                csm_free(ctx, block);
-                return csm_fail(ctx, CONFSMOE_E_NUMERIC,
-                                "%s: pool row %" PRId64 " has a NaN or Inf at element %" PRId64
-                                " (finite checks are on)",
-                                fn, bad, c);
-            }
-            dst[c] = (float)(acc[c] / (double)K);
-        }
-        done++;
-    }
-    done = 0;
+    memset(t.marks, 0, (size_t)workers * t.mark_words * sizeof *t.marks);
+    int64_t cell = 0;
     for (int64_t b = 0; b < B; b++)
         if (!avail[b * M + m])
-            memcpy(x + b * row, means + (done++) * row, (size_t)row * sizeof(float));
+            cell_b[cell++] = b;
+
+    csm_parallel_for(ctx, n_missing, STAGE1_CELL_GRAIN, stage1_cells_task, &t);
+    for (cell = 0; cell < n_missing; cell++)
+        if (t.bad[2 * cell] >= 0) {
+            const int64_t bad_row = t.bad[2 * cell], bad_element = t.bad[2 * cell + 1];
+            csm_free(ctx, block);
+            return csm_fail(ctx, CONFSMOE_E_NUMERIC,
+                            "%s: pool row %" PRId64 " has a NaN or Inf at element %" PRId64
+                            " (finite checks are on)",
+                            fn, bad_row, bad_element);
+        }
+    for (cell = 0; cell < n_missing; cell++)
+        memcpy(x + cell_b[cell] * row, t.means + cell * row, (size_t)row * sizeof(float));
     csm_free(ctx, block);
     return CONFSMOE_OK;
 }

@@ -1046,6 +1046,50 @@ START_TEST(test_fill_errors)
 }
 END_TEST
 
+/* Stage 1 runs the missing cells on the ctx's threads: with 2 and 3 threads, x is the same to
+ * the bit as with 1, and a pool with non-finite rows fails with the same message, the first
+ * bad cell's in sample order. */
+START_TEST(test_fill_threads)
+{
+    enum { B = 60, M = 3, S = 2, F = 400, P = 9, DRAWS = 3 };
+    const cfg c = {M, S, 2, 4, B, 0, 0, 0, 0, MASK_NONE, CONFSMOE_WRITEBACK_LN_IMP};
+    static float first_x[B * S * F];
+    char first_error[512] = "";
+    for (int bad = 0; bad < 2; bad++)
+        for (int32_t threads = 1; threads <= 3; threads++) {
+            confsmoe_ctx *ctx = test_ctx_threads(threads);
+            confsmoe_imputer *imp = make_imputer(ctx, &c);
+            confsmoe_tensor *pool = mkt(ctx, CONFSMOE_F32, 3, P, S, F, 0);
+            confsmoe_tensor *x = mkt(ctx, CONFSMOE_F32, 3, B, S, F, 0);
+            confsmoe_tensor *avail = mkt(ctx, CONFSMOE_U8, 2, B, M, 0, 0);
+            trng r = {77};
+            fill_uniform(pool, &r, -1, 1);
+            fill_uniform(x, &r, -1, 1);
+            for (int64_t i = 0; i < B * M; i++)
+                u8(avail)[i] = (uint8_t)(trng_uniform(&r, 0, 1) < 0.5);
+            if (bad) {
+                f32(pool)[4 * S * F + 3] = NAN;
+                f32(pool)[7 * S * F + 8] = INFINITY;
+            }
+            const confsmoe_status st = confsmoe_imputer_fill(imp, 1, pool, DRAWS, avail, x);
+            ck_assert_int_eq(st, bad ? CONFSMOE_E_NUMERIC : CONFSMOE_OK);
+            if (threads == 1) {
+                memcpy(first_x, f32(x), sizeof first_x);
+                snprintf(first_error, sizeof first_error, "%s", confsmoe_ctx_last_error(ctx));
+            } else {
+                ck_assert_msg(memcmp(first_x, f32(x), sizeof first_x) == 0, "x differs at %d threads", (int)threads);
+                ck_assert_str_eq(confsmoe_ctx_last_error(ctx), first_error);
+            }
+            confsmoe_tensor_destroy(pool);
+            confsmoe_tensor_destroy(x);
+            confsmoe_tensor_destroy(avail);
+            confsmoe_imputer_destroy(imp);
+            confsmoe_ctx_destroy(ctx);
+        }
+    ck_assert_msg(strstr(first_error, "has a NaN or Inf") != NULL, "%s", first_error);
+}
+END_TEST
+
 START_TEST(test_fill_nonfinite)
 {
     /* _i = 0: NaN, 1: Inf. A small pool, so that every row is drawn. */
@@ -1966,6 +2010,7 @@ static Suite *imputer_suite(void)
     tcase_add_test(tc, test_fill_seed);
     tcase_add_loop_test(tc, test_fill_errors, 0, (int)(sizeof bad_fills / sizeof *bad_fills));
     tcase_add_loop_test(tc, test_fill_nonfinite, 0, 2);
+    tcase_add_test(tc, test_fill_threads);
     tcase_add_test(tc, test_fill_nothing_to_do);
     tcase_add_test(tc, test_fault_fill);
     suite_add_tcase(s, tc);
