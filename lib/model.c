@@ -573,21 +573,65 @@ static void model_residual_writeback(confsmoe_model *model, workspace *w)
     }
 }
 
-static void model_readout_forward(confsmoe_model *model, workspace *w)
+/* Columns summed at once by the readout's mean. */
+#define MODEL_MEAN_COLS 64
+
+/* Samples per task of the readout's loops. */
+#define MODEL_READOUT_GRAIN 16
+
+typedef struct {
+    const confsmoe_model *model;
+    workspace *w;
+    gradients *g;
+} model_readout_task;
+
+/* pooled (b, m) = the mean of the S_m tokens of (b, m) in H2, each element summed in double
+ * over the tokens in order. */
+static void model_readout_mean_task(void *arg, int64_t first, int64_t last, int worker)
 {
+    (void)worker;
+    const model_readout_task *t = arg;
+    const confsmoe_model *model = t->model;
     const int32_t M = model->p.n_modalities;
-    const int64_t B = w->B, L = model->tokens_total, d = model->p.d;
-    for (int64_t b = 0; b < B; b++)
+    const int64_t L = model->tokens_total, d = model->p.d;
+    for (int64_t b = first; b < last; b++)
         for (int32_t m = 0; m < M; m++) {
-            const int64_t S = model->tokens[m], o = model->token_offset[m];
-            float *out = w->pooled + (b * M + m) * d;
-            for (int64_t c = 0; c < d; c++) {
-                double sum = 0.0;
+            const int64_t S = model->tokens[m];
+            const float *h = t->w->H2 + (b * L + model->token_offset[m]) * d;
+            float *out = t->w->pooled + (b * M + m) * d;
+            for (int64_t c0 = 0; c0 < d; c0 += MODEL_MEAN_COLS) {
+                const int64_t n = d - c0 < MODEL_MEAN_COLS ? d - c0 : MODEL_MEAN_COLS;
+                double sum[MODEL_MEAN_COLS] = {0};
                 for (int64_t s = 0; s < S; s++)
-                    sum += w->H2[(b * L + o + s) * d + c];
-                out[c] = (float)(sum / (double)S);
+                    for (int64_t c = 0; c < n; c++)
+                        sum[c] += h[s * d + c0 + c];
+                for (int64_t c = 0; c < n; c++)
+                    out[c0 + c] = (float)(sum[c] / (double)S);
             }
         }
+}
+
+/* The mean's gradient: every token of (b, m) gets dpooled (b, m) / S_m. */
+static void model_readout_mean_backward_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const model_readout_task *t = arg;
+    const confsmoe_model *model = t->model;
+    const int32_t M = model->p.n_modalities;
+    const int64_t L = model->tokens_total, d = model->p.d;
+    for (int64_t b = first; b < last; b++)
+        for (int32_t m = 0; m < M; m++)
+            for (int64_t s = 0; s < model->tokens[m]; s++)
+                for (int64_t c = 0; c < d; c++)
+                    t->g->dH3[(b * L + model->token_offset[m] + s) * d + c] =
+                        t->g->dpooled[(b * M + m) * d + c] / (float)model->tokens[m];
+}
+
+static void model_readout_forward(confsmoe_model *model, workspace *w)
+{
+    const int64_t B = w->B, d = model->p.d;
+    model_readout_task task = {model, w, NULL};
+    csm_parallel_for(model->ctx, B, MODEL_READOUT_GRAIN, model_readout_mean_task, &task);
     csm_linear_forward(&model->readout, w->pooled, B, w->r);
     model_layernorm_forward(model, &model->ln_out, w->r, B, d, w->rn, w->ln_out_stats);
     csm_linear_forward(&model->head, w->rn, B, w->logits);
@@ -607,7 +651,7 @@ confsmoe_status csm_model_forward(confsmoe_model *model, const confsmoe_tensor *
         csm_linear_forward(&model->enc[m], w->x[m], B * model->tokens[m], w->tok);
         model_scatter_modality(model, w->tok, w->X, B, m);
     }
-    csm_add_rows(w->X, csm_f32(model->pos), B, L * d);
+    csm_pass_add_rows(model->ctx, w->X, csm_f32(model->pos), B, L * d);
     model_layernorm_forward(model, &model->ln1, w->X, B * L, d, w->Xn, w->ln1_stats);
     csm_attention_forward(model, w);
     csm_residual_forward(model, w);
@@ -736,12 +780,8 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
     csm_linear_backward(&model->head, params, w->rn, g->dlogits, B, g->drn, false);
     model_layernorm_backward(model, &model->ln_out, w->r, w->ln_out_stats, g->drn, B, d, g->dr, false);
     csm_linear_backward(&model->readout, params, w->pooled, g->dr, B, g->dpooled, false);
-    for (int64_t b = 0; b < B; b++)
-        for (int32_t m = 0; m < M; m++)
-            for (int64_t t = 0; t < model->tokens[m]; t++)
-                for (int64_t c = 0; c < d; c++)
-                    g->dH3[(b * L + model->token_offset[m] + t) * d + c] =
-                        g->dpooled[(b * M + m) * d + c] / (float)model->tokens[m];
+    model_readout_task readout = {model, w, g};
+    csm_parallel_for(model->ctx, B, MODEL_READOUT_GRAIN, model_readout_mean_backward_task, &readout);
 
     /* With the residual write-back, LN3 comes after the imputer: its backward runs first, and
      * the imputer's rows (Ihat) take the gradient of LN3's input; h gets none through them. */
@@ -774,8 +814,7 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
     /* dX is dH itself (the residual), plus LN1's gradient; under compat X has no residual. */
     model_layernorm_backward(model, &model->ln1, w->X, w->ln1_stats, g->dXn, B * L, d, g->dX, !model->p.compat);
     float *dpos = csm_f32(csm_params_grad_of(params, model->pos));
-    for (int64_t b = 0; b < B; b++)
-        csm_axpy(dpos, 1.0f, g->dX + b * L * d, L * d);
+    csm_pass_add_column_sums(model->ctx, dpos, g->dX, B, L * d);
     for (int32_t m = 0; m < M; m++) {
         model_gather_modality(model, g->dX, g->dtok, B, m);
         csm_linear_backward(&model->enc[m], params, w->x[m], g->dtok, B * model->tokens[m], NULL, false);

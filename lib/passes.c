@@ -46,6 +46,45 @@ void csm_pass_broadcast_rows(confsmoe_ctx *ctx, float *out, const float *bias, i
         csm_broadcast_rows(out, bias, rows, cols);
 }
 
+static void passes_add_rows_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const passes_task *t = arg;
+    csm_add_rows(t->out + first * t->cols, t->a, last - first, t->cols);
+}
+
+void csm_pass_add_rows(confsmoe_ctx *ctx, float *x, const float *bias, int64_t rows, int64_t cols)
+{
+    bool parallel;
+    const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
+    passes_task t = {.out = x, .a = bias, .cols = cols};
+    if (parallel)
+        csm_parallel_for(ctx, rows, per, passes_add_rows_task, &t);
+    else
+        csm_add_rows(x, bias, rows, cols);
+}
+
+/* Columns first .. last - 1 of acc, over every row in order. */
+static void passes_column_sums_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const passes_task *t = arg;
+    for (int64_t r = 0; r < t->rows; r++)
+        csm_add_column_sums(t->out + first, t->a + r * t->cols + first, 1, last - first);
+}
+
+void csm_pass_add_column_sums(confsmoe_ctx *ctx, float *acc, const float *x, int64_t rows, int64_t cols)
+{
+    /* Blocks of columns that a worker streams down the rows: 4 KiB of each row. */
+    const int64_t per = 1024;
+    if (rows * cols < 2 * PASSES_BLOCK_FLOATS || cols < 2 * per || csm_parallel_workers(ctx, cols / per) < 2) {
+        csm_add_column_sums(acc, x, rows, cols);
+        return;
+    }
+    passes_task t = {.out = acc, .a = x, .rows = rows, .cols = cols};
+    csm_parallel_for(ctx, cols, per, passes_column_sums_task, &t);
+}
+
 static void passes_add_task(void *arg, int64_t first, int64_t last, int worker)
 {
     (void)worker;

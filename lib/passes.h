@@ -13,6 +13,10 @@
 
 /* Each row of out[rows, cols] = bias[cols]. */
 void csm_pass_broadcast_rows(confsmoe_ctx *ctx, float *out, const float *bias, int64_t rows, int64_t cols);
+/* Each row of x[rows, cols] += bias[cols]. */
+void csm_pass_add_rows(confsmoe_ctx *ctx, float *x, const float *bias, int64_t rows, int64_t cols);
+/* acc[cols] += the rows of x[rows, cols]: split by columns, each summed over the rows in order. */
+void csm_pass_add_column_sums(confsmoe_ctx *ctx, float *acc, const float *x, int64_t rows, int64_t cols);
 /* y = a + b over [rows, cols]. */
 void csm_pass_add(confsmoe_ctx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols);
 /* count blocks of len floats: dst + i dst_stride = src + i src_stride (no overlap). */
