@@ -1,7 +1,7 @@
 /* The whole-array passes (lib/passes.h), called directly: on a ctx of 2 and 3 threads every
  * output is bit-identical to the serial kernels of lib/kernels.h on one thread, for arrays of
  * several blocks with a ragged last block, LayerNorm backward writing or adding dx, and dx
- * taking the place of dout. */
+ * taking the place of dout; bias rows and column sums. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,12 +96,47 @@ START_TEST(test_passes_match_the_serial_kernels)
 }
 END_TEST
 
+/* Bias rows added, and column sums over rows wide enough to be split by columns (a ragged
+ * last block of columns), into a nonzero start: the serial kernels' bits. */
+START_TEST(test_row_and_column_passes)
+{
+    enum { R = 41, C = 5 * 1024 + 300 };
+    const int64_t n = (int64_t)R * C;
+    trng r = {9};
+    float *x = random_array(&r, n), *bias = random_array(&r, C), *start = random_array(&r, C);
+    float *rows1 = copy_of(x, n), *sums1 = copy_of(start, C);
+    csm_add_rows(rows1, bias, R, C);
+    csm_add_column_sums(sums1, x, R, C);
+    const int counts[] = {1, 2, 3};
+    for (size_t c = 0; c < sizeof counts / sizeof *counts; c++) {
+        const int t = counts[c];
+        confsmoe_ctx *ctx = test_ctx_threads(t);
+        float *rows = copy_of(x, n), *sums = copy_of(start, C);
+        csm_pass_add_rows(ctx, rows, bias, R, C);
+        same(rows, rows1, n, "bias rows added", t);
+        csm_pass_add_column_sums(ctx, sums, x, R, C);
+        same(sums, sums1, C, "column sums", t);
+        free(rows), free(sums);
+        confsmoe_ctx_destroy(ctx);
+    }
+    /* The sums are the rows' sums: each column within float rounding of a double sum. */
+    for (int64_t j = 0; j < C; j++) {
+        double want = start[j];
+        for (int64_t i = 0; i < R; i++)
+            want += x[i * C + j];
+        ck_assert_msg(fabs(sums1[j] - want) < 1e-4, "column %ld: %g, not %g", (long)j, sums1[j], want);
+    }
+    free(x), free(bias), free(start), free(rows1), free(sums1);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("passes");
     TCase *tc = tcase_create("passes");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_passes_match_the_serial_kernels);
+    tcase_add_test(tc, test_row_and_column_passes);
     suite_add_tcase(s, tc);
     return test_run(s);
 }
