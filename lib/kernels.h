@@ -72,9 +72,6 @@ void csm_layernorm_forward(const float *x, const float *gamma, const float *beta
 void csm_layernorm_backward(const float *x, const float *mean, const float *rstd, const float *gamma,
                             const float *dout, float *dx, float *dgamma, float *dbeta, int64_t rows, int64_t cols,
                             bool accumulate);
-/* What csm_layernorm_backward adds to dgamma and dbeta, for the columns first_col .. last_col - 1. */
-void csm_layernorm_param_grads(const float *x, const float *mean, const float *rstd, const float *dout, float *dgamma,
-                               float *dbeta, int64_t rows, int64_t cols, int64_t first_col, int64_t last_col);
 /* Mean and 1/std of each row, as csm_layernorm_forward computes them. */
 void csm_row_stats(const float *x, float *mean, float *rstd, int64_t rows, int64_t cols, float eps);
 

@@ -132,20 +132,3 @@ void csm_layernorm_backward(const float *restrict x, const float *restrict mean,
                                    cols, false, true);
     }
 }
-
-/* The same terms, in the same order of rows, as csm_layernorm_backward adds to dgamma and dbeta. */
-CSM_SIMD_CLONES
-void csm_layernorm_param_grads(const float *restrict x, const float *restrict mean, const float *restrict rstd,
-                               const float *restrict dout, float *restrict dgamma, float *restrict dbeta, int64_t rows,
-                               int64_t cols, int64_t first_col, int64_t last_col)
-{
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * cols, *g = dout + r * cols;
-        const float m = mean[r], rs = rstd[r];
-        for (int64_t c = first_col; c < last_col; c++) {
-            float xhat = (xr[c] - m) * rs, gv = g[c];
-            dgamma[c] += gv * xhat;
-            dbeta[c] += gv;
-        }
-    }
-}

@@ -431,14 +431,14 @@ static void model_layernorm_forward(confsmoe_model *model, const model_layernorm
                                d, LN_EPS);
 }
 
-static void model_layernorm_backward(confsmoe_model *model, const model_layernorm *ln, const float *x,
+static void model_layernorm_backward(confsmoe_model *model, gradients *g, const model_layernorm *ln, const float *x,
                                      const float *stats, const float *dy, int64_t rows, int64_t d, float *dx,
                                      bool accumulate)
 {
     const csm_params *params = &model->params;
     csm_pass_layernorm_backward(model->ctx, x, stats, stats + rows, csm_f32(ln->weight), dy, dx,
                                 csm_f32(csm_params_grad_of(params, ln->weight)),
-                                csm_f32(csm_params_grad_of(params, ln->bias)), rows, d, accumulate);
+                                csm_f32(csm_params_grad_of(params, ln->bias)), rows, d, accumulate, g->ln_partials);
 }
 
 /* Rows (b, o_m + s) of a [B L, d] array <-> rows (b S_m + s) of a [B S_m, d] array. */
@@ -698,6 +698,7 @@ static void model_gradients_parts(csm_layout *l, const confsmoe_model *model, in
     g->dsum = CSM_LAYOUT_ROWS(l, float, b * S, d);
     g->dZ = CSM_LAYOUT_ROWS(l, float, b * S, d);
     g->dtok = CSM_LAYOUT_ROWS(l, float, b * S, d);
+    g->ln_partials = CSM_LAYOUT_ROWS(l, float, (size_t)csm_pass_layernorm_blocks((int64_t)(b * L), (int64_t)d), 2 * d);
 }
 
 void *csm_model_gradients_alloc(confsmoe_model *model, int64_t B, gradients *g)
@@ -726,7 +727,7 @@ static void model_ln3_backward(confsmoe_model *model, workspace *w, gradients *g
     for (int32_t m = 0; m < model->p.n_modalities; m++) {
         const int64_t rows = B * model->tokens[m], first_row = B * model->token_offset[m];
         model_gather_modality(model, g->dH3, g->dtok, B, m);
-        model_layernorm_backward(model, &model->ln3, w->sum_ + first_row * d, w->ln3_stats + 2 * first_row,
+        model_layernorm_backward(model, g, &model->ln3, w->sum_ + first_row * d, w->ln3_stats + 2 * first_row,
                                  g->dtok, rows, d, g->dsum, false);
         model_scatter_modality(model, g->dsum, g->dH2, B, m);
     }
@@ -755,7 +756,7 @@ static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, g
         } else {
             /* H_m <- LN3(H_m + F): both terms get the same gradient. */
             model_gather_modality(model, g->dH2, g->dtok, B, m);
-            model_layernorm_backward(model, &model->ln3, sum, w->ln3_stats + 2 * first_row, g->dtok, rows, d,
+            model_layernorm_backward(model, g, &model->ln3, sum, w->ln3_stats + 2 * first_row, g->dtok, rows, d,
                                      g->dsum, false);
         }
         const csm_gate_grad_call call = {w->gate_saved[m], dF, g->dslots + first_row * k * d, w->gate_weight[m],
@@ -764,7 +765,7 @@ static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, g
         if (s != CONFSMOE_OK)
             break;
         /* Z = LN2(H_m): its gradient joins the residual's in dsum. */
-        model_layernorm_backward(model, &model->ln2, Hm, w->ln2_stats + 2 * first_row, g->dZ, rows, d, g->dsum, true);
+        model_layernorm_backward(model, g, &model->ln2, Hm, w->ln2_stats + 2 * first_row, g->dZ, rows, d, g->dsum, true);
         model_scatter_modality(model, g->dsum, g->dH, B, m);
     }
     return s;
@@ -778,7 +779,7 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
     confsmoe_status s = CONFSMOE_OK;
 
     csm_linear_backward(&model->head, params, w->rn, g->dlogits, B, g->drn, false);
-    model_layernorm_backward(model, &model->ln_out, w->r, w->ln_out_stats, g->drn, B, d, g->dr, false);
+    model_layernorm_backward(model, g, &model->ln_out, w->r, w->ln_out_stats, g->drn, B, d, g->dr, false);
     csm_linear_backward(&model->readout, params, w->pooled, g->dr, B, g->dpooled, false);
     model_readout_task readout = {model, w, g};
     csm_parallel_for(model->ctx, B, MODEL_READOUT_GRAIN, model_readout_mean_backward_task, &readout);
@@ -812,7 +813,7 @@ confsmoe_status csm_model_backward(confsmoe_model *model, workspace *w, gradient
     csm_residual_backward(model, w, g);
     csm_attention_backward(model, w, g);
     /* dX is dH itself (the residual), plus LN1's gradient; under compat X has no residual. */
-    model_layernorm_backward(model, &model->ln1, w->X, w->ln1_stats, g->dXn, B * L, d, g->dX, !model->p.compat);
+    model_layernorm_backward(model, g, &model->ln1, w->X, w->ln1_stats, g->dXn, B * L, d, g->dX, !model->p.compat);
     float *dpos = csm_f32(csm_params_grad_of(params, model->pos));
     csm_pass_add_column_sums(model->ctx, dpos, g->dX, B, L * d);
     for (int32_t m = 0; m < M; m++) {

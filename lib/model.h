@@ -109,6 +109,8 @@ typedef struct {
     float *dH3, *dH2, *dH, *dA, *dctx, *dQ, *dK, *dV, *dXn, *dX;
     float *dslots;                   /* [B L, k, d] modality-major */
     float *dsum, *dZ, *dtok;         /* [B max S_m, d] */
+    float *ln_partials;              /* the LayerNorms' parameter gradients per block of rows
+                                      * (csm_pass_layernorm_backward), for up to B L rows */
 } gradients;
 
 /* Stage 1 draws pool rows (or fills in the pool mean): both the draw table and the fill ask. */

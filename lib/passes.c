@@ -20,11 +20,11 @@ typedef struct {
     bool accumulate;
 } passes_task;
 
-/* Rows per block, and whether the array is worth more than one worker. */
+/* Rows per block, and whether the array is worth more than one worker (never without a ctx). */
 static int64_t passes_rows_per_block(confsmoe_ctx *ctx, int64_t rows, int64_t cols, bool *parallel)
 {
     const int64_t per = cols >= PASSES_BLOCK_FLOATS ? 1 : PASSES_BLOCK_FLOATS / cols;
-    *parallel = rows > per && csm_parallel_workers(ctx, rows) > 1;
+    *parallel = ctx && rows > per && csm_parallel_workers(ctx, rows) > 1;
     return per;
 }
 
@@ -145,7 +145,7 @@ void csm_pass_layernorm_forward(confsmoe_ctx *ctx, const float *x, const float *
         csm_layernorm_forward(x, gamma, beta, out, mean, rstd, rows, cols, eps);
 }
 
-/* dx of a block of rows; the parameter gradients are left to passes_layernorm_params_task. */
+/* dx of a block of rows, without the parameter gradients. */
 static void passes_layernorm_dx_task(void *arg, int64_t first, int64_t last, int worker)
 {
     (void)worker;
@@ -155,36 +155,59 @@ static void passes_layernorm_dx_task(void *arg, int64_t first, int64_t last, int
                            t->out + first * cols, NULL, NULL, last - first, cols, t->accumulate);
 }
 
-/* dgamma and dbeta of columns first .. last - 1, over every row in order. */
-static void passes_layernorm_params_task(void *arg, int64_t first, int64_t last, int worker)
+/* Blocks first .. last - 1 of rows: dx, and each block's parameter gradients into its own
+ * row of partials (dgamma's terms, then dbeta's), summed from zero. */
+static void passes_layernorm_blocks_task(void *arg, int64_t first, int64_t last, int worker)
 {
     (void)worker;
     const passes_task *t = arg;
-    csm_layernorm_param_grads(t->a, t->mean, t->rstd, t->b, t->dgamma, t->dbeta, t->rows, t->cols, first, last);
+    const int64_t cols = t->cols, per = t->in_stride;
+    for (int64_t i = first; i < last; i++) {
+        const int64_t r0 = i * per, n = t->rows - r0 < per ? t->rows - r0 : per;
+        float *dg = t->dgamma + i * 2 * cols, *db = dg + cols;
+        memset(dg, 0, (size_t)(2 * cols) * sizeof *dg);
+        csm_layernorm_backward(t->a + r0 * cols, t->mean + r0, t->rstd + r0, t->gamma, t->b + r0 * cols,
+                               t->out + r0 * cols, dg, db, n, cols, t->accumulate);
+    }
+}
+
+int64_t csm_pass_layernorm_blocks(int64_t rows, int64_t cols)
+{
+    bool parallel;
+    const int64_t per = passes_rows_per_block(NULL, rows, cols, &parallel);
+    return (rows + per - 1) / per;
 }
 
 void csm_pass_layernorm_backward(confsmoe_ctx *ctx, const float *x, const float *mean, const float *rstd,
                                  const float *gamma, const float *dout, float *dx, float *dgamma, float *dbeta,
-                                 int64_t rows, int64_t cols, bool accumulate)
+                                 int64_t rows, int64_t cols, bool accumulate, float *partials)
 {
     bool parallel;
     const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
-    if (!parallel) {
-        csm_layernorm_backward(x, mean, rstd, gamma, dout, dx, dgamma, dbeta, rows, cols, accumulate);
-        return;
-    }
-    /* The parameter gradients first: dx may overwrite dout. Columns in blocks of a cache line. */
     passes_task t = {.out = dx,
                      .a = x,
                      .b = dout,
                      .gamma = gamma,
                      .mean = mean,
                      .rstd = rstd,
-                     .dgamma = dgamma,
-                     .dbeta = dbeta,
                      .rows = rows,
                      .cols = cols,
+                     .in_stride = per,
                      .accumulate = accumulate};
-    csm_parallel_for(ctx, cols, 16, passes_layernorm_params_task, &t);
-    csm_parallel_for(ctx, rows, per, passes_layernorm_dx_task, &t);
+    if (!dgamma) {
+        if (parallel)
+            csm_parallel_for(ctx, rows, per, passes_layernorm_dx_task, &t);
+        else
+            csm_layernorm_backward(x, mean, rstd, gamma, dout, dx, NULL, NULL, rows, cols, accumulate);
+        return;
+    }
+    /* One pass over the rows, block by block, on any number of threads; then the blocks'
+     * parameter gradients are added in block order, so that the sums do not depend on them. */
+    const int64_t blocks = (rows + per - 1) / per;
+    t.dgamma = partials;
+    csm_parallel_for(ctx, blocks, 1, passes_layernorm_blocks_task, &t);
+    for (int64_t i = 0; i < blocks; i++) {
+        csm_axpy(dgamma, 1.0f, partials + i * 2 * cols, cols);
+        csm_axpy(dbeta, 1.0f, partials + i * 2 * cols + cols, cols);
+    }
 }

@@ -10,8 +10,8 @@
 #include "passes.h"
 #include "testutil.h"
 
-/* 3 blocks of rows of 128 floats and a part of a fourth. */
-enum { ROWS = 3 * 512 + 77, COLS = 128 };
+/* 3 blocks of rows of 128 floats and a part of a fourth (a block is 256 KiB of rows). */
+enum { BLOCK_ROWS = 512, ROWS = 3 * BLOCK_ROWS + 77, COLS = 128 };
 
 static float *random_array(trng *r, int64_t n)
 {
@@ -39,15 +39,27 @@ START_TEST(test_passes_match_the_serial_kernels)
     trng r = {5};
     float *x = random_array(&r, n), *y = random_array(&r, n), *dout = random_array(&r, n);
     float *gamma = random_array(&r, COLS), *beta = random_array(&r, COLS);
-    /* Serial: forward, then backward writing dx, then adding into it, each with its own
-     * parameter gradients accumulated from a nonzero start. */
+    /* Serial: forward, then backward adding into dx, then writing it in dout's place, each
+     * with its parameter gradients accumulated from a nonzero start: the pass sums each
+     * block of rows from zero, then adds the blocks in order. */
     float *out1 = xcalloc((size_t)n, sizeof *out1), *mean1 = xcalloc(ROWS, sizeof *mean1);
     float *rstd1 = xcalloc(ROWS, sizeof *rstd1), *dx1 = copy_of(y, n);
     float *dg1 = copy_of(gamma, COLS), *db1 = copy_of(beta, COLS);
     csm_layernorm_forward(x, gamma, beta, out1, mean1, rstd1, ROWS, COLS, 1e-5f);
-    csm_layernorm_backward(x, mean1, rstd1, gamma, dout, dx1, dg1, db1, ROWS, COLS, true);
     float *alias1 = copy_of(dout, n);
-    csm_layernorm_backward(x, mean1, rstd1, gamma, alias1, alias1, dg1, db1, ROWS, COLS, false);
+    for (int call = 0; call < 2; call++)
+        for (int64_t r0 = 0; r0 < ROWS; r0 += BLOCK_ROWS) {
+            const int64_t rows = ROWS - r0 < BLOCK_ROWS ? ROWS - r0 : BLOCK_ROWS, at = r0 * COLS;
+            float block_dg[COLS] = {0}, block_db[COLS] = {0};
+            if (call == 0)
+                csm_layernorm_backward(x + at, mean1 + r0, rstd1 + r0, gamma, dout + at, dx1 + at, block_dg, block_db,
+                                       rows, COLS, true);
+            else
+                csm_layernorm_backward(x + at, mean1 + r0, rstd1 + r0, gamma, alias1 + at, alias1 + at, block_dg,
+                                       block_db, rows, COLS, false);
+            for (int j = 0; j < COLS; j++)
+                dg1[j] += block_dg[j], db1[j] += block_db[j];
+        }
     float *sum1 = xcalloc((size_t)n, sizeof *sum1), *bcast1 = xcalloc((size_t)n, sizeof *bcast1);
     csm_add(sum1, x, y, n);
     csm_broadcast_rows(bcast1, gamma, ROWS, COLS);
@@ -63,10 +75,11 @@ START_TEST(test_passes_match_the_serial_kernels)
         same(out, out1, n, "LayerNorm forward", t);
         same(mean, mean1, ROWS, "LayerNorm means", t);
         same(rstd, rstd1, ROWS, "LayerNorm 1/std", t);
-        csm_pass_layernorm_backward(ctx, x, mean, rstd, gamma, dout, dx, dg, db, ROWS, COLS, true);
+        float *partials = xcalloc((size_t)(csm_pass_layernorm_blocks(ROWS, COLS) * 2 * COLS), sizeof *partials);
+        csm_pass_layernorm_backward(ctx, x, mean, rstd, gamma, dout, dx, dg, db, ROWS, COLS, true, partials);
         same(dx, dx1, n, "LayerNorm dx (added)", t);
         float *alias = copy_of(dout, n);
-        csm_pass_layernorm_backward(ctx, x, mean, rstd, gamma, alias, alias, dg, db, ROWS, COLS, false);
+        csm_pass_layernorm_backward(ctx, x, mean, rstd, gamma, alias, alias, dg, db, ROWS, COLS, false, partials);
         same(alias, alias1, n, "LayerNorm dx in dout's place", t);
         same(dg, dg1, COLS, "dgamma", t);
         same(db, db1, COLS, "dbeta", t);
@@ -88,6 +101,7 @@ START_TEST(test_passes_match_the_serial_kernels)
                 ck_assert_msg(back[(2 * i + 1) * len + j] == 0.0f, "a block between copied ones was written");
         }
         free(out), free(mean), free(rstd), free(dx), free(dg), free(db), free(alias), free(sum), free(bcast);
+        free(partials);
         free(packed), free(back);
         confsmoe_ctx_destroy(ctx);
     }
