@@ -22,6 +22,7 @@
 #include "kernels.h"
 #include "layout.h"
 #include "params.h"
+#include "passes.h"
 #include "sized.h"
 #include "stage1.h"
 #include "threads.h"
@@ -440,10 +441,66 @@ static confsmoe_status imputer_check_forward(confsmoe_imputer *imp, const confsm
 
 /* Lists the missing pairs and per-sample plans, and gathers the candidates' slot rows
  * (slot-major per sample), the missing tokens' mean slot and their h rows. */
+typedef struct {
+    const confsmoe_imputer *imp;
+    imputer_saved *s;
+    const uint8_t *avail;
+    const float *h, *slots;
+} gather_task;
+
+/* Each sample's rows of x_pre and ybar, and its candidates' slot rows. */
+static void imputer_gather_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const gather_task *t = arg;
+    const confsmoe_imputer *imp = t->imp;
+    imputer_saved *s = t->s;
+    const int64_t M = imp->p.n_modalities, L = imp->offset[M], k = imp->p.k, d = imp->p.d, B = s->B;
+    for (int64_t i = first; i < last; i++) {
+        const sample_plan *plan = &s->plans[i];
+        const int64_t b = s->pairs[plan->first_pair].b;
+        for (int64_t p = plan->first_pair; p < plan->first_pair + plan->n_pairs; p++) {
+            const int64_t m = s->pairs[p].m, q_row = s->pairs[p].q_row;
+            for (int64_t tok = 0; tok < imp->tokens[m]; tok++) {
+                const int64_t r = q_row + tok;
+                /* x_pre starts as the residual h, or as 0 when the row becomes Ihat alone. */
+                if (imp->p.writeback == CONFSMOE_WRITEBACK_LN_IMP)
+                    memcpy(s->x_pre + r * d, t->h + (b * L + imp->offset[m] + tok) * d, (size_t)d * sizeof(float));
+                else
+                    memset(s->x_pre + r * d, 0, (size_t)d * sizeof(float));
+                /* Mean over the k slots, in double. */
+                const float *y = t->slots + (B * imp->offset[m] + b * imp->tokens[m] + tok) * k * d;
+                for (int64_t c = 0; c < d; c++) {
+                    double sum = 0.0;
+                    for (int64_t j = 0; j < k; j++)
+                        sum += y[j * d + c];
+                    s->ybar[r * d + c] = (float)(sum / (double)k);
+                }
+            }
+        }
+        /* Candidates: the S_m tokens of every present modality, by modality then token. */
+        const uint8_t *av = t->avail + b * M;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t c = 0;
+            for (int64_t m = 0; m < M; m++) {
+                if (!av[m])
+                    continue;
+                for (int64_t tok = 0; tok < imp->tokens[m]; tok++, c++) {
+                    const int64_t src = (B * imp->offset[m] + b * imp->tokens[m] + tok) * k + j;
+                    const int64_t dst = plan->kv_row + j * plan->n_cand + c;
+                    s->src_row[dst] = src;
+                    memcpy(s->g + dst * d, t->slots + src * d, (size_t)d * sizeof(float));
+                }
+            }
+        }
+    }
+}
+
+/* The plan of every sample with a missing modality, then its rows on the ctx's threads. */
 static void imputer_gather(const confsmoe_imputer *imp, imputer_saved *s, const uint8_t *avail, const float *h,
                            const float *slots)
 {
-    const int64_t M = imp->p.n_modalities, L = imp->offset[M], k = imp->p.k, d = imp->p.d, B = s->B;
+    const int64_t M = imp->p.n_modalities, L = imp->offset[M], k = imp->p.k, B = s->B;
     int64_t pair = 0, q_row = 0, sample = 0, kv_row = 0, att = 0;
     for (int64_t b = 0; b < B; b++) {
         const uint8_t *av = avail + b * M;
@@ -467,43 +524,14 @@ static void imputer_gather(const confsmoe_imputer *imp, imputer_saved *s, const 
             if (av[m])
                 continue;
             /* compat: the reference's query is zeros unless sample 0 of the call misses m. */
-            s->pairs[pair] = (missing_pair){b, q_row, (int32_t)m, imp->p.compat && avail[m]};
-            for (int64_t t = 0; t < imp->tokens[m]; t++) {
-                const int64_t r = q_row + t;
-                /* x_pre starts as the residual h, or as 0 when the row becomes Ihat alone. */
-                if (imp->p.writeback == CONFSMOE_WRITEBACK_LN_IMP)
-                    memcpy(s->x_pre + r * d, h + (b * L + imp->offset[m] + t) * d, (size_t)d * sizeof(float));
-                else
-                    memset(s->x_pre + r * d, 0, (size_t)d * sizeof(float));
-                /* Mean over the k slots, in double. */
-                const float *y = slots + (B * imp->offset[m] + b * imp->tokens[m] + t) * k * d;
-                for (int64_t c = 0; c < d; c++) {
-                    double sum = 0.0;
-                    for (int64_t j = 0; j < k; j++)
-                        sum += y[j * d + c];
-                    s->ybar[r * d + c] = (float)(sum / (double)k);
-                }
-            }
+            s->pairs[pair++] = (missing_pair){b, q_row, (int32_t)m, imp->p.compat && avail[m]};
             q_row += imp->tokens[m];
-            pair++;
-        }
-        /* Candidates: the S_m tokens of every present modality, by modality then token. */
-        for (int64_t j = 0; j < k; j++) {
-            int64_t c = 0;
-            for (int64_t m = 0; m < M; m++) {
-                if (!av[m])
-                    continue;
-                for (int64_t t = 0; t < imp->tokens[m]; t++, c++) {
-                    const int64_t src = (B * imp->offset[m] + b * imp->tokens[m] + t) * k + j;
-                    const int64_t dst = kv_row + j * plan->n_cand + c;
-                    s->src_row[dst] = src;
-                    memcpy(s->g + dst * d, slots + src * d, (size_t)d * sizeof(float));
-                }
-            }
         }
         kv_row += k * plan->n_cand;
         att += k * plan->n_query * plan->n_cand;
     }
+    gather_task task = {imp, s, avail, h, slots};
+    csm_parallel_for(imp->ctx, sample, 1, imputer_gather_task, &task);
 }
 
 /* The top-T selection's total order as one integer per candidate, larger first: the weight's
@@ -620,15 +648,15 @@ static void imputer_attend(const confsmoe_imputer *imp, imputer_saved *s, uint64
 {
     const int64_t d = imp->p.d;
     /* One GEMM per projection over all rows: Q = ybar Wq^T + bq, KV = G Wk^T + bk, V = G Wv^T + bv. */
-    csm_broadcast_rows(s->q, csm_f32(imp->param[Q_B]), s->nq, d);
+    csm_pass_broadcast_rows(imp->ctx, s->q, csm_f32(imp->param[Q_B]), s->nq, d);
     csm_gemm(imp->ctx, false, true, s->nq, d, d, 1.0f, s->ybar, csm_f32(imp->param[Q_W]), 1.0f, s->q);
     for (int64_t i = 0; i < s->n_pairs; i++)
         if (s->pairs[i].zero_query)
             memset(s->q + s->pairs[i].q_row * d, 0, (size_t)(imp->tokens[s->pairs[i].m] * d) * sizeof(float));
-    csm_broadcast_rows(s->kv, csm_f32(imp->param[KV_B]), s->nk, d);
+    csm_pass_broadcast_rows(imp->ctx, s->kv, csm_f32(imp->param[KV_B]), s->nk, d);
     csm_gemm(imp->ctx, false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[KV_W]), 1.0f, s->kv);
     if (imp->p.separate_value) {
-        csm_broadcast_rows(s->v, csm_f32(imp->param[V_B]), s->nk, d);
+        csm_pass_broadcast_rows(imp->ctx, s->v, csm_f32(imp->param[V_B]), s->nk, d);
         csm_gemm(imp->ctx, false, true, s->nk, d, d, 1.0f, s->g, csm_f32(imp->param[V_W]), 1.0f, s->v);
     }
     attend_task task = {imp, s, rank};

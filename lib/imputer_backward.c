@@ -7,6 +7,7 @@
 #include "imputer_internal.h"
 #include "kernels.h"
 #include "layout.h"
+#include "passes.h"
 #include "threads.h"
 
 static confsmoe_status imputer_check_backward(confsmoe_imputer *imp, const confsmoe_saved *saved,
@@ -144,6 +145,46 @@ static void imputer_attention_backward(const confsmoe_imputer *imp, const impute
     csm_parallel_for(imp->ctx, s->n_samples, 1, imputer_attention_backward_task, &task);
 }
 
+typedef struct {
+    const confsmoe_imputer *imp;
+    const imputer_saved *s;
+    const backward_work *w;
+    const float *dybar;
+    float *ds;
+} slots_task;
+
+/* Each sample's slot rows: its candidates' (from dkv and dv) and its missing tokens' (ybar is
+ * the mean of their k slots). The rows of different samples, and of a sample's candidates and
+ * its missing tokens, are distinct: every element gets at most one addition here. */
+static void imputer_slots_backward_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const slots_task *t = arg;
+    const confsmoe_imputer *imp = t->imp;
+    const imputer_saved *s = t->s;
+    const int64_t k = imp->p.k, d = imp->p.d, B = s->B;
+    const float inv_k = 1.0f / (float)k;
+    for (int64_t i = first; i < last; i++) {
+        const sample_plan *plan = &s->plans[i];
+        for (int64_t r = plan->kv_row; r < plan->kv_row + k * plan->n_cand; r++) {
+            float *dst = t->ds + s->src_row[r] * d;
+            const float *src = t->w->dg + r * d;
+            for (int64_t c = 0; c < d; c++)
+                dst[c] += src[c];
+        }
+        for (int64_t p = plan->first_pair; p < plan->first_pair + plan->n_pairs; p++) {
+            const int64_t m = s->pairs[p].m, S = imp->tokens[m];
+            for (int64_t tok = 0; tok < S; tok++) {
+                const float *src = t->dybar + (s->pairs[p].q_row + tok) * d;
+                float *dst = t->ds + (B * imp->offset[m] + s->pairs[p].b * S + tok) * k * d;
+                for (int64_t j = 0; j < k; j++)
+                    for (int64_t c = 0; c < d; c++)
+                        dst[j * d + c] += src[c] * inv_k;
+            }
+        }
+    }
+}
+
 static confsmoe_status imputer_backward(confsmoe_imputer *imp, confsmoe_saved *saved, const confsmoe_tensor *dout,
                                         confsmoe_tensor *dh, confsmoe_tensor *dslots, bool finite)
 {
@@ -153,7 +194,7 @@ static confsmoe_status imputer_backward(confsmoe_imputer *imp, confsmoe_saved *s
     if (st != CONFSMOE_OK)
         return st;
     imputer_saved *s = (imputer_saved *)saved;
-    const int64_t L = imp->offset[imp->p.n_modalities], k = imp->p.k, d = imp->p.d, B = s->B;
+    const int64_t L = imp->offset[imp->p.n_modalities], d = imp->p.d, B = s->B;
     backward_work w;
     size_t block_bytes = 0;
     void *block = imputer_backward_alloc(imp, s, &w, &block_bytes);
@@ -211,29 +252,16 @@ static confsmoe_status imputer_backward(confsmoe_imputer *imp, confsmoe_saved *s
     }
 
     if (dslots) {
-        float *ds = csm_f32(dslots);
-        for (int64_t r = 0; r < s->nk; r++) {
-            float *dst = ds + s->src_row[r] * d;
-            const float *src = w.dg + r * d;
-            for (int64_t c = 0; c < d; c++)
-                dst[c] += src[c];
-        }
-        /* ybar = mean_j slot_j: each slot of a missing token gets dybar / k. */
-        const float inv_k = 1.0f / (float)k;
-        for (int64_t i = 0; i < s->n_pairs; i++) {
-            const int64_t m = s->pairs[i].m, S = imp->tokens[m];
-            for (int64_t t = 0; t < S; t++) {
-                const float *src = dybar + (s->pairs[i].q_row + t) * d;
-                float *dst = ds + (B * imp->offset[m] + s->pairs[i].b * S + t) * k * d;
-                for (int64_t j = 0; j < k; j++)
-                    for (int64_t c = 0; c < d; c++)
-                        dst[j * d + c] += src[c] * inv_k;
-            }
-        }
+        slots_task task = {imp, s, &w, dybar, csm_f32(dslots)};
+        csm_parallel_for(imp->ctx, s->n_samples, 1, imputer_slots_backward_task, &task);
     }
     if (dh) {
-        if (dh->data != dout->data && dout->nbytes > 0)
-            memmove(dh->data, dout->data, dout->nbytes);
+        /* dout into dh: on the threads when the two are apart, else with memmove. */
+        const uintptr_t to = (uintptr_t)dh->data, from = (uintptr_t)dout->data, size = dout->nbytes;
+        if (to + size <= from || from + size <= to)
+            csm_pass_copy_blocks(imp->ctx, csm_f32(dh), d, csm_f32(dout), d, B * L, d);
+        else if (to != from)
+            memmove(dh->data, dout->data, size);
         /* The residual write-back's rows do not depend on h. */
         const bool residual = imp->p.writeback == CONFSMOE_WRITEBACK_RESIDUAL;
         for (int64_t i = 0; i < s->n_pairs; i++) {

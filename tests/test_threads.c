@@ -218,8 +218,10 @@ static void gate_job(uint64_t seed, int32_t threads, rec *r)
     confsmoe_tensor *h = mk(r, ctx, CONFSMOE_F32, 3, B, M * S, D), *hout = mk(r, ctx, CONFSMOE_F32, 3, B, M * S, D);
     confsmoe_tensor *avail = mk(r, ctx, CONFSMOE_U8, 2, B, M, 0);
     const int64_t sdims[4] = {M, B * S, K, D};
-    confsmoe_tensor *islots = NULL;
+    confsmoe_tensor *islots = NULL, *dslots = NULL;
     TRY(r, ctx, confsmoe_tensor_create(ctx, CONFSMOE_F32, 4, sdims, &islots));
+    TRY(r, ctx, confsmoe_tensor_create(ctx, CONFSMOE_F32, 4, sdims, &dslots));
+    confsmoe_tensor *dh = mk(r, ctx, CONFSMOE_F32, 3, B, M * S, D);
     if (r->failed)
         goto out;
     for (int t = 0; t < N; t++)
@@ -242,9 +244,11 @@ static void gate_job(uint64_t seed, int32_t threads, rec *r)
         rec_tensor(r, dx);
         sv = NULL;
         TRY(r, ctx, confsmoe_imputer_forward(imp, h, islots, avail, hout, &sv));
-        TRY(r, ctx, confsmoe_imputer_backward(imp, sv, hout, NULL, NULL));
+        TRY(r, ctx, confsmoe_imputer_backward(imp, sv, hout, dh, dslots));
         confsmoe_saved_destroy(sv);
         rec_tensor(r, hout);
+        rec_tensor(r, dh);
+        rec_tensor(r, dslots);
     }
     for (int32_t i = 0; g && i < confsmoe_gate_n_params(g); i++)
         rec_tensor(r, confsmoe_gate_grad(g, i));
@@ -254,7 +258,7 @@ static void gate_job(uint64_t seed, int32_t threads, rec *r)
     for (int32_t i = 0; imp && i < confsmoe_imputer_n_params(imp); i++)
         rec_tensor(r, confsmoe_imputer_grad(imp, i));
 out:;
-    confsmoe_tensor *ts[] = {x, y, slots, dx, labels, h, hout, avail, islots};
+    confsmoe_tensor *ts[] = {x, y, slots, dx, labels, h, hout, avail, islots, dslots, dh};
     for (size_t i = 0; i < sizeof ts / sizeof *ts; i++)
         confsmoe_tensor_destroy(ts[i]);
     confsmoe_imputer_destroy(imp);
