@@ -86,11 +86,40 @@ static gate_saved *gate_alloc_saved(confsmoe_gate *g, int64_t n, bool training)
     return s;
 }
 
+typedef struct {
+    const confsmoe_gate *g;
+    const gate_saved *s;
+    float *slots;
+} gate_token_task;
+
+/* Top-k of the tokens' logits and the softmax over the kept ones. */
+static void gate_topk_rows(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const gate_token_task *t = arg;
+    const gate_saved *s = t->s;
+    const int32_t E = t->g->n_experts, k = t->g->p.k;
+    csm_router_topk(s->u + first * E, last - first, E, k, s->idx + first * k);
+    for (int64_t i = first * k; i < last * k; i++)
+        s->g[i] = s->u[(i / k) * E + s->idx[i]];
+    csm_softmax_rows(s->g + first * k, last - first, k);
+}
+
+/* Each token's k expert outputs, in slot order. */
+static void gate_slots_rows(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const gate_token_task *t = arg;
+    const int64_t d = t->g->p.d, k = t->g->p.k;
+    for (int64_t i = first * k; i < last * k; i++)
+        memcpy(t->slots + i * d, t->s->yb + t->s->row_of[i] * d, (size_t)d * sizeof(float));
+}
+
 /* Logits, noise (training), top-k and the softmax over the kept logits. The call takes the
  * noise of the whole batch of `total` tokens; token t's is that of its index in it (first + t). */
 static void gate_route(confsmoe_gate *g, gate_saved *s, const float *x, int64_t first, int64_t total)
 {
-    const int32_t E = g->n_experts, k = g->p.k;
+    const int32_t E = g->n_experts;
     const int64_t n = s->n;
     csm_router_logits(&g->router, x, n, s->u_clean);
     if (s->eps) {
@@ -101,10 +130,8 @@ static void gate_route(confsmoe_gate *g, gate_saved *s, const float *x, int64_t 
         for (int64_t i = 0; i < n * E; i++)
             s->sigma[i] = csm_softplus(s->h[i]) + 0.01f;
     }
-    csm_router_topk(s->u, n, E, k, s->idx);
-    for (int64_t i = 0; i < n * k; i++)
-        s->g[i] = s->u[(i / k) * E + s->idx[i]];
-    csm_softmax_rows(s->g, n, k);
+    gate_token_task task = {g, s, NULL};
+    csm_parallel_for(g->ctx, n, CSM_GATE_TOKEN_GRAIN, gate_topk_rows, &task);
 }
 
 /* order = the E experts by block rows, most first (Shell sort with Ciura's gaps: E may be
@@ -309,9 +336,10 @@ confsmoe_status csm_gate_forward_rows(confsmoe_gate *g, const csm_gate_call *cal
         *call->loss = total;
     if (call->topk && n > 0)
         memcpy(call->topk, s->idx, (size_t)(n * k) * sizeof *s->idx);
-    if (call->slots)
-        for (int64_t i = 0; i < n * k; i++)
-            memcpy(call->slots + i * d, s->yb + s->row_of[i] * d, (size_t)d * sizeof(float));
+    if (call->slots) {
+        gate_token_task slots = {g, s, call->slots};
+        csm_parallel_for(g->ctx, n, CSM_GATE_TOKEN_GRAIN, gate_slots_rows, &slots);
+    }
 
     csm_usage_clear(&g->last, E);
     csm_usage_add(&g->last, s->idx, confidence ? s->c : NULL, n, k, s->conf_loss, conf);

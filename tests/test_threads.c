@@ -185,7 +185,7 @@ out:
 
 static void gate_job(uint64_t seed, int32_t threads, rec *r)
 {
-    enum { N = 9, D = 8, E = 4, K = 2, C = 3, M = 3, S = 1, B = 3 };
+    enum { N = 700, D = 8, E = 4, K = 2, C = 3, M = 3, S = 1, B = 3 }; /* N: tokens in 3 chunks of the token loops */
     confsmoe_ctx *ctx = job_ctx(r, seed, threads);
     if (!ctx)
         return;
