@@ -6,6 +6,7 @@
 
 #include "internal.h"
 #include "layout.h"
+#include "passes.h"
 #include "stage1.h"
 #include "threads.h"
 
@@ -201,7 +202,7 @@ confsmoe_status csm_stage1_fill_inputs(confsmoe_ctx *ctx, const csm_pools *pools
     confsmoe_status s = CONFSMOE_OK;
     for (int32_t m = 0; m < M && s == CONFSMOE_OK; m++) {
         const int64_t width = B > 0 ? inputs[m]->numel / B : 0;  /* S F_m */
-        memcpy(x[m], inputs[m]->data, inputs[m]->nbytes);
+        csm_pass_copy_blocks(ctx, x[m], width, inputs[m]->data, width, B, width);
         bool missing = false;
         for (int64_t b = 0; b < B; b++)
             missing = missing || !avail[b * M + m];
