@@ -14,17 +14,19 @@ typedef struct {
     float *out;
     const float *a, *b;
     const float *gamma, *beta, *mean, *rstd;
-    float *mean_out, *rstd_out, *dgamma, *dbeta;
-    int64_t rows, cols, out_stride, in_stride;
+    float *mean_out, *rstd_out, *partials;
+    int64_t rows, cols, out_stride, in_stride, block_rows;
     float eps;
     bool accumulate;
 } passes_task;
 
-/* Rows per block, and whether the array is worth more than one worker (never without a ctx). */
+static int64_t passes_block_rows(int64_t cols) { return cols >= PASSES_BLOCK_FLOATS ? 1 : PASSES_BLOCK_FLOATS / cols; }
+
+/* Rows per block, and whether the array is worth more than one worker. */
 static int64_t passes_rows_per_block(confsmoe_ctx *ctx, int64_t rows, int64_t cols, bool *parallel)
 {
-    const int64_t per = cols >= PASSES_BLOCK_FLOATS ? 1 : PASSES_BLOCK_FLOATS / cols;
-    *parallel = ctx && rows > per && csm_parallel_workers(ctx, rows) > 1;
+    const int64_t per = passes_block_rows(cols);
+    *parallel = rows > per && csm_parallel_workers(ctx, rows) > 1;
     return per;
 }
 
@@ -161,10 +163,10 @@ static void passes_layernorm_blocks_task(void *arg, int64_t first, int64_t last,
 {
     (void)worker;
     const passes_task *t = arg;
-    const int64_t cols = t->cols, per = t->in_stride;
+    const int64_t cols = t->cols, per = t->block_rows;
     for (int64_t i = first; i < last; i++) {
         const int64_t r0 = i * per, n = t->rows - r0 < per ? t->rows - r0 : per;
-        float *dg = t->dgamma + i * 2 * cols, *db = dg + cols;
+        float *dg = t->partials + i * 2 * cols, *db = dg + cols;
         memset(dg, 0, (size_t)(2 * cols) * sizeof *dg);
         csm_layernorm_backward(t->a + r0 * cols, t->mean + r0, t->rstd + r0, t->gamma, t->b + r0 * cols,
                                t->out + r0 * cols, dg, db, n, cols, t->accumulate);
@@ -173,8 +175,7 @@ static void passes_layernorm_blocks_task(void *arg, int64_t first, int64_t last,
 
 int64_t csm_pass_layernorm_blocks(int64_t rows, int64_t cols)
 {
-    bool parallel;
-    const int64_t per = passes_rows_per_block(NULL, rows, cols, &parallel);
+    const int64_t per = passes_block_rows(cols);
     return (rows + per - 1) / per;
 }
 
@@ -190,9 +191,10 @@ void csm_pass_layernorm_backward(confsmoe_ctx *ctx, const float *x, const float 
                      .gamma = gamma,
                      .mean = mean,
                      .rstd = rstd,
+                     .partials = partials,
                      .rows = rows,
                      .cols = cols,
-                     .in_stride = per,
+                     .block_rows = per,
                      .accumulate = accumulate};
     if (!dgamma) {
         if (parallel)
@@ -204,7 +206,6 @@ void csm_pass_layernorm_backward(confsmoe_ctx *ctx, const float *x, const float 
     /* One pass over the rows, block by block, on any number of threads; then the blocks'
      * parameter gradients are added in block order, so that the sums do not depend on them. */
     const int64_t blocks = (rows + per - 1) / per;
-    t.dgamma = partials;
     csm_parallel_for(ctx, blocks, 1, passes_layernorm_blocks_task, &t);
     for (int64_t i = 0; i < blocks; i++) {
         csm_axpy(dgamma, 1.0f, partials + i * 2 * cols, cols);
