@@ -431,9 +431,9 @@ static void model_layernorm_forward(confsmoe_model *model, const model_layernorm
                                d, LN_EPS);
 }
 
-static void model_layernorm_backward(confsmoe_model *model, gradients *g, const model_layernorm *ln, const float *x,
-                                     const float *stats, const float *dy, int64_t rows, int64_t d, float *dx,
-                                     bool accumulate)
+static void model_layernorm_backward(confsmoe_model *model, gradients *g, const model_layernorm *ln,
+                                     const float *x, const float *stats, const float *dy, int64_t rows, int64_t d,
+                                     float *dx, bool accumulate)
 {
     const csm_params *params = &model->params;
     csm_pass_layernorm_backward(model->ctx, x, stats, stats + rows, csm_f32(ln->weight), dy, dx,
@@ -765,7 +765,8 @@ static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, g
         if (s != CONFSMOE_OK)
             break;
         /* Z = LN2(H_m): its gradient joins the residual's in dsum. */
-        model_layernorm_backward(model, g, &model->ln2, Hm, w->ln2_stats + 2 * first_row, g->dZ, rows, d, g->dsum, true);
+        model_layernorm_backward(model, g, &model->ln2, Hm, w->ln2_stats + 2 * first_row, g->dZ, rows, d, g->dsum,
+                                 true);
         model_scatter_modality(model, g->dsum, g->dH, B, m);
     }
     return s;
