@@ -22,12 +22,15 @@ typedef struct {
 
 static int64_t passes_block_rows(int64_t cols) { return cols >= PASSES_BLOCK_FLOATS ? 1 : PASSES_BLOCK_FLOATS / cols; }
 
-/* Rows per block, and whether the array is worth more than one worker. */
-static int64_t passes_rows_per_block(confsmoe_ctx *ctx, int64_t rows, int64_t cols, bool *parallel)
+/* fn over the rows [0, rows) of t's arrays: in blocks on the threads when there is more than one
+ * block and more than one worker, else at once on the calling thread. */
+static void passes_run_rows(confsmoe_ctx *ctx, int64_t rows, csm_task_fn fn, passes_task *t)
 {
-    const int64_t per = passes_block_rows(cols);
-    *parallel = rows > per && csm_parallel_workers(ctx, rows) > 1;
-    return per;
+    const int64_t per = passes_block_rows(t->cols);
+    if (rows > per && csm_parallel_workers(ctx, rows) > 1)
+        csm_parallel_for(ctx, rows, per, fn, t);
+    else
+        fn(t, 0, rows, 0);
 }
 
 static void passes_broadcast_task(void *arg, int64_t first, int64_t last, int worker)
@@ -39,13 +42,8 @@ static void passes_broadcast_task(void *arg, int64_t first, int64_t last, int wo
 
 void csm_pass_broadcast_rows(confsmoe_ctx *ctx, float *out, const float *bias, int64_t rows, int64_t cols)
 {
-    bool parallel;
-    const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
     passes_task t = {.out = out, .a = bias, .cols = cols};
-    if (parallel)
-        csm_parallel_for(ctx, rows, per, passes_broadcast_task, &t);
-    else
-        csm_broadcast_rows(out, bias, rows, cols);
+    passes_run_rows(ctx, rows, passes_broadcast_task, &t);
 }
 
 static void passes_add_rows_task(void *arg, int64_t first, int64_t last, int worker)
@@ -57,13 +55,8 @@ static void passes_add_rows_task(void *arg, int64_t first, int64_t last, int wor
 
 void csm_pass_add_rows(confsmoe_ctx *ctx, float *x, const float *bias, int64_t rows, int64_t cols)
 {
-    bool parallel;
-    const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
     passes_task t = {.out = x, .a = bias, .cols = cols};
-    if (parallel)
-        csm_parallel_for(ctx, rows, per, passes_add_rows_task, &t);
-    else
-        csm_add_rows(x, bias, rows, cols);
+    passes_run_rows(ctx, rows, passes_add_rows_task, &t);
 }
 
 /* Columns first .. last - 1 of acc, over every row in order. */
@@ -96,13 +89,8 @@ static void passes_add_task(void *arg, int64_t first, int64_t last, int worker)
 
 void csm_pass_add(confsmoe_ctx *ctx, float *y, const float *a, const float *b, int64_t rows, int64_t cols)
 {
-    bool parallel;
-    const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
     passes_task t = {.out = y, .a = a, .b = b, .cols = cols};
-    if (parallel)
-        csm_parallel_for(ctx, rows, per, passes_add_task, &t);
-    else
-        csm_add(y, a, b, rows * cols);
+    passes_run_rows(ctx, rows, passes_add_task, &t);
 }
 
 static void passes_copy_task(void *arg, int64_t first, int64_t last, int worker)
@@ -116,13 +104,8 @@ static void passes_copy_task(void *arg, int64_t first, int64_t last, int worker)
 void csm_pass_copy_blocks(confsmoe_ctx *ctx, float *dst, int64_t dst_stride, const float *src, int64_t src_stride,
                           int64_t count, int64_t len)
 {
-    bool parallel;
-    const int64_t per = passes_rows_per_block(ctx, count, len, &parallel);
     passes_task t = {.out = dst, .a = src, .cols = len, .out_stride = dst_stride, .in_stride = src_stride};
-    if (parallel)
-        csm_parallel_for(ctx, count, per, passes_copy_task, &t);
-    else
-        passes_copy_task(&t, 0, count, 0);
+    passes_run_rows(ctx, count, passes_copy_task, &t);
 }
 
 static void passes_layernorm_forward_task(void *arg, int64_t first, int64_t last, int worker)
@@ -137,14 +120,9 @@ static void passes_layernorm_forward_task(void *arg, int64_t first, int64_t last
 void csm_pass_layernorm_forward(confsmoe_ctx *ctx, const float *x, const float *gamma, const float *beta, float *out,
                                 float *mean, float *rstd, int64_t rows, int64_t cols, float eps)
 {
-    bool parallel;
-    const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
     passes_task t = {.out = out, .a = x, .gamma = gamma, .beta = beta, .mean_out = mean, .rstd_out = rstd,
                      .cols = cols, .eps = eps};
-    if (parallel)
-        csm_parallel_for(ctx, rows, per, passes_layernorm_forward_task, &t);
-    else
-        csm_layernorm_forward(x, gamma, beta, out, mean, rstd, rows, cols, eps);
+    passes_run_rows(ctx, rows, passes_layernorm_forward_task, &t);
 }
 
 /* dx of a block of rows, without the parameter gradients. */
@@ -183,8 +161,7 @@ void csm_pass_layernorm_backward(confsmoe_ctx *ctx, const float *x, const float 
                                  const float *gamma, const float *dout, float *dx, float *dgamma, float *dbeta,
                                  int64_t rows, int64_t cols, bool accumulate, float *partials)
 {
-    bool parallel;
-    const int64_t per = passes_rows_per_block(ctx, rows, cols, &parallel);
+    const int64_t per = passes_block_rows(cols);
     passes_task t = {.out = dx,
                      .a = x,
                      .b = dout,
@@ -197,10 +174,7 @@ void csm_pass_layernorm_backward(confsmoe_ctx *ctx, const float *x, const float 
                      .block_rows = per,
                      .accumulate = accumulate};
     if (!dgamma) {
-        if (parallel)
-            csm_parallel_for(ctx, rows, per, passes_layernorm_dx_task, &t);
-        else
-            csm_layernorm_backward(x, mean, rstd, gamma, dout, dx, NULL, NULL, rows, cols, accumulate);
+        passes_run_rows(ctx, rows, passes_layernorm_dx_task, &t);
         return;
     }
     /* One pass over the rows, block by block, on any number of threads; then the blocks'
