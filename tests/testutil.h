@@ -43,6 +43,14 @@ static void test_free_fn(void *user, void *ptr)
 }
 
 /* A ctx with the given seed, finite checks (1 is the default) and allocator (NULL: the library's). */
+/* A ctx of these parameters; the test fails if it cannot be made. */
+static inline confsmoe_ctx *test_ctx_of(const confsmoe_ctx_params *p)
+{
+    confsmoe_ctx *ctx = NULL;
+    ck_assert_int_eq(confsmoe_ctx_create(p, &ctx), CONFSMOE_OK);
+    return ctx;
+}
+
 static inline confsmoe_ctx *test_ctx_with(uint64_t seed, int32_t check_finite, const confsmoe_allocator *allocator)
 {
     confsmoe_ctx_params p;
@@ -50,9 +58,7 @@ static inline confsmoe_ctx *test_ctx_with(uint64_t seed, int32_t check_finite, c
     p.seed = seed;
     p.check_finite = check_finite;
     p.allocator = allocator;
-    confsmoe_ctx *ctx = NULL;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
-    return ctx;
+    return test_ctx_of(&p);
 }
 
 /* A ctx that allocates through `a` (which must outlive it). */
@@ -72,9 +78,7 @@ static inline confsmoe_ctx *test_ctx_threads(int32_t threads)
     confsmoe_ctx_params p;
     confsmoe_ctx_params_init(&p);
     p.n_threads = threads;
-    confsmoe_ctx *ctx = NULL;
-    ck_assert_int_eq(confsmoe_ctx_create(&p, &ctx), CONFSMOE_OK);
-    return ctx;
+    return test_ctx_of(&p);
 }
 
 /* A tensor of nd of the dims d0..d3 (the rest are ignored). */
