@@ -69,7 +69,6 @@ static void *imputer_backward_alloc(const confsmoe_imputer *imp, const imputer_s
     char *block = csm_layout_size(&l, bytes) ? csm_lent_alloc(imp->ctx, imp->arena, *bytes) : NULL;
     if (!block)
         return NULL;
-    memset(block, 0, *bytes);
     csm_layout_place(&l, block);
     imputer_backward_parts(&l, imp, s, w);
     return block;
@@ -83,7 +82,8 @@ typedef struct {
 } attention_backward_task;
 
 /* Through the attention of samples first .. last - 1: dIhat -> dq, dkv, dv. Each sample writes
- * only its own rows of those (its queries, its k L_b candidates) and its worker's dw and dz. */
+ * only its own rows of those (its queries, its k L_b candidates) and its worker's dw and dz;
+ * its first product into each row sets it (beta 0), so that nothing needs zeroing before. */
 static void imputer_attention_backward_task(void *arg, int64_t first, int64_t last, int worker)
 {
     const attention_backward_task *t = arg;
@@ -99,17 +99,19 @@ static void imputer_attention_backward_task(void *arg, int64_t first, int64_t la
     for (int64_t i = first; i < last; i++) {
         const sample_plan *plan = &s->plans[i];
         const int64_t nq = plan->n_query, L = plan->n_cand;
-        if (L == 0)
-            continue;
-        const float *di = dihat + plan->q_row * d, *q = s->q + plan->q_row * d;
         float *dq = w->dq + plan->q_row * d;
+        if (L == 0) {
+            memset(dq, 0, (size_t)(nq * d) * sizeof *dq);
+            continue;
+        }
+        const float *di = dihat + plan->q_row * d, *q = s->q + plan->q_row * d;
         for (int64_t j = 0; j < k; j++) {
             const int64_t cand = plan->kv_row + j * L, at = plan->att + j * nq * L;
             const float *p = s->p + at, *wt = s->w + at;
             const uint8_t *keep = s->keep + at;
-            /* Ihat = W V: dW = dIhat V^T, dV += W^T dIhat. */
+            /* Ihat = W V: dW = dIhat V^T, dV = W^T dIhat (dkv adds its key term below when it is dv). */
             csm_gemm(imp->ctx, false, true, nq, L, d, 1.0f, di, s->v + cand * d, 0.0f, w->dw);
-            csm_gemm(imp->ctx, true, false, L, d, nq, 1.0f, wt, di, 1.0f, w->dv + cand * d);
+            csm_gemm(imp->ctx, true, false, L, d, nq, 1.0f, wt, di, 0.0f, w->dv + cand * d);
             for (int64_t r = 0; r < nq; r++) {
                 float *dwr = w->dw + r * L;
                 const float *pr = p + r * L, *wr = wt + r * L;
@@ -132,8 +134,9 @@ static void imputer_attention_backward_task(void *arg, int64_t first, int64_t la
                 csm_softmax_backward_row(pr, dwr, w->dz + r * L, L);
             }
             /* logits = q kv^T / sqrt(d). */
-            csm_gemm(imp->ctx, false, false, nq, d, L, scale, w->dz, s->kv + cand * d, 1.0f, dq);
-            csm_gemm(imp->ctx, true, false, L, d, nq, scale, w->dz, q, 1.0f, w->dkv + cand * d);
+            csm_gemm(imp->ctx, false, false, nq, d, L, scale, w->dz, s->kv + cand * d, j > 0 ? 1.0f : 0.0f, dq);
+            csm_gemm(imp->ctx, true, false, L, d, nq, scale, w->dz, q, imp->p.separate_value ? 0.0f : 1.0f,
+                     w->dkv + cand * d);
         }
     }
 }
