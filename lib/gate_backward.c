@@ -143,9 +143,9 @@ static void gate_block_backward_task(void *arg, int64_t first, int64_t last, int
     }
 }
 
-/* dx_t += the input gradients of token t's k slots, in block-row order (the order in which
- * one worker, expert after expert, would add them), so that the sum does not depend on the
- * threads. */
+/* dx_t = the sum of the input gradients of token t's k slots, in block-row order (the order in
+ * which one worker, expert after expert, would add them), so that the sum does not depend on
+ * the threads. */
 typedef struct {
     const confsmoe_gate *g;
     const gate_saved *s;
@@ -168,7 +168,10 @@ static void gate_scatter_rows(void *arg, int64_t first, int64_t last, int worker
                 if (r > last_row && r < next)
                     next = r;
             }
-            csm_axpy(t->dx + tok * d, 1.0f, t->dxb + next * d, d);
+            if (taken == 0)
+                memcpy(t->dx + tok * d, t->dxb + next * d, (size_t)d * sizeof(float));
+            else
+                csm_axpy(t->dx + tok * d, 1.0f, t->dxb + next * d, d);
             last_row = next;
         }
     }
@@ -179,6 +182,7 @@ static void gate_scatter(confsmoe_gate *g, const gate_saved *s, const float *dxb
     const int64_t n = s->n, k = g->p.k, d = g->p.d;
     if (g->p.compat) {
         /* Slots run on token (t k + j) mod N: block-row order over the whole call. */
+        memset(dx, 0, (size_t)(n * d) * sizeof(float));
         for (int64_t r = 0; r < n * k; r++)
             csm_axpy(dx + (s->slot_of[r] % n) * d, 1.0f, dxb + r * d, d);
         return;
@@ -238,8 +242,6 @@ confsmoe_status csm_gate_backward_rows(confsmoe_gate *g, const csm_gate_grad_cal
         return csm_fail(g->ctx, CONFSMOE_E_NOMEM, "gate_backward: out of memory for N=%" PRId64, n);
     call->saved->consumed = true;
     float *gx = call->dx ? (own_dx ? w.dx : call->dx) : NULL;
-    if (gx)
-        memset(gx, 0, dx_bytes);
 
     const bool loss_active = confidence && s->conf_loss && s->den != 0.0f;
     const float loss_scale = loss_active ? call->dloss * g->p.conf_loss_weight * 2.0f / s->den : 0.0f;
