@@ -714,8 +714,7 @@ void *csm_model_gradients_alloc(confsmoe_model *model, int64_t B, gradients *g)
     csm_layout_place(&l, block);
     model_gradients_parts(&l, model, B, g);
     /* Stage 2 (or nothing) adds into dslots; everything else is written before it is read. */
-    const size_t slot_floats = (size_t)(B * model->tokens_total * model->p.k * model->p.d);
-    memset(g->dslots, 0, slot_floats * sizeof(float));
+    csm_pass_zero(model->ctx, g->dslots, B * model->tokens_total * model->p.k, model->p.d);
     return block;
 }
 
@@ -748,7 +747,7 @@ static confsmoe_status model_moe_backward(confsmoe_model *model, workspace *w, g
         const float *dF = g->dsum;
         if (after_ln3) {
             model_gather_modality(model, g->dH2, g->dsum, B, m);
-            memcpy(g->dtok, g->dsum, (size_t)(rows * d) * sizeof(float));
+            csm_pass_copy_blocks(model->ctx, g->dtok, S * d, g->dsum, S * d, B, S * d);
             for (int64_t b = 0; b < B; b++)
                 if (!w->avail[b * M + m])
                     memset(g->dtok + b * S * d, 0, (size_t)(S * d) * sizeof(float));

@@ -33,6 +33,19 @@ static void passes_run_rows(confsmoe_ctx *ctx, int64_t rows, csm_task_fn fn, pas
         fn(t, 0, rows, 0);
 }
 
+static void passes_zero_task(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const passes_task *t = arg;
+    memset(t->out + first * t->cols, 0, (size_t)((last - first) * t->cols) * sizeof(float));
+}
+
+void csm_pass_zero(confsmoe_ctx *ctx, float *out, int64_t rows, int64_t cols)
+{
+    passes_task t = {.out = out, .cols = cols};
+    passes_run_rows(ctx, rows, passes_zero_task, &t);
+}
+
 static void passes_broadcast_task(void *arg, int64_t first, int64_t last, int worker)
 {
     (void)worker;

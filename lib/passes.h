@@ -11,6 +11,8 @@
 
 #include "internal.h"
 
+/* out[rows, cols] = 0. */
+void csm_pass_zero(confsmoe_ctx *ctx, float *out, int64_t rows, int64_t cols);
 /* Each row of out[rows, cols] = bias[cols]. */
 void csm_pass_broadcast_rows(confsmoe_ctx *ctx, float *out, const float *bias, int64_t rows, int64_t cols);
 /* Each row of x[rows, cols] += bias[cols]. */

@@ -1,7 +1,7 @@
 /* The whole-array passes (lib/passes.h), called directly: on a ctx of 2 and 3 threads every
  * output is bit-identical to the serial kernels of lib/kernels.h on one thread, for arrays of
  * several blocks with a ragged last block, LayerNorm backward writing or adding dx, and dx
- * taking the place of dout; bias rows and column sums. */
+ * taking the place of dout; bias rows, column sums and zeroed rows. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,6 +89,11 @@ START_TEST(test_passes_match_the_serial_kernels)
         same(sum, sum1, n, "add", t);
         csm_pass_broadcast_rows(ctx, bcast, gamma, ROWS, COLS);
         same(bcast, bcast1, n, "broadcast", t);
+        /* All rows but the last of sum zeroed: the last keeps x + y. */
+        csm_pass_zero(ctx, sum, ROWS - 1, COLS);
+        for (int64_t i = 0; i < (ROWS - 1) * COLS; i++)
+            ck_assert_msg(sum[i] == 0.0f, "element %ld not zeroed at %d threads", (long)i, t);
+        same(sum + (ROWS - 1) * COLS, sum1 + (ROWS - 1) * COLS, COLS, "the row after the zeroed ones", t);
         /* Blocks 3 rows long, every other one of x into a packed array and back out. */
         const int64_t len = 3 * COLS, count = ROWS / 6;
         float *packed = xcalloc((size_t)(count * len), sizeof *packed), *back = xcalloc((size_t)n, sizeof *back);
