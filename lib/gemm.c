@@ -31,6 +31,16 @@
  * small gate (64 x 128 x 128 expert products) took twice as long as at 1 (docs/PERFORMANCE.md). */
 #define MNK_PER_BLIS_THREAD (INT64_C(1) << 20)
 
+/* A product whose sums are at least this many times longer than C is wide or tall is split
+ * over the ctx's own threads by rows (or columns) of C, each part a one-thread BLIS call: BLIS
+ * 0.9.0 splits such products inside its macro-kernel and meets at a barrier every 256 terms.
+ * The weight gradients (128 x 128 x 38 400 at the paper's shape) ran at 145 GFLOP/s on 2
+ * threads that way and 170 split by rows (docs/PERFORMANCE.md). Each element is summed as on
+ * one thread, so the bits do not change. */
+#define LONG_SUM_RATIO 4
+/* Parts of C in whole columns of the micro-kernels' tiles (6 or 16 wide on these CPUs). */
+#define SPLIT_ALIGN 16
+
 /* C = beta C (C = 0 when beta is 0, as BLIS does: no NaN from the old C survives). */
 static void scale_c(int64_t m, int64_t n, float beta, float *c, int64_t ldc)
 {
@@ -116,6 +126,56 @@ static void gemm_direct_rows_task(void *arg, int64_t first, int64_t last, int wo
                     t->ldb, t->beta, t->c + first * t->ldc, t->ldc);
 }
 
+/* The product in BLIS on at most `useful` threads of a team of `team` (0: the host's setting
+ * for BLIS: BLIS_NUM_THREADS, or -1 when the host gave per-loop ways such as BLIS_JC_NT, which
+ * are kept unless the product is worth one thread only). */
+static void gemm_blis(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                      int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc, int64_t team,
+                      int64_t useful)
+{
+    /* BLIS 0.9.0's small-matrix ("sup") kernels read past the end of their operands
+     * (flame/blis#635, #821: fixed upstream after 0.9.0, the Debian 12 version), which
+     * can fault when a host buffer ends at a page boundary. The packed path reads in bounds. */
+    rntm_t rntm;
+    bli_rntm_init_from_global(&rntm);
+    bli_rntm_disable_l3_sup(&rntm);
+    if (team < 1)
+        team = bli_rntm_num_threads(&rntm);
+    if (team >= 1 || useful == 1)
+        bli_rntm_set_num_threads((dim_t)(team >= 1 && team < useful ? team : useful), &rntm);
+    /* BLIS takes the strides of the stored matrix and applies the transpose itself. */
+    bli_sgemm_ex(trans_a ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE, trans_b ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE,
+                 (dim_t)m, (dim_t)n, (dim_t)k, &alpha, (float *)a, (inc_t)lda, 1, (float *)b, (inc_t)ldb, 1, &beta, c,
+                 (inc_t)ldc, 1, NULL, &rntm);
+}
+
+/* Rows (or columns) first .. last - 1 of C of a long-sum product, on one BLIS thread. */
+typedef struct {
+    bool trans_a, trans_b, by_rows;
+    int64_t m, n, k;
+    float alpha;
+    const float *a;
+    int64_t lda;
+    const float *b;
+    int64_t ldb;
+    float beta;
+    float *c;
+    int64_t ldc;
+} gemm_split_task;
+
+static void gemm_split_part(void *arg, int64_t first, int64_t last, int worker)
+{
+    (void)worker;
+    const gemm_split_task *t = arg;
+    if (t->by_rows)
+        gemm_blis(t->trans_a, t->trans_b, last - first, t->n, t->k, t->alpha,
+                  t->a + (t->trans_a ? first : first * t->lda), t->lda, t->b, t->ldb, t->beta, t->c + first * t->ldc,
+                  t->ldc, 1, 1);
+    else
+        gemm_blis(t->trans_a, t->trans_b, t->m, last - first, t->k, t->alpha, t->a, t->lda,
+                  t->b + (t->trans_b ? first * t->ldb : first), t->ldb, t->beta, t->c + first, t->ldc, 1, 1);
+}
+
 void csm_gemm_ld(confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc)
 {
@@ -141,27 +201,24 @@ void csm_gemm_ld(confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64
     if ((m * n * k < DIRECT_GEMM_MNK || narrow) &&
         csm_gemm_direct(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
         return;
-    /* BLIS 0.9.0's small-matrix ("sup") kernels read past the end of their operands
-     * (flame/blis#635, #821: fixed upstream after 0.9.0, the Debian 12 version), which
-     * can fault when a host buffer ends at a page boundary. The packed path reads in bounds. */
-    rntm_t rntm;
-    bli_rntm_init_from_global(&rntm);
-    bli_rntm_disable_l3_sup(&rntm);
-    /* BLIS's team: one thread inside a worker of the library's own threads (the workers already
-     * occupy the cores, threads.h); else the ctx's thread count, or, when that is 1, the host's
-     * setting for BLIS (BLIS_NUM_THREADS; -1 when the host gave per-loop ways such as BLIS_JC_NT,
-     * which are kept unless the product is worth one thread only). */
-    const dim_t host_team = bli_rntm_num_threads(&rntm);
-    const int64_t team = csm_threads_in_worker() ? 1 : ctx->threads > 1 ? ctx->threads : host_team;
     int64_t useful = m * n * k / MNK_PER_BLIS_THREAD;
     if (useful < 1)
         useful = 1;
-    if (team >= 1 || useful == 1)
-        bli_rntm_set_num_threads((dim_t)(team >= 1 && team < useful ? team : useful), &rntm);
-    /* BLIS takes the strides of the stored matrix and applies the transpose itself. */
-    bli_sgemm_ex(trans_a ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE, trans_b ? BLIS_TRANSPOSE : BLIS_NO_TRANSPOSE,
-                 (dim_t)m, (dim_t)n, (dim_t)k, &alpha, (float *)a, (inc_t)lda, 1, (float *)b, (inc_t)ldb, 1, &beta, c,
-                 (inc_t)ldc, 1, NULL, &rntm);
+    const bool by_rows = m >= n;
+    const int64_t wide = by_rows ? m : n;
+    const int workers = csm_parallel_workers(ctx, useful);
+    if (workers > 1 && k >= LONG_SUM_RATIO * wide) {
+        const int64_t per = (wide / workers + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
+        if (per < wide) {
+            gemm_split_task t = {trans_a, trans_b, by_rows, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc};
+            csm_parallel_for(ctx, wide, per, gemm_split_part, &t);
+            return;
+        }
+    }
+    /* BLIS's team: one thread inside a worker of the library's own threads (the workers already
+     * occupy the cores, threads.h); else the ctx's thread count, or, when that is 1, the host's. */
+    gemm_blis(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+              csm_threads_in_worker() ? 1 : ctx->threads > 1 ? ctx->threads : 0, useful);
 }
 
 void csm_gemm(confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,

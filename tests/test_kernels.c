@@ -209,35 +209,47 @@ START_TEST(test_gemm_direct)
 }
 END_TEST
 
-/* csm_gemm_ld on a ctx of 2 threads, which splits narrow products over its threads by rows,
- * gives the bits of 1 thread: the classifier's and the router's shapes, and a wide one for BLIS. */
+/* csm_gemm_ld on a ctx of 2 and 3 threads, which splits narrow products over its threads by
+ * rows, and products with long sums by rows or columns of C, gives the bits of 1 thread: the
+ * classifier's and the router's shapes, and long sums with each operand stored either way. */
 START_TEST(test_gemm_threads_same_results)
 {
     const struct {
         bool ta, tb;
         int64_t m, n, k;
     } cases[] = {{false, true, 2000, 10, 128}, {false, false, 2000, 8, 64}, {false, false, 1999, 128, 10},
-                 {true, false, 128, 96, 1000}};
-    confsmoe_ctx *one = test_ctx_threads(1), *two = test_ctx_threads(2);
+                 {true, false, 128, 96, 1000},  {true, false, 10, 128, 2000}, {false, true, 40, 200, 1000},
+                 {false, false, 150, 40, 900},  {true, true, 130, 70, 800}};
+    confsmoe_ctx *one = test_ctx_threads(1), *two = test_ctx_threads(2), *three = test_ctx_threads(3);
     trng r = {13};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         const bool ta = cases[i].ta, tb = cases[i].tb;
         const int64_t m = cases[i].m, n = cases[i].n, k = cases[i].k;
         float *a = xcalloc((size_t)(m * k), sizeof *a), *b = xcalloc((size_t)(k * n), sizeof *b);
         float *c1 = xcalloc((size_t)(m * n), sizeof *c1), *c2 = xcalloc((size_t)(m * n), sizeof *c2);
+        float *c3 = xcalloc((size_t)(m * n), sizeof *c3);
         for (int64_t j = 0; j < m * k; j++)
             a[j] = (float)trng_uniform(&r, -1, 1);
         for (int64_t j = 0; j < k * n; j++)
             b[j] = (float)trng_uniform(&r, -1, 1);
         for (int64_t j = 0; j < m * n; j++)
-            c1[j] = c2[j] = (float)trng_uniform(&r, -1, 1);
+            c1[j] = c2[j] = c3[j] = (float)trng_uniform(&r, -1, 1);
+        /* The product itself, against a sum in double. */
+        const int64_t i0 = m / 2, j0 = n - 1;
+        double want = c1[i0 * n + j0];
+        for (int64_t p = 0; p < k; p++)
+            want += 0.5 * (ta ? a[p * m + i0] : a[i0 * k + p]) * (tb ? b[j0 * k + p] : b[p * n + j0]);
         csm_gemm(one, ta, tb, m, n, k, 0.5f, a, b, 1.0f, c1);
         csm_gemm(two, ta, tb, m, n, k, 0.5f, a, b, 1.0f, c2);
+        csm_gemm(three, ta, tb, m, n, k, 0.5f, a, b, 1.0f, c3);
+        ck_assert_msg(fabs(c1[i0 * n + j0] - want) < 1e-3, "case %zu: %g, not %g", i, c1[i0 * n + j0], want);
         ck_assert_msg(memcmp(c1, c2, (size_t)(m * n) * sizeof *c1) == 0, "case %zu: 2 threads differ from 1", i);
-        free(a), free(b), free(c1), free(c2);
+        ck_assert_msg(memcmp(c1, c3, (size_t)(m * n) * sizeof *c1) == 0, "case %zu: 3 threads differ from 1", i);
+        free(a), free(b), free(c1), free(c2), free(c3);
     }
     confsmoe_ctx_destroy(one);
     confsmoe_ctx_destroy(two);
+    confsmoe_ctx_destroy(three);
 }
 END_TEST
 
