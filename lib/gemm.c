@@ -104,10 +104,10 @@ static void small_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t
     }
 }
 
-/* Rows first .. last - 1 of a narrow product with A as stored (not transposed). */
+/* A product split over the ctx's threads by rows (or columns) of C. */
 typedef struct {
-    bool trans_b;
-    int64_t n, k;
+    bool trans_a, trans_b, by_rows;
+    int64_t m, n, k;
     float alpha;
     const float *a;
     int64_t lda;
@@ -116,12 +116,13 @@ typedef struct {
     float beta;
     float *c;
     int64_t ldc;
-} gemm_rows_task;
+} gemm_part_task;
 
+/* Rows first .. last - 1 of a narrow product with A as stored (not transposed). */
 static void gemm_direct_rows_task(void *arg, int64_t first, int64_t last, int worker)
 {
     (void)worker;
-    const gemm_rows_task *t = arg;
+    const gemm_part_task *t = arg;
     csm_gemm_direct(false, t->trans_b, last - first, t->n, t->k, t->alpha, t->a + first * t->lda, t->lda, t->b,
                     t->ldb, t->beta, t->c + first * t->ldc, t->ldc);
 }
@@ -150,23 +151,10 @@ static void gemm_blis(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
 }
 
 /* Rows (or columns) first .. last - 1 of C of a long-sum product, on one BLIS thread. */
-typedef struct {
-    bool trans_a, trans_b, by_rows;
-    int64_t m, n, k;
-    float alpha;
-    const float *a;
-    int64_t lda;
-    const float *b;
-    int64_t ldb;
-    float beta;
-    float *c;
-    int64_t ldc;
-} gemm_split_task;
-
 static void gemm_split_part(void *arg, int64_t first, int64_t last, int worker)
 {
     (void)worker;
-    const gemm_split_task *t = arg;
+    const gemm_part_task *t = arg;
     if (t->by_rows)
         gemm_blis(t->trans_a, t->trans_b, last - first, t->n, t->k, t->alpha,
                   t->a + (t->trans_a ? first : first * t->lda), t->lda, t->b, t->ldb, t->beta, t->c + first * t->ldc,
@@ -194,7 +182,7 @@ void csm_gemm_ld(confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64
     if (m * n * k >= DIRECT_GEMM_MNK && narrow && csm_gemm_direct_fits(trans_b, n, k) &&
         csm_parallel_workers(ctx, m / DIRECT_ROWS_PER_WORKER) > 1) {
         /* A product BLIS would have split over its threads: rows split over the ctx's. */
-        gemm_rows_task t = {trans_b, n, k, alpha, a, lda, b, ldb, beta, c, ldc};
+        gemm_part_task t = {false, trans_b, true, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc};
         csm_parallel_for(ctx, m, DIRECT_ROWS_PER_WORKER / 2, gemm_direct_rows_task, &t);
         return;
     }
@@ -210,7 +198,7 @@ void csm_gemm_ld(confsmoe_ctx *ctx, bool trans_a, bool trans_b, int64_t m, int64
     if (workers > 1 && k >= LONG_SUM_RATIO * wide) {
         const int64_t per = (wide / workers + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
         if (per < wide) {
-            gemm_split_task t = {trans_a, trans_b, by_rows, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc};
+            gemm_part_task t = {trans_a, trans_b, by_rows, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc};
             csm_parallel_for(ctx, wide, per, gemm_split_part, &t);
             return;
         }
