@@ -65,7 +65,7 @@ static void *gate_backward_alloc(confsmoe_gate *g, const gate_saved *s, bool own
 {
     const size_t E = (size_t)g->n_experts, k = (size_t)g->p.k, d = (size_t)g->p.d, N = (size_t)s->n;
     size_t per_worker, all_workers;
-    if (!csm_gate_experts_scratch(g, s, true, &per_worker))
+    if (!csm_gate_experts_scratch(g, s, &per_worker))
         return NULL;
     per_worker = per_worker > 2 * d ? per_worker : 2 * d;
     if (!csm_mul_size(per_worker, (size_t)workers, &all_workers))

@@ -33,9 +33,9 @@ bool csm_gate_expert_sizes(const confsmoe_gate *g, const gate_saved *s, size_t *
     return true;
 }
 
-/* Local experts, per worker: forward, the activation [rows_h_max]; backward, the block's input
- * rows [rows_max, d] and then the expert's scratch [rows_h_max]. */
-bool csm_gate_experts_scratch(const confsmoe_gate *g, const gate_saved *s, bool backward, size_t *per_worker)
+/* Local experts, per worker: the block's input rows [rows_max, d], then the expert's scratch
+ * [rows_h_max] (forward: the activation). */
+bool csm_gate_experts_scratch(const confsmoe_gate *g, const gate_saved *s, size_t *per_worker)
 {
     size_t rows_max, rows_h_max, rows_d;
     *per_worker = 0;
@@ -43,10 +43,6 @@ bool csm_gate_experts_scratch(const confsmoe_gate *g, const gate_saved *s, bool 
         return false;
     if (!g->experts)
         return true;
-    if (!backward) {
-        *per_worker = rows_h_max;
-        return true;
-    }
     if (!csm_mul_size(rows_max, (size_t)g->p.d, &rows_d) || rows_d > SIZE_MAX / 8 - rows_h_max)
         return false;
     *per_worker = rows_d + rows_h_max;
@@ -76,7 +72,7 @@ bool csm_gate_experts_keep(confsmoe_gate *g, gate_saved *s, bool training)
 typedef struct {
     confsmoe_gate *g;
     gate_saved *s;
-    const float *rows;  /* forward: the input rows xb; backward: the output gradients dyb */
+    const float *rows;  /* forward: the call's input rows x; backward: the output gradients dyb */
     float *dxb;         /* backward: the input gradients, or NULL */
     float *scratch;
     size_t per_worker;
@@ -88,13 +84,16 @@ static void gate_run_forward_task(void *arg, int64_t first, int64_t last, int wo
     const confsmoe_gate *g = t->g;
     const gate_saved *s = t->s;
     const int64_t d = g->p.d;
-    float *act = t->scratch + (size_t)worker * t->per_worker;
+    float *xs = t->scratch + (size_t)worker * t->per_worker;
     for (int64_t i = first; i < last; i++) {
         const int32_t e = s->by_rows[i];
         const int64_t begin = s->offset[e], rows = s->offset[e + 1] - begin;
-        if (rows > 0)
-            csm_expert_forward_rows(g->experts[e], t->rows + begin * d, rows, s->yb + begin * d,
-                                    s->kept_block ? s->kept_block + s->kept_at[e] : NULL, act);
+        if (rows == 0)
+            continue;
+        /* Gathered here, so that the expert's first product reads them from cache. */
+        csm_gate_gather_rows(g, s, e, t->rows, xs);
+        csm_expert_forward_rows(g->experts[e], xs, rows, s->yb + begin * d,
+                                s->kept_block ? s->kept_block + s->kept_at[e] : NULL, xs + rows * d);
     }
 }
 
@@ -117,11 +116,11 @@ static void gate_run_backward_task(void *arg, int64_t first, int64_t last, int w
     }
 }
 
-confsmoe_status csm_gate_experts_forward(confsmoe_gate *g, gate_saved *s, const float *xb, bool training,
-                                         float *scratch, size_t per_worker)
+confsmoe_status csm_gate_experts_forward(confsmoe_gate *g, gate_saved *s, const float *x, const float *xb,
+                                         bool training, float *scratch, size_t per_worker)
 {
     if (g->experts) {
-        gate_run_task task = {g, s, xb, NULL, scratch, per_worker};
+        gate_run_task task = {g, s, x, NULL, scratch, per_worker};
         csm_parallel_for(g->ctx, g->n_experts, 1, gate_run_forward_task, &task);
         return CONFSMOE_OK;
     }

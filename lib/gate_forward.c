@@ -233,14 +233,14 @@ static void gate_combine_rows(void *arg, int64_t first, int64_t last, int worker
     }
 }
 
-/* The packed input rows [n k, d] and each worker's scratch: the runner's, then d floats for
- * the ConfNet. NULL: out of memory or too large. */
+/* The packed input rows [n k, d] for an exchange (none with local experts) and each worker's
+ * scratch: the runner's, then d floats for the ConfNet. NULL: out of memory or too large. */
 static float *gate_forward_scratch(confsmoe_gate *g, const gate_saved *s, int workers, size_t *per_worker,
                                    size_t *bytes)
 {
-    const size_t d = (size_t)g->p.d, nk = (size_t)s->n * (size_t)g->p.k;
+    const size_t d = (size_t)g->p.d, nk = g->experts ? 0 : (size_t)s->n * (size_t)g->p.k;
     size_t runner, packed, floats;
-    if (!csm_gate_experts_scratch(g, s, false, &runner) || runner > SIZE_MAX / 8 - d ||
+    if (!csm_gate_experts_scratch(g, s, &runner) || runner > SIZE_MAX / 8 - d ||
         !csm_mul_size(runner + d, (size_t)workers, &floats) || !csm_mul_size(nk, d, &packed) ||
         floats > SIZE_MAX / 8 - packed || !csm_mul_size(packed + floats, sizeof(float), bytes))
         return NULL;
@@ -298,10 +298,11 @@ confsmoe_status csm_gate_forward_rows(confsmoe_gate *g, const csm_gate_call *cal
         st = csm_fail(g->ctx, CONFSMOE_E_NOMEM,
                       "gate_forward: out of memory for the experts' activations (N=%" PRId64 ")", n);
     if (st == CONFSMOE_OK) {
-        float *xb = scratch, *workers_scratch = scratch + (size_t)(n * k * d);
+        float *xb = g->experts ? NULL : scratch, *workers_scratch = scratch + (xb ? (size_t)(n * k * d) : 0);
         gate_expert_task task = {g, s, xin, xb, workers_scratch, per_worker};
-        csm_parallel_for(g->ctx, E, 1, gate_pack_task, &task);
-        st = csm_gate_experts_forward(g, s, xb, training, workers_scratch, per_worker);
+        if (xb)
+            csm_parallel_for(g->ctx, E, 1, gate_pack_task, &task);
+        st = csm_gate_experts_forward(g, s, xin, xb, training, workers_scratch, per_worker);
         if (st == CONFSMOE_OK && confidence) {
             /* The ConfNet's d floats follow the runner's part of each worker's scratch. */
             task.scratch = workers_scratch + per_worker - (size_t)d;

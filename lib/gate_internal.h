@@ -100,15 +100,18 @@ void csm_gate_gather_rows(const confsmoe_gate *g, const gate_saved *s, int32_t e
 /* Rows of the largest expert batch, and the largest rows * h (0 with an exchange); false if
  * that overflows. */
 bool csm_gate_expert_sizes(const confsmoe_gate *g, const gate_saved *s, size_t *rows_max, size_t *rows_h_max);
-/* Floats of scratch per worker that the runner's forward (backward false) or backward needs;
- * false if that overflows. */
-bool csm_gate_experts_scratch(const confsmoe_gate *g, const gate_saved *s, bool backward, size_t *per_worker);
+/* Floats of scratch per worker that the runner's forward and backward need; false if that
+ * overflows. */
+bool csm_gate_experts_scratch(const confsmoe_gate *g, const gate_saved *s, size_t *per_worker);
 /* Training with local experts: allocates s->kept_block, where they keep what backward needs.
  * false: out of memory. */
 bool csm_gate_experts_keep(confsmoe_gate *g, gate_saved *s, bool training);
-/* The experts' outputs yb of the packed input rows xb [n k, d] (block order). scratch has
- * per_worker floats (csm_gate_experts_scratch) for each worker. Fails only behind an exchange. */
-confsmoe_status csm_gate_experts_forward(confsmoe_gate *g, gate_saved *s, const float *xb, bool training,
+/* The experts' outputs yb (block order) of the call's input rows x [n, d]: local experts
+ * gather each block's rows into their worker's scratch, right before they run on them; an
+ * exchange gets them packed, xb [n k, d] (NULL with local experts). scratch has per_worker
+ * floats (csm_gate_experts_scratch) for each worker. Fails only behind an exchange. */
+confsmoe_status csm_gate_experts_forward(confsmoe_gate *g, gate_saved *s, const float *x, const float *xb,
+                                         bool training,
                                          float *scratch, size_t per_worker);
 /* Whether the runner's backward writes the experts' input gradients even when the caller wants
  * none: an exchange always does, so that every participant of a collective exchange makes the
