@@ -89,7 +89,6 @@ static gate_saved *gate_alloc_saved(confsmoe_gate *g, int64_t n, bool training)
 typedef struct {
     const confsmoe_gate *g;
     const gate_saved *s;
-    float *slots;
 } gate_token_task;
 
 /* Top-k of the tokens' logits and the softmax over the kept ones. */
@@ -103,16 +102,6 @@ static void gate_topk_rows(void *arg, int64_t first, int64_t last, int worker)
     for (int64_t i = first * k; i < last * k; i++)
         s->g[i] = s->u[(i / k) * E + s->idx[i]];
     csm_softmax_rows(s->g + first * k, last - first, k);
-}
-
-/* Each token's k expert outputs, in slot order. */
-static void gate_slots_rows(void *arg, int64_t first, int64_t last, int worker)
-{
-    (void)worker;
-    const gate_token_task *t = arg;
-    const int64_t d = t->g->p.d, k = t->g->p.k;
-    for (int64_t i = first * k; i < last * k; i++)
-        memcpy(t->slots + i * d, t->s->yb + t->s->row_of[i] * d, (size_t)d * sizeof(float));
 }
 
 /* Logits, noise (training), top-k and the softmax over the kept logits. The call takes the
@@ -130,7 +119,7 @@ static void gate_route(confsmoe_gate *g, gate_saved *s, const float *x, int64_t 
         for (int64_t i = 0; i < n * E; i++)
             s->sigma[i] = csm_softplus(s->h[i]) + 0.01f;
     }
-    gate_token_task task = {g, s, NULL};
+    gate_token_task task = {g, s};
     csm_parallel_for(g->ctx, n, CSM_GATE_TOKEN_GRAIN, gate_topk_rows, &task);
 }
 
@@ -217,9 +206,11 @@ typedef struct {
     const gate_saved *s;
     const float *weight;
     float *out;
+    float *slots; /* or NULL */
 } gate_combine_task;
 
-/* y_t = sum_j weight_tj y_tj, each output row written once. */
+/* y_t = sum_j weight_tj y_tj, each output row written once; with slots, each token's k expert
+ * outputs in slot order too, from the same reads. */
 static void gate_combine_rows(void *arg, int64_t first, int64_t last, int worker)
 {
     const gate_combine_task *t = arg;
@@ -227,9 +218,15 @@ static void gate_combine_rows(void *arg, int64_t first, int64_t last, int worker
     (void)worker;
     for (int64_t tok = first; tok < last; tok++) {
         float *o = t->out + tok * d;
-        csm_scale_copy(o, t->weight[tok * k], t->s->yb + t->s->row_of[tok * k] * d, d);
-        for (int64_t j = 1; j < k; j++)
-            csm_axpy(o, t->weight[tok * k + j], t->s->yb + t->s->row_of[tok * k + j] * d, d);
+        for (int64_t j = 0; j < k; j++) {
+            const float *yj = t->s->yb + t->s->row_of[tok * k + j] * d;
+            if (j == 0)
+                csm_scale_copy(o, t->weight[tok * k], yj, d);
+            else
+                csm_axpy(o, t->weight[tok * k + j], yj, d);
+            if (t->slots)
+                memcpy(t->slots + (tok * k + j) * d, yj, (size_t)d * sizeof(float));
+        }
     }
 }
 
@@ -318,7 +315,7 @@ confsmoe_status csm_gate_forward_rows(confsmoe_gate *g, const csm_gate_call *cal
         return st;
     }
 
-    gate_combine_task ct = {g, s, confidence ? s->c : s->g, call->y};
+    gate_combine_task ct = {g, s, confidence ? s->c : s->g, call->y, call->slots};
     csm_parallel_for(g->ctx, n, CSM_GATE_TOKEN_GRAIN, gate_combine_rows, &ct);
 
     float conf = 0.0f;
@@ -337,10 +334,6 @@ confsmoe_status csm_gate_forward_rows(confsmoe_gate *g, const csm_gate_call *cal
         *call->loss = total;
     if (call->topk && n > 0)
         memcpy(call->topk, s->idx, (size_t)(n * k) * sizeof *s->idx);
-    if (call->slots) {
-        gate_token_task slots = {g, s, call->slots};
-        csm_parallel_for(g->ctx, n, CSM_GATE_TOKEN_GRAIN, gate_slots_rows, &slots);
-    }
 
     csm_usage_clear(&g->last, E);
     csm_usage_add(&g->last, s->idx, confidence ? s->c : NULL, n, k, s->conf_loss, conf);
