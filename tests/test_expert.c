@@ -225,7 +225,9 @@ typedef struct {
     int64_t n, d, h;
 } shape;
 
-static const shape shapes[] = {{1, 1, 1}, {1, 3, 5}, {4, 3, 7}, {7, 130, 33}, {16, 8, 8}, {0, 4, 4}};
+/* The last two run forward in chunks of rows (512 + 788 and 7 x 256 + 308). */
+static const shape shapes[] = {{1, 1, 1}, {1, 3, 5}, {4, 3, 7},       {7, 130, 33},
+                               {16, 8, 8}, {0, 4, 4}, {1300, 16, 128}, {2100, 8, 256}};
 #define N_SHAPES ((int)(sizeof shapes / sizeof shapes[0]))
 
 /* ------------------------------------------------------------ creation */
