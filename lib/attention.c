@@ -8,6 +8,13 @@
 
 size_t csm_attention_scratch_floats(int64_t L, int64_t d) { return (size_t)(3 * L * L + (d + 3) / 4); }
 
+/* Training keeps the weights when they take at most this many [B L, d] arrays: at the paper's
+ * shape (L 150, 4 heads, d 128) 4.7, 92 MB, and backward saves a Q K^T product and a softmax
+ * per head (docs/PERFORMANCE.md). Longer sequences recompute them instead. */
+#define ATTENTION_KEEP_RATIO 8
+
+bool csm_attention_keeps_weights(int64_t L, int64_t d, int64_t heads) { return heads * L <= ATTENTION_KEEP_RATIO * d; }
+
 /* One worker's attention scratch. */
 typedef struct {
     float *P, *P_w, *dP;  /* [L, L] */
@@ -28,27 +35,34 @@ static uint8_t *attention_keep_of(const confsmoe_model *model, const workspace *
     return w->attn_keep + (size_t)(b * model->p.heads + h) * (size_t)(L * L);
 }
 
-/* The weights of head h of sample b: P = softmax(scale Q K^T) into a->P, and into a->P_w the
- * dropped weights P keep / (1 - p) with the draws of this head (when dropout is on), which
- * forward draws and backward reads back: backward sees exactly forward's weights. */
+/* The weights of head h of sample b, P = softmax(scale Q K^T): forward computes them, into
+ * w->attn_weights when training keeps them (else into a->P), and backward reads them back or
+ * computes them again, bit for bit. With dropout, a->P_w gets the dropped weights P keep / (1 - p)
+ * with the draws of this head, which forward draws and backward reads back. Returns P; *used is
+ * the weights ctx is made from (P or a->P_w). */
 static const float *attention_weights(const confsmoe_model *model, const workspace *w, const attention_scratch *a,
-                                      int64_t b, int64_t h, bool backward)
+                                      int64_t b, int64_t h, bool backward, const float **used)
 {
     const int64_t L = model->tokens_total, d = model->p.d, heads = model->p.heads, dh = d / heads;
-    const float scale = 1.0f / sqrtf((float)dh);
-    const int64_t off = b * L * d + h * dh;
-    csm_gemm_ld(model->ctx, false, true, L, L, dh, scale, w->Q + off, d, w->K + off, d, 0.0f, a->P, L);
-    csm_softmax_rows(a->P, L, L);
+    float *P = w->attn_weights ? w->attn_weights + (size_t)(b * heads + h) * (size_t)(L * L) : a->P;
+    if (!backward || !w->attn_weights) {
+        const float scale = 1.0f / sqrtf((float)dh);
+        const int64_t off = b * L * d + h * dh;
+        csm_gemm_ld(model->ctx, false, true, L, L, dh, scale, w->Q + off, d, w->K + off, d, 0.0f, P, L);
+        csm_softmax_rows(P, L, L);
+    }
+    *used = P;
     if (!w->dropout)
-        return a->P;
+        return P;
     const float kept = 1.0f / (1.0f - model->p.dropout);
     uint8_t *keep = attention_keep_of(model, w, b, h);
     if (!backward)
         csm_rng_dropout_mask(model->ctx,
                              w->draws.attention + (uint64_t)((w->first + b) * heads + h) * csm_dropout_draws(L * L),
                              model->p.dropout, keep, L * L);
-    csm_mask_scale(a->P_w, a->P, keep, kept, L * L);
-    return a->P_w;
+    csm_mask_scale(a->P_w, P, keep, kept, L * L);
+    *used = a->P_w;
+    return P;
 }
 
 typedef struct {
@@ -68,7 +82,8 @@ static void attention_forward_task(void *arg, int64_t first, int64_t last, int w
         for (int64_t h = 0; h < heads; h++) {
             /* Head h of sample b: columns h dh .. h dh + dh - 1 of rows b L .. b L + L - 1. */
             const int64_t off = b * L * d + h * dh;
-            const float *weights = attention_weights(model, w, &a, b, h, false);
+            const float *weights;
+            attention_weights(model, w, &a, b, h, false, &weights);
             csm_gemm_ld(model->ctx, false, false, L, dh, L, 1.0f, weights, L, w->V + off, d, 0.0f, w->ctx_ + off, d);
         }
 }
@@ -133,7 +148,7 @@ static void attention_backward_task(void *arg, int64_t first, int64_t last, int 
         for (int64_t h = 0; h < heads; h++) {
             const int64_t off = b * L * d + h * dh;
             /* Forward's weights again. */
-            const float *weights = attention_weights(model, w, &a, b, h, true), *P = a.P;
+            const float *weights, *P = attention_weights(model, w, &a, b, h, true, &weights);
             /* ctx = weights V: d(weights) = dctx V^T and dV = weights^T dctx. */
             csm_gemm_ld(model->ctx, false, true, L, L, dh, 1.0f, g->dctx + off, d, w->V + off, d, 0.0f, a.dP, L);
             csm_gemm_ld(model->ctx, true, false, L, dh, L, 1.0f, weights, L, g->dctx + off, d, 0.0f, g->dV + off, d);

@@ -10,6 +10,9 @@
 /* Floats of one worker's scratch (w->scratch_stride): P, dropped P and dP [L, L], then one
  * row's residual dropout draws [d] (bytes). */
 size_t csm_attention_scratch_floats(int64_t L, int64_t d);
+/* Whether a training step keeps the attention weights [B, heads, L, L] for backward
+ * (w->attn_weights) rather than computing them again there. */
+bool csm_attention_keeps_weights(int64_t L, int64_t d, int64_t heads);
 /* Q, K, V from w->Xn, the weights per (sample, head), ctx_, and A = o(ctx_) into w->H2. */
 void csm_attention_forward(confsmoe_model *model, workspace *w);
 /* Hm (per-modality layout) = X + Dropout(A), or A + Dropout(A) under compat. */

@@ -390,6 +390,9 @@ static void model_workspace_parts(csm_layout *l, const confsmoe_model *model, wo
     /* Backward reads forward's attention draws rather than drawing them again: 1 byte per
      * weight (23 MB at the paper's batch) against the draws' share of a step. */
     w->attn_keep = w->dropout ? CSM_LAYOUT_ROWS(l, uint8_t, b * (size_t)p->heads, L * L) : NULL;
+    w->attn_weights = w->training && csm_attention_keeps_weights(model->tokens_total, p->d, p->heads)
+                          ? CSM_LAYOUT_ROWS(l, float, b * (size_t)p->heads, L * L)
+                          : NULL;
 }
 
 void *csm_model_workspace_alloc(confsmoe_model *model, int64_t B, bool training, workspace *w)

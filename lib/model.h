@@ -64,11 +64,12 @@ typedef struct {
  * rows of modality m are B o_m .. B o_m + B S_m - 1, (sample b, token s) at B o_m + b S_m + s
  * ([M, B S, ...] when every S_m is S).
  *
- * Memory: the attention weights are not kept. Forward computes them one (sample, head) at
- * a time in an L x L scratch, and backward recomputes them the same way (one more Q K^T and
- * softmax per head, bit-identical). The residual dropout masks are not kept either: the ctx
- * RNG is counter-based, so backward regenerates the very same draws from the stream positions
- * in draws. */
+ * Memory: a training forward keeps the attention weights for backward while they are small
+ * beside the step's other arrays (csm_attention_keeps_weights); for longer sequences backward
+ * computes them again, one (sample, head) at a time in an L x L scratch (one more Q K^T and
+ * softmax per head, bit-identical). The residual dropout masks are not kept: the ctx RNG is
+ * counter-based, so backward regenerates the very same draws from the stream positions in
+ * draws. */
 typedef struct {
     int64_t B;
     int64_t first, global_B;  /* these samples' place in their global batch (0 and B unless a shard) */
@@ -83,6 +84,8 @@ typedef struct {
     size_t scratch_stride;              /* floats per worker */
     bool dropout;                       /* training with dropout > 0 */
     uint8_t *attn_keep;                 /* [B, heads, L, L] the attention dropout draws (with dropout) */
+    float *attn_weights;                /* [B, heads, L, L] training, when csm_attention_keeps_weights:
+                                           the attention weights, else NULL */
     model_draws draws;                  /* the call's stream positions */
     float *Hm, *sum_, *ln2_stats, *ln3_stats;  /* [B L, d] x 2 modality-major, [2 B L] x 2 (modality
                                                   m's at 2 B o_m: means, then 1/std) */

@@ -261,6 +261,11 @@ static const config configs[] = {
     {"confidence, residual write-back, M=3 S=(3,1,2), random missing", 3, 0, 4, CONFSMOE_MODEL_GATE_CONFIDENCE,
      CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.0f, 3, (const int64_t[]){3, 1, 2},
      CONFSMOE_WRITEBACK_RESIDUAL},
+    /* heads L = 2 x 36 > 8 d: backward computes the attention weights again instead of keeping them
+     * (csm_attention_keeps_weights); the configurations above keep them. */
+    {"confidence, two-stage, M=2 S=(20,16), one modality missing for every sample, dropout, weights recomputed", 2,
+     0, 3, CONFSMOE_MODEL_GATE_CONFIDENCE, CONFSMOE_IMPUTE_TWO_STAGE, CONFSMOE_LOAD_LOSS_NONE, 0, 0, 0.1f, 1,
+     (const int64_t[]){20, 16}, CONFSMOE_WRITEBACK_LN_IMP},
 };
 
 START_TEST(test_model_gradients)
