@@ -111,8 +111,7 @@ bool csm_gate_experts_keep(confsmoe_gate *g, gate_saved *s, bool training);
  * exchange gets them packed, xb [n k, d] (NULL with local experts). scratch has per_worker
  * floats (csm_gate_experts_scratch) for each worker. Fails only behind an exchange. */
 confsmoe_status csm_gate_experts_forward(confsmoe_gate *g, gate_saved *s, const float *x, const float *xb,
-                                         bool training,
-                                         float *scratch, size_t per_worker);
+                                         bool training, float *scratch, size_t per_worker);
 /* Whether the runner's backward writes the experts' input gradients even when the caller wants
  * none: an exchange always does, so that every participant of a collective exchange makes the
  * same calls. */
